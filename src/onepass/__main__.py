@@ -1,0 +1,3 @@
+from onepass.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""One typed config tree: YAML file + `key.sub=value` overrides, validated on load.
+
+Errors name the key, the value and what is allowed (with a did-you-mean for unknown keys).
+Variants are picked with `Literal`s; there are no registries or dotted-path strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from onepass.errors import ConfigError
+from onepass.render import RenderOptions
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)
+    eval: list[str] = field(default_factory=list)
+    format: Literal["messages", "prompt_completion", "sharegpt", "alpaca", "text"] | None = None
+    chat_template: str | None = None  # a .jinja file or a built-in name; default: the tokenizer's own
+    loss_on: Literal["assistant", "last", "all"] = "assistant"
+    train_on_eot: bool = True
+    overlong: Literal["drop", "truncate", "error"] = "drop"
+    on_bad_record: Literal["error", "skip"] = "error"
+    unstable_history: Literal["error", "warn", "split"] = "error"
+    num_workers: int = 1
+    cache_dir: str | None = None
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    merge_on_export: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: str = ""  # a local Hugging Face model directory
+    tokenizer: str | None = None  # default: the model directory
+    output_dir: str = "runs/onepass"
+    data: DataConfig = field(default_factory=DataConfig)
+    max_seq_len: int = 2048
+    batch_size: int = 4  # packed rows per micro-batch
+    grad_accum: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    max_steps: int | None = None  # default: epochs over the data
+    epochs: int = 1
+    seed: int = 0
+    loss_normalization: Literal["token", "sequence", "turn"] = "token"
+    loss_chunk_size: int = 1024  # trained positions per chunk of the output projection
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    eval_every: int = 0  # steps; 0: evaluate before and after training only
+    save_every: int = 0  # steps; 0: only the final model
+    keep_last: int = 2
+    resume: Literal["auto", "never"] = "auto"
+    log_every: int = 1
+    tensorboard: bool = False
+    on_nonfinite: Literal["error", "skip_step"] = "error"
+    progress: bool = True
+
+    def render_options(self) -> RenderOptions:
+        return RenderOptions(loss_on=self.data.loss_on, train_on_eot=self.data.train_on_eot,
+                             max_seq_len=self.max_seq_len, overlong=self.data.overlong,
+                             unstable_history=self.data.unstable_history)
+
+
+POSITIVE = ("max_seq_len", "batch_size", "grad_accum", "epochs", "loss_chunk_size", "keep_last", "log_every",
+            "num_workers", "r", "alpha")
+NON_NEGATIVE = ("lr", "weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "save_every", "dropout")
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}': {value!r} is not allowed. Fix: use one of "
+                              f"{', '.join(repr(a) for a in args)}.")
+        return value
+    if origin is list:
+        items = value if isinstance(value, list) else [value]  # a single path is a list of one
+        return [_convert(item, args[0], f"{key}[{i}]") for i, item in enumerate(items)]
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, prefix=f"{key}.")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true or false, got {value!r}.")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}.")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}.")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}.")
+        return str(value)
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(hint)}")  # our bug
+
+
+def from_dict(cls: type, values: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a dict, checking every key and value."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '(top level)'}': expected a mapping, got {values!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else f" Known keys: {', '.join(names)}."
+            raise ConfigError(f"unknown config key '{prefix}{key}'.{hint}")
+        kwargs[key] = _convert(value, hints[key], prefix + key)
+        if key in POSITIVE and kwargs[key] is not None and kwargs[key] <= 0:
+            raise ConfigError(f"config key '{prefix}{key}': must be positive, got {value!r}.")
+        if key in NON_NEGATIVE and kwargs[key] is not None and kwargs[key] < 0:
+            raise ConfigError(f"config key '{prefix}{key}': must be zero or more, got {value!r}.")
+    return cls(**kwargs)
+
+
+def apply_override(values: dict[str, Any], override: str) -> None:
+    """`a.b=value` sets values['a']['b'] (the value is parsed as YAML: 3, 1e-4, true, [a, b])."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' is not of the form key=value (e.g. lr=1e-4, data.loss_on=last).")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = values
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{override}': '{part}' is not a section.")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML config (or none), apply overrides, validate, and resolve relative paths."""
+    values: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: invalid YAML: {error}") from None
+        base = path.parent
+    for override in overrides:
+        apply_override(values, override)
+    config = from_dict(TrainConfig, values)
+    if not config.model:
+        raise ConfigError("config key 'model' is required: a local Hugging Face model directory.")
+    if not config.data.train:
+        raise ConfigError("config key 'data.train' is required: one or more data files.")
+    resolve = lambda p: str(p if Path(p).is_absolute() or Path(p).exists() else base / p)  # noqa: E731
+    config.data.train = [resolve(p) for p in config.data.train]
+    config.data.eval = [resolve(p) for p in config.data.eval]
+    config.model = resolve(config.model)
+    if config.tokenizer:
+        config.tokenizer = resolve(config.tokenizer)
+    return config
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

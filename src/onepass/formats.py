@@ -1,0 +1,225 @@
+"""Raw records → `Conversation`s, one per record, validated field by field.
+
+Supported formats (detected per file from the keys of its records, or forced with `--format`):
+- `messages`: OpenAI style, roles system/user/assistant/tool, optional `tool_calls`, optional
+  per-message `train: true|false`.
+- `prompt_completion`: `prompt` + `completion`, both strings (raw text, no chat template) or both
+  message lists (rendered with the chat template).
+- `sharegpt`: `conversations` of {from, value} with from in system/human/gpt/tool.
+- `alpaca`: `instruction`, optional `input`, `output` (optional `system`).
+- `text`: plain `text`, trained on every token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from onepass.errors import DataError
+from onepass.records import Record
+
+FormatName = Literal["messages", "prompt_completion", "sharegpt", "alpaca", "text"]
+FORMATS: tuple[str, ...] = ("messages", "prompt_completion", "sharegpt", "alpaca", "text")
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "tool": "tool"}
+# Message keys handed to the chat template as they are (besides role/content).
+PASSTHROUGH_KEYS = ("name", "tool_call_id", "reasoning_content", "thinking")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+    train: bool | None = None  # per-message override of the loss_on policy (assistant messages only)
+    tool_calls: list[dict[str, Any]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_template(self) -> dict[str, Any]:
+        """The dict a Jinja chat template sees."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content, **self.extra}
+        if self.tool_calls is not None:
+            message["tool_calls"] = self.tool_calls
+        return message
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One record, ready to render. `kind` says how: with the chat template, or as raw segments."""
+
+    source: str
+    where: str
+    kind: Literal["chat", "raw"]
+    messages: tuple[Message, ...] = ()
+    # For kind == "raw": (text, trained) pieces concatenated as they are (prompt/completion strings, text).
+    segments: tuple[tuple[str, bool], ...] = ()
+
+    @property
+    def assistant_indices(self) -> list[int]:
+        return [i for i, message in enumerate(self.messages) if message.role == "assistant"]
+
+
+def detect_format(data: dict[str, Any]) -> str | None:
+    """The format a record's keys say it is in, or None."""
+    if "messages" in data:
+        return "messages"
+    if "conversations" in data:
+        return "sharegpt"
+    if "prompt" in data and "completion" in data:
+        return "prompt_completion"
+    if "instruction" in data and "output" in data:
+        return "alpaca"
+    if "text" in data:
+        return "text"
+    return None
+
+
+def expected_keys(format_name: str) -> str:
+    return {
+        "messages": "'messages'",
+        "sharegpt": "'conversations'",
+        "prompt_completion": "'prompt' and 'completion'",
+        "alpaca": "'instruction' and 'output'",
+        "text": "'text'",
+    }[format_name]
+
+
+def to_conversation(record: Record, format_name: str) -> Conversation:
+    """Validate one record in the given format; raises `DataError` naming the field."""
+    assert record.data is not None  # records with read errors never reach here (our bug if they do)
+    parse = {"messages": _from_messages, "sharegpt": _from_sharegpt, "prompt_completion": _from_prompt_completion,
+             "alpaca": _from_alpaca, "text": _from_text}[format_name]
+    return parse(record)
+
+
+class _Check:
+    """Raises `DataError`s that all point at the same record."""
+
+    def __init__(self, record: Record):
+        self.record = record
+
+    def fail(self, field_name: str | None, problem: str, fix: str = "") -> DataError:
+        return DataError(self.record.source, self.record.where, field_name, problem, fix)
+
+    def string(self, value: Any, field_name: str, *, allow_empty: bool = False) -> str:
+        if value is None:
+            raise self.fail(field_name, "missing value", "give a non-empty string")
+        if not isinstance(value, str):
+            raise self.fail(field_name, f"expected a string, got {type(value).__name__}", "give a string")
+        if not allow_empty and not value.strip():
+            raise self.fail(field_name, "empty content", "remove the message or give it text")
+        return value
+
+    def message_list(self, value: Any, field_name: str) -> list[Any]:
+        if not isinstance(value, list):
+            raise self.fail(field_name, f"expected a list of messages, got {type(value).__name__}",
+                            'give a list like [{"role": "user", "content": "..."}, ...]')
+        if not value:
+            raise self.fail(field_name, "empty message list", "give at least one user and one assistant message")
+        return value
+
+
+def _parse_messages(check: _Check, items: list[Any], field_name: str) -> list[Message]:
+    messages = []
+    for index, item in enumerate(items):
+        where = f"{field_name}[{index}]"
+        if not isinstance(item, dict):
+            raise check.fail(where, f"expected an object, got {type(item).__name__}",
+                             'write each message as {"role": ..., "content": ...}')
+        role = item.get("role")
+        if role not in ROLES:
+            raise check.fail(f"{where}.role", f"unknown role {role!r}", f"use one of {', '.join(ROLES)}")
+        tool_calls = item.get("tool_calls")
+        if tool_calls is not None and (role != "assistant" or not isinstance(tool_calls, list)):
+            raise check.fail(f"{where}.tool_calls", "tool_calls must be a list on an assistant message",
+                             "move tool calls to an assistant message as a list")
+        content = item.get("content")
+        if content is None and tool_calls:
+            content = ""
+        content = check.string(content, f"{where}.content", allow_empty=bool(tool_calls))
+        train = item.get("train")
+        if train is not None:
+            if not isinstance(train, bool):
+                raise check.fail(f"{where}.train", f"expected true or false, got {train!r}", "use true or false")
+            if role != "assistant":
+                raise check.fail(f"{where}.train", f"'train' is set on a {role} message",
+                                 "only assistant messages can be trained; remove the key")
+        extra = {key: item[key] for key in PASSTHROUGH_KEYS if key in item}
+        messages.append(Message(role, content, train, tool_calls, extra))
+    return messages
+
+
+def _chat(check: _Check, messages: list[Message], field_name: str) -> Conversation:
+    if not any(message.role == "assistant" for message in messages):
+        raise check.fail(field_name, "no assistant message, so nothing would be trained",
+                         "add an assistant reply, or use the 'text' format to train on every token")
+    return Conversation(check.record.source, check.record.where, "chat", tuple(messages))
+
+
+def _from_messages(record: Record) -> Conversation:
+    check = _Check(record)
+    items = check.message_list(record.data.get("messages"), "messages")
+    return _chat(check, _parse_messages(check, items, "messages"), "messages")
+
+
+def _from_sharegpt(record: Record) -> Conversation:
+    check = _Check(record)
+    items = check.message_list(record.data.get("conversations"), "conversations")
+    converted = []
+    for index, item in enumerate(items):
+        where = f"conversations[{index}]"
+        if not isinstance(item, dict):
+            raise check.fail(where, f"expected an object, got {type(item).__name__}",
+                             'write each turn as {"from": "human", "value": "..."}')
+        speaker = item.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            raise check.fail(f"{where}.from", f"unknown role {speaker!r}",
+                             f"use one of {', '.join(SHAREGPT_ROLES)}")
+        converted.append({"role": SHAREGPT_ROLES[speaker], "content": item.get("value"),
+                          **({"train": item["train"]} if "train" in item else {})})
+    try:
+        messages = _parse_messages(check, converted, "conversations")
+    except DataError as error:  # point at the ShareGPT field names the user wrote
+        field_name = (error.field or "").replace(".content", ".value").replace(".role", ".from")
+        raise check.fail(field_name, error.problem, error.fix) from None
+    return _chat(check, messages, "conversations")
+
+
+def _from_prompt_completion(record: Record) -> Conversation:
+    check = _Check(record)
+    prompt, completion = record.data.get("prompt"), record.data.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        check.string(prompt, "prompt", allow_empty=True)
+        check.string(completion, "completion")
+        return Conversation(record.source, record.where, "raw", segments=((prompt, False), (completion, True)))
+    if isinstance(prompt, list) and isinstance(completion, list):
+        prompt_messages = _parse_messages(check, check.message_list(prompt, "prompt"), "prompt")
+        completion_messages = _parse_messages(check, check.message_list(completion, "completion"), "completion")
+        if any(message.role == "assistant" and message.train is None for message in prompt_messages):
+            # Assistant turns inside the prompt are context, not targets.
+            prompt_messages = [Message(m.role, m.content, False if m.role == "assistant" and m.train is None
+                                       else m.train, m.tool_calls, m.extra) for m in prompt_messages]
+        return _chat(check, prompt_messages + completion_messages, "completion")
+    bad = "prompt" if not isinstance(prompt, (str, list)) else "completion"
+    value = record.data.get(bad)
+    raise check.fail(bad, f"expected a string or a list of messages, got {type(value).__name__}",
+                     "give prompt and completion both as strings or both as message lists")
+
+
+def _from_alpaca(record: Record) -> Conversation:
+    check = _Check(record)
+    instruction = check.string(record.data.get("instruction"), "instruction")
+    extra_input = record.data.get("input") or ""
+    check.string(extra_input, "input", allow_empty=True)
+    output = check.string(record.data.get("output"), "output")
+    messages = []
+    if record.data.get("system"):
+        messages.append(Message("system", check.string(record.data["system"], "system")))
+    user = instruction if not extra_input.strip() else f"{instruction}\n\n{extra_input}"
+    messages += [Message("user", user), Message("assistant", output)]
+    return Conversation(record.source, record.where, "chat", tuple(messages))
+
+
+def _from_text(record: Record) -> Conversation:
+    check = _Check(record)
+    text = check.string(record.data.get("text"), "text")
+    return Conversation(record.source, record.where, "raw", segments=((text, True),))

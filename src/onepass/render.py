@@ -1,0 +1,273 @@
+"""Conversation → `Example(input_ids, loss_mask, turn)`: render once, tokenize once, map spans.
+
+How trained spans are found, without `{% generation %}` markers or marker token ids:
+1. The whole conversation is rendered once to text T.
+2. For each assistant message k, the template is also rendered on the prefix messages[:k] with
+   the generation prompt (P_k: the context the model sees at inference) and on messages[:k+1]
+   (Q_k: turn k as the last turn). Turn k's content is located in Q_k after P_k, as rendered
+   (templates trim), and what Q_k puts after it, whitespace aside, is its end-of-turn text
+   (`<|im_end|>`, `<|eot_id|>`, `</s>`, ...).
+3. The history is stable when T starts with P_k and with Q_k: then the positions in Q_k are the
+   positions in T. Otherwise the template rewrites history (e.g. strips past reasoning) and the
+   `unstable_history` policy decides: error, warn (train on T as rendered), or split (one example
+   per assistant turn, each with its inference-time context).
+4. T is tokenized once with character offsets; a token is trained when it overlaps a trained span.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from onepass.chat_template import ChatTemplate
+from onepass.errors import TemplateError
+from onepass.formats import Conversation
+
+LossOn = Literal["assistant", "last", "all"]
+Overlong = Literal["drop", "truncate", "error"]
+UnstableHistory = Literal["error", "warn", "split"]
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    loss_on: LossOn = "assistant"
+    train_on_eot: bool = True
+    max_seq_len: int | None = None
+    overlong: Overlong = "drop"
+    unstable_history: UnstableHistory = "error"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training sequence. `loss_mask[t] == 1` means token t is trained; `turn[t]` is the index of
+    the assistant message (0, 1, ...) that token t belongs to, or -1."""
+
+    input_ids: np.ndarray  # int32
+    loss_mask: np.ndarray  # int8, 1 = trained
+    turn: np.ndarray  # int32
+    source: str = ""
+    where: str = ""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_trained_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+@dataclass(frozen=True)
+class Span:
+    """Characters [start, end) of one assistant turn in a rendered text; `boundary` is where the turn
+    ends (after its end-of-turn text): the only places a too-long example may be cut."""
+
+    start: int
+    end: int
+    turn: int
+    trained: bool
+    boundary: int
+
+
+@dataclass(frozen=True)
+class RenderedText:
+    text: str
+    spans: tuple[Span, ...]
+    train_all: bool = False  # loss_on == "all": every token is trained
+    add_special_tokens: bool = False  # raw text: the tokenizer adds its own BOS; templates write theirs
+    cut_anywhere: bool = False  # plain text may be truncated at any token
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    texts: tuple[RenderedText, ...]
+    unstable: bool = False
+    split: bool = False
+
+
+def render_conversation(conversation: Conversation, template: ChatTemplate, options: RenderOptions,
+                        eos_token: str | None) -> RenderResult:
+    """The text(s) to tokenize for one conversation, with their trained character spans."""
+    if conversation.kind == "raw":
+        return RenderResult((_render_raw(conversation, eos_token),))
+    return _render_chat(conversation, template, options)
+
+
+def _render_raw(conversation: Conversation, eos_token: str | None) -> RenderedText:
+    text, spans = "", []
+    for piece, trained in conversation.segments:
+        if trained:
+            spans.append(Span(len(text), len(text) + len(piece), 0, True, len(text) + len(piece)))
+        text += piece
+    if eos_token and spans:  # the model learns where a completion ends
+        last = spans[-1]
+        text += eos_token
+        spans[-1] = Span(last.start, len(text), 0, True, len(text))
+    plain_text = len(conversation.segments) == 1
+    return RenderedText(text, tuple(spans), add_special_tokens=True, cut_anywhere=plain_text)
+
+
+def _is_trained(conversation: Conversation, message_index: int, options: RenderOptions) -> bool:
+    message = conversation.messages[message_index]
+    if message.train is not None:
+        return message.train
+    if options.loss_on == "last":
+        return message_index == conversation.assistant_indices[-1]
+    return True
+
+
+def _render_chat(conversation: Conversation, template: ChatTemplate, options: RenderOptions) -> RenderResult:
+    messages = [message.to_template() for message in conversation.messages]
+    full = template.render(messages)
+    turns = []  # (turn index, message index, Q_k, span in Q_k, stable)
+    for turn_index, message_index in enumerate(conversation.assistant_indices):
+        context = _render_context(template, messages[:message_index])
+        as_last = template.render(messages[:message_index + 1])
+        span = _locate_turn(conversation, message_index, turn_index, as_last, _common_prefix(context, as_last),
+                            template, options)
+        stable = full.startswith(context) and full.startswith(as_last.rstrip())
+        turns.append((turn_index, message_index, as_last, span, stable))
+
+    if all(stable for *_, stable in turns):
+        spans = tuple(span for *_, span, _ in turns)
+        return RenderResult((RenderedText(full, spans, train_all=options.loss_on == "all"),))
+    if options.unstable_history == "error":
+        bad = next(message_index for _, message_index, *_, stable in turns if not stable)
+        raise TemplateError(
+            f"{conversation.source}, {conversation.where}: chat template '{template.name}' renders earlier turns "
+            f"differently once later turns exist (message {bad}), so the context trained on is not what the model "
+            "sees at inference. Fix: set unstable_history: split (one example per turn, exact contexts) or warn.")
+    if options.unstable_history == "split":
+        texts = tuple(RenderedText(as_last, (span,), train_all=options.loss_on == "all")
+                      for _, _, as_last, span, _ in turns if span.trained or options.loss_on == "all")
+        return RenderResult(texts, unstable=True, split=True)
+    return RenderResult((_relocate_in_full(conversation, full, turns, template, options),), unstable=True)
+
+
+def _render_context(template: ChatTemplate, messages: list[dict[str, Any]]) -> str:
+    if not messages:
+        try:
+            return template.render([], add_generation_prompt=True)
+        except TemplateError:  # templates may index messages[0]; an opening assistant turn has no context
+            return ""
+    return template.render(messages, add_generation_prompt=True)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    if b.startswith(a):
+        return len(a)
+    low, high = 0, min(len(a), len(b))
+    while low < high:  # longest common prefix by bisection on C-speed slice compares
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _find(text: str, needle: str, start: int) -> tuple[int, int]:
+    """Where `needle` is rendered in text[start:]: as is, or trimmed as templates often do."""
+    if not needle.strip():
+        return -1, -1
+    for candidate in (needle, needle.strip(), needle.rstrip(), needle.lstrip()):
+        position = text.find(candidate, start)
+        if position >= 0:
+            return position, position + len(candidate)
+    return -1, -1
+
+
+def _skip_space(text: str, position: int) -> int:
+    while position < len(text) and text[position].isspace():
+        position += 1
+    return position
+
+
+def _locate_turn(conversation: Conversation, message_index: int, turn_index: int, text: str, start: int,
+                 template: ChatTemplate, options: RenderOptions) -> Span:
+    """Turn k's trained span in `text`, which renders messages[:k+1] and whose first `start` chars are context."""
+    message = conversation.messages[message_index]
+    content_start, content_end = _find(text, message.content, start)
+    if content_start < 0:
+        if message.content.strip():
+            raise TemplateError(
+                f"{conversation.source}, {conversation.where}: chat template '{template.name}' does not render the "
+                f"content of message {message_index} (assistant) as written, so its tokens cannot be found. "
+                "Fix: use a template that renders message content verbatim (--chat-template chatml), or "
+                "correct the template.")
+        content_start = content_end = _skip_space(text, start)  # tool calls only: trained as rendered
+    for key in ("reasoning_content", "thinking"):
+        reasoning = message.extra.get(key)
+        if isinstance(reasoning, str) and reasoning.strip():
+            reasoning_start, _ = _find(text, reasoning, start)
+            if 0 <= reasoning_start < content_start:
+                content_start = reasoning_start
+    turn_end = len(text.rstrip())
+    end = turn_end if options.train_on_eot else content_end
+    return Span(content_start, end, turn_index, _is_trained(conversation, message_index, options), turn_end)
+
+
+def _relocate_in_full(conversation: Conversation, full: str, turns: list[Any], template: ChatTemplate,
+                      options: RenderOptions) -> RenderedText:
+    """`warn` policy: find each turn in the full text as rendered there (history rewritten)."""
+    spans, cursor = [], 0
+    for turn_index, message_index, as_last, span, _ in turns:
+        context = _render_context(template, [m.to_template() for m in conversation.messages[:message_index]])
+        start = max(cursor, _common_prefix(context, full))
+        message = conversation.messages[message_index]
+        content_start, content_end = _find(full, message.content, start)
+        if content_start < 0:
+            raise TemplateError(
+                f"{conversation.source}, {conversation.where}: chat template '{template.name}' rewrites message "
+                f"{message_index} in the full conversation, so it cannot be trained in one pass. "
+                "Fix: set unstable_history: split.")
+        _, content_end_as_last = _find(as_last, message.content, span.start)
+        eot_text = as_last[max(content_end_as_last, span.start):span.boundary].strip()
+        eot_start = _skip_space(full, content_end)
+        turn_end = eot_start + len(eot_text) if eot_text and full.startswith(eot_text, eot_start) else content_end
+        end = turn_end if options.train_on_eot else content_end
+        spans.append(Span(content_start, end, turn_index, span.trained, turn_end))
+        cursor = turn_end
+    return RenderedText(full, tuple(spans), train_all=options.loss_on == "all")
+
+
+def tokenize_rendered(tokenizer: Any, rendered: list[RenderedText]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Token ids and character offsets for each text, in one batched call of the Rust tokenizer."""
+    backend = tokenizer.backend_tokenizer
+    results: list[tuple[np.ndarray, np.ndarray]] = [None] * len(rendered)  # type: ignore[list-item]
+    for add_special in (False, True):
+        indices = [i for i, item in enumerate(rendered) if item.add_special_tokens == add_special]
+        if not indices:
+            continue
+        encodings = backend.encode_batch([rendered[i].text for i in indices], add_special_tokens=add_special)
+        for i, encoding in zip(indices, encodings):
+            offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+            results[i] = (np.asarray(encoding.ids, dtype=np.int32), offsets)
+    return results
+
+
+def mask_tokens(rendered: RenderedText, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """loss_mask and turn per token from the character spans: a token is in a span if it overlaps it."""
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    loss_mask = np.full(len(offsets), 1 if rendered.train_all else 0, dtype=np.int8)
+    turn = np.full(len(offsets), -1, dtype=np.int32)
+    for span in rendered.spans:
+        inside = (starts < span.end) & (ends > span.start)
+        turn[inside] = span.turn
+        if span.trained:
+            loss_mask[inside] = 1
+    return loss_mask, turn
+
+
+def cut_point(rendered: RenderedText, offsets: np.ndarray, max_seq_len: int) -> int:
+    """Tokens to keep so the example fits: at a turn boundary (later turns dropped whole), or 0."""
+    if rendered.cut_anywhere:
+        return max_seq_len
+    starts = offsets[:, 0]
+    best = 0
+    for span in rendered.spans:
+        keep = int(np.searchsorted(starts, span.boundary, side="left"))
+        if keep <= max_seq_len:
+            best = max(best, keep)
+    return best
