@@ -1,0 +1,213 @@
+"""Rendering with real-style chat templates: exactly the responses (and their end-of-turn text) are trained."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from onepass.chat_template import ChatTemplate, load_chat_template
+from onepass.dataset import render_all
+from onepass.errors import OnepassError, TemplateError
+from onepass.formats import detect_format, to_conversation
+from onepass.records import Record
+from onepass.render import RenderOptions
+
+from conftest import chat
+
+EOT = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>", "mistral": "</s>"}
+TWO_TURNS = chat("My name is Ada. Remember it.", "Hello, Ada.", "What is my name?", "Your name is Ada.")
+
+
+def conversation(data: dict):
+    return to_conversation(Record("data.jsonl", "line 1", data), detect_format(data))
+
+
+def render(tokenizer, data, template="chatml", **options):
+    examples, stats = render_all([conversation(data)], tokenizer, load_chat_template(tokenizer, template),
+                                 RenderOptions(**options))
+    return examples, stats
+
+
+def trained_text_per_turn(tokenizer, example) -> dict[int, str]:
+    turns = sorted(set(example.turn[example.loss_mask == 1].tolist()))
+    return {k: tokenizer.decode(example.input_ids[(example.loss_mask == 1) & (example.turn == k)].tolist())
+            for k in turns}
+
+
+@pytest.mark.parametrize("template", sorted(EOT))
+def test_trained_tokens_decode_to_exactly_the_responses_plus_end_of_turn(tokenizer, template):
+    [example], _ = render(tokenizer, TWO_TURNS, template)
+    trained = trained_text_per_turn(tokenizer, example)
+    assert {k: text.strip() for k, text in trained.items()} == {0: "Hello, Ada." + EOT[template],
+                                                                1: "Your name is Ada." + EOT[template]}
+
+
+@pytest.mark.parametrize("template", sorted(EOT))
+def test_role_headers_and_whitespace_between_messages_are_not_trained(tokenizer, template):
+    [example], _ = render(tokenizer, TWO_TURNS, template)
+    untrained = tokenizer.decode(example.input_ids[example.loss_mask == 0].tolist())
+    assert "Ada." not in untrained.replace("My name is Ada.", "")
+    assert "user" in untrained or "[INST]" in untrained
+
+
+def test_train_on_eot_false_trains_the_content_alone(tokenizer):
+    [example], _ = render(tokenizer, TWO_TURNS, "llama3", train_on_eot=False)
+    assert trained_text_per_turn(tokenizer, example) == {0: "Hello, Ada.", 1: "Your name is Ada."}
+
+
+def test_loss_on_last_trains_only_the_final_response(tokenizer):
+    [example], _ = render(tokenizer, TWO_TURNS, loss_on="last")
+    assert trained_text_per_turn(tokenizer, example) == {1: "Your name is Ada.<|im_end|>"}
+    assert set(example.turn.tolist()) == {-1, 0, 1}  # turn still says which response a token belongs to
+
+
+def test_loss_on_all_trains_the_whole_sequence(tokenizer):
+    [example], _ = render(tokenizer, TWO_TURNS, loss_on="all")
+    assert example.loss_mask.all()
+
+
+def test_per_message_train_flag_overrides_the_policy(tokenizer):
+    data = chat("q1", "a1", "q2", "a2")
+    data["messages"][1]["train"] = True
+    data["messages"][3]["train"] = False
+    [example], _ = render(tokenizer, data, loss_on="last")
+    assert trained_text_per_turn(tokenizer, example) == {0: "a1<|im_end|>"}
+
+
+def test_a_conversation_with_no_trained_turn_is_dropped_and_counted(tokenizer):
+    data = chat("q1", "a1")
+    data["messages"][1]["train"] = False
+    examples, stats = render(tokenizer, data)
+    assert examples == [] and stats.dropped == {"no trained tokens": 1}
+
+
+def test_template_that_appends_a_final_eos_trains_it(tokenizer):
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant: {% else %}{{ eos_token }}{% endif %}")
+    examples, _ = render_all([conversation(chat("q", "a"))], tokenizer,
+                             ChatTemplate("eos-at-end", template, (("eos_token", "</s>"),)), RenderOptions())
+    assert trained_text_per_turn(tokenizer, examples[0])[0].strip() == "a\n</s>"
+
+
+def test_template_that_rewrites_content_is_an_error_naming_template_and_message(tokenizer):
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(TemplateError, match="chat template 'shouting' does not render the content of message 1"):
+        render_all([conversation(chat("q", "a"))], tokenizer, ChatTemplate("shouting", template, ()),
+                   RenderOptions())
+
+
+def test_reasoning_content_is_trained_with_the_answer(tokenizer):
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m.reasoning_content %}<think>"
+                "{{ m.reasoning_content }}</think>{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    data = chat("q", "a")
+    data["messages"][1]["reasoning_content"] = "because"
+    examples, _ = render_all([conversation(data)], tokenizer, ChatTemplate("think", template, ()), RenderOptions())
+    assert trained_text_per_turn(tokenizer, examples[0]) == {0: "because</think>a<|im_end|>"}
+
+
+REASONING_TWO_TURNS = chat("q1", "<think>r1</think>a1", "q2", "<think>r2</think>a2")
+
+
+def test_history_rewriting_template_is_detected_and_an_error_by_default(tokenizer):
+    with pytest.raises(TemplateError, match="chat template 'qwen3' renders earlier turns differently.*message 1"):
+        render(tokenizer, REASONING_TWO_TURNS, "qwen3")
+
+
+def test_qwen3_style_empty_reasoning_on_the_last_turn_counts_as_rewriting(tokenizer):
+    _, stats = render(tokenizer, chat("q1", "a1", "q2", "a2"), "qwen3", unstable_history="warn")
+    assert stats.unstable == 1
+
+
+def test_split_gives_each_turn_its_inference_time_context(tokenizer):
+    template = load_chat_template(tokenizer, "qwen3")
+    examples, stats = render(tokenizer, REASONING_TWO_TURNS, "qwen3", unstable_history="split")
+    assert (stats.unstable, stats.split, len(examples)) == (1, 1, 2)
+    messages = REASONING_TWO_TURNS["messages"]
+    for turn, example in enumerate(examples):
+        context = template.render(messages[:2 * turn + 1], add_generation_prompt=True)
+        first_trained = int(np.argmax(example.loss_mask))
+        assert tokenizer.decode(example.input_ids[:first_trained].tolist()).startswith(context.rstrip("\n"))
+        assert list(trained_text_per_turn(tokenizer, example)) == [turn]
+    assert "r1" in trained_text_per_turn(tokenizer, examples[0])[0]  # reasoning kept where it is generated
+    assert "r1" not in tokenizer.decode(examples[1].input_ids.tolist())  # and stripped from later context
+
+
+def test_warn_trains_the_full_rendering_and_counts_it(tokenizer):
+    [example], stats = render(tokenizer, chat("q1", "a1", "q2", "a2"), "qwen3", unstable_history="warn")
+    assert stats.unstable == 1 and stats.split == 0
+    assert {k: v.strip() for k, v in trained_text_per_turn(tokenizer, example).items()} == {
+        0: "a1<|im_end|>", 1: "a2<|im_end|>"}
+
+
+def test_truncate_cuts_at_turn_boundaries_never_inside_a_response(tokenizer):
+    [full], _ = render(tokenizer, TWO_TURNS)
+    first_turn_end = int(np.flatnonzero(full.turn == 0)[-1]) + 1
+    [cut], stats = render(tokenizer, TWO_TURNS, max_seq_len=len(full) - 3, overlong="truncate")
+    assert stats.truncated == 1
+    assert first_turn_end <= len(cut) < len(full)
+    assert trained_text_per_turn(tokenizer, cut) == {0: "Hello, Ada.<|im_end|>"}
+    np.testing.assert_array_equal(cut.input_ids, full.input_ids[:len(cut)])
+
+
+def test_truncation_that_leaves_no_trained_tokens_drops_and_counts(tokenizer):
+    examples, stats = render(tokenizer, TWO_TURNS, max_seq_len=5, overlong="truncate")
+    assert examples == [] and stats.dropped == {"no trained tokens after truncation": 1}
+    examples, stats = render(tokenizer, TWO_TURNS, loss_on="last", max_seq_len=40, overlong="truncate")
+    assert examples == [] and stats.dropped == {"no trained tokens after truncation": 1}
+
+
+def test_overlong_drop_and_error(tokenizer):
+    examples, stats = render(tokenizer, TWO_TURNS, max_seq_len=10, overlong="drop")
+    assert examples == [] and stats.dropped == {"longer than max_seq_len": 1}
+    with pytest.raises(OnepassError, match=r"data.jsonl, line 1: \d+ tokens, more than max_seq_len=10"):
+        render(tokenizer, TWO_TURNS, max_seq_len=10, overlong="error")
+
+
+def test_raw_prompt_completion_trains_completion_and_eos(tokenizer):
+    [example], _ = render(tokenizer, {"prompt": "2+2=", "completion": "4"})
+    assert trained_text_per_turn(tokenizer, example) == {0: "4</s>"}
+
+
+WORDS = st.text(alphabet="abcdefghij XYZ.,!?0123", min_size=1, max_size=30).filter(lambda s: s.strip())
+
+
+@st.composite
+def conversations(draw):
+    messages = []
+    if draw(st.booleans()):
+        messages.append({"role": "system", "content": draw(WORDS)})
+    for _ in range(draw(st.integers(1, 4))):
+        messages.append({"role": "user", "content": draw(WORDS)})
+        messages.append({"role": "assistant", "content": draw(WORDS)})
+        if draw(st.booleans()):
+            messages.append({"role": "tool", "content": draw(WORDS)})
+            messages.append({"role": "assistant", "content": draw(WORDS)})
+    return {"messages": messages}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=conversations())
+def test_no_user_system_or_tool_token_is_ever_trained_and_every_response_token_is(tokenizer, data):
+    [example], _ = render(tokenizer, data, "chatml")
+    text = ""
+    owner = []  # which message each character of the rendering belongs to
+    for index, message in enumerate(data["messages"]):
+        header = f"<|im_start|>{message['role']}\n"
+        text += header
+        owner += [-1] * len(header)
+        text += message["content"]
+        owner += [index] * len(message["content"])
+        text += "<|im_end|>\n"
+        owner += [-1] * len("<|im_end|>\n")
+    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    assert encoding.ids == example.input_ids.tolist()
+    for (start, end), trained in zip(encoding.offsets, example.loss_mask.tolist()):
+        roles = {data["messages"][owner[c]]["role"] for c in range(start, end) if owner[c] >= 0}
+        if roles - {"assistant"}:
+            assert not trained, f"token {text[start:end]!r} of a {roles} message is trained"
+        if "assistant" in roles:
+            assert trained, f"assistant token {text[start:end]!r} is not trained"
