@@ -29,7 +29,7 @@ from onepass.render import (Example, RenderOptions, cut_point, mask_tokens, rend
                             tokenize_rendered)
 
 OnBadRecord = Literal["error", "skip"]
-OPENING_WORDS = 3
+OPENING_WORDS = 2
 CHUNK_SIZE = 512  # conversations per tokenizer batch and per worker task
 
 

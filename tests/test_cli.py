@@ -1,0 +1,47 @@
+"""`onepass inspect` / `prepare` as a user runs them: output, JSON lines, and errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from onepass.cli import main
+
+from conftest import chat, write_jsonl
+
+
+def test_inspect_prints_summary_and_coloured_examples(tmp_path, tokenizer_dir, capsys):
+    path = write_jsonl(tmp_path / "d.jsonl", [chat("q", "Of course! yes"), chat("q", "Of course! no")])
+    assert main(["inspect", str(path), "--tokenizer", str(tokenizer_dir), "--chat-template", "chatml"]) == 0
+    out = capsys.readouterr().out
+    assert "onepass data summary" in out and "trained tokens" in out
+    assert '100.0%  "Of course! ..."' in out
+    assert "example 0" in out and "<|im_start|>assistant" in out
+
+
+def test_inspect_json_gives_aligned_lists_per_example(tmp_path, tokenizer_dir, capsys):
+    path = write_jsonl(tmp_path / "d.jsonl", [chat("q", "a", "q2", "a2")])
+    assert main(["inspect", str(path), "--tokenizer", str(tokenizer_dir), "--json", "--loss-on", "last"]) == 0
+    [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(row["input_ids"]) == len(row["loss_mask"]) == len(row["turn"])
+    assert {t for t, m in zip(row["turn"], row["loss_mask"]) if m} == {1}
+
+
+def test_second_prepare_says_it_loaded_the_cache(tmp_path, tokenizer_dir, capsys):
+    path = write_jsonl(tmp_path / "d.jsonl", [chat("q", "a")])
+    main(["prepare", str(path), "--tokenizer", str(tokenizer_dir)])
+    assert "written" in capsys.readouterr().out
+    main(["prepare", str(path), "--tokenizer", str(tokenizer_dir)])
+    assert "already cached, loaded" in capsys.readouterr().out
+
+
+def test_user_error_exits_2_with_one_line_and_no_traceback(tmp_path, tokenizer_dir):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 5}]}\n')
+    result = subprocess.run([sys.executable, "-m", "onepass", "inspect", str(path), "--tokenizer",
+                             str(tokenizer_dir)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path}, line 1, field 'messages[1].content': expected a string, got int. Fix: give a string"]

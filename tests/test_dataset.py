@@ -1,0 +1,99 @@
+"""The data stage end to end: files → examples + an account of every record, cached."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from onepass.chat_template import load_chat_template
+from onepass.dataset import prepare
+from onepass.errors import DataError, OnepassError
+from onepass.render import RenderOptions
+
+from conftest import chat, write_jsonl
+
+
+def run(paths, tokenizer, **kwargs):
+    options = kwargs.pop("options", RenderOptions())
+    return prepare(paths, tokenizer, load_chat_template(tokenizer, "chatml"), options, **kwargs)
+
+
+def test_every_format_in_one_run_is_detected_per_file(tmp_path, tokenizer):
+    files = [
+        write_jsonl(tmp_path / "m.jsonl", [chat("q", "a")]),
+        write_jsonl(tmp_path / "s.jsonl", [{"conversations": [{"from": "human", "value": "q"},
+                                                              {"from": "gpt", "value": "a"}]}]),
+        write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "completion": "a"}]),
+        write_jsonl(tmp_path / "a.jsonl", [{"instruction": "q", "output": "a"}]),
+        write_jsonl(tmp_path / "t.jsonl", [{"text": "plain text"}]),
+    ]
+    data = run(files, tokenizer, use_cache=False)
+    assert list(data.stats.formats.values()) == ["messages", "sharegpt", "prompt_completion", "alpaca", "text"]
+    assert data.stats.examples == 5 and data.stats.records == 5
+
+
+def test_bad_record_stops_by_default_with_file_and_line(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [chat("q", "a"), {"messages": [{"role": "bot", "content": "x"}]}])
+    with pytest.raises(DataError, match=r"d.jsonl, line 2, field 'messages\[0\].role': unknown role 'bot'"):
+        run([path], tokenizer, use_cache=False)
+
+
+def test_skip_counts_every_bad_record_and_writes_rejects(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(chat("q", "a")) + "\n{broken\n" + json.dumps({"messages": [
+        {"role": "user", "content": "only a question"}]}) + "\n" + json.dumps({"text": "other format"}) + "\n")
+    rejects = tmp_path / "rejects.jsonl"
+    data = run([path], tokenizer, use_cache=False, on_bad_record="skip", rejects_file=rejects)
+    assert data.stats.examples == 1
+    assert data.stats.rejected == {"invalid JSON": 1, "no assistant message, so nothing would be trained": 1,
+                                   "record has keys ['text'] but this file is in 'messages' format": 1}
+    rows = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert [row["where"] for row in rows] == ["line 2", "line 3", "line 4"]
+    assert data.stats.records == 4
+
+
+def test_forced_format_overrides_detection(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "t", "messages": "ignored"}])
+    assert run([path], tokenizer, use_cache=False, format_name="text").stats.examples == 1
+
+
+def test_empty_file_and_no_files_are_clear_errors(tmp_path, tokenizer):
+    (tmp_path / "e.jsonl").write_text("")
+    with pytest.raises(OnepassError, match="no records found"):
+        run([tmp_path / "e.jsonl"], tokenizer, use_cache=False)
+    with pytest.raises(OnepassError, match="no data files given"):
+        run([], tokenizer)
+
+
+def test_second_run_with_same_inputs_loads_the_cache(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [chat("q", "a", "q2", "a2")] * 3)
+    first = run([path], tokenizer, cache_dir=tmp_path / "c")
+    second = run([path], tokenizer, cache_dir=tmp_path / "c")
+    assert not first.from_cache and second.from_cache
+    assert second.stats.examples == first.stats.examples == 3
+    for a, b in zip(first.examples, second.examples):
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
+        np.testing.assert_array_equal(a.turn, b.turn)
+    third = run([path], tokenizer, cache_dir=tmp_path / "c", options=RenderOptions(loss_on="last"))
+    assert not third.from_cache  # a different option is a different cache entry
+    path.write_text(path.read_text() + json.dumps(chat("new", "data")) + "\n")
+    assert not run([path], tokenizer, cache_dir=tmp_path / "c").from_cache
+
+
+def test_parallel_workers_give_the_same_examples_as_one(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr("onepass.dataset.CHUNK_SIZE", 4)
+    records = [chat(f"question {i}", f"answer {i}", "and?", f"more {i}") for i in range(20)]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    serial = run([path], tokenizer, use_cache=False)
+    parallel = run([path], tokenizer, use_cache=False, num_workers=2)
+    assert [e.input_ids.tolist() for e in serial.examples] == [e.input_ids.tolist() for e in parallel.examples]
+    assert [e.loss_mask.tolist() for e in serial.examples] == [e.loss_mask.tolist() for e in parallel.examples]
+
+
+def test_response_openings_are_counted(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [chat("q", "Of course! Paris."), chat("q", "Of course! Rome."),
+                                              chat("q", "No.")])
+    assert run([path], tokenizer, use_cache=False).stats.openings == {"Of course!": 2, "No.": 1}
