@@ -16,6 +16,7 @@ How trained spans are found, without `{% generation %}` markers or marker token 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -119,15 +120,17 @@ def _is_trained(conversation: Conversation, message_index: int, options: RenderO
 
 def _render_chat(conversation: Conversation, template: ChatTemplate, options: RenderOptions) -> RenderResult:
     messages = [message.to_template() for message in conversation.messages]
-    full = template.render(messages)
+    ends_with_response = conversation.messages[-1].role == "assistant"
+    full = None if ends_with_response else template.render(messages)  # else it is the last Q_k
     turns = []  # (turn index, message index, Q_k, span in Q_k, stable)
-    for turn_index, message_index in enumerate(conversation.assistant_indices):
+    for turn_index, message_index in reversed(list(enumerate(conversation.assistant_indices))):
         context = _render_context(template, messages[:message_index])
         as_last = template.render(messages[:message_index + 1])
+        full = as_last if full is None else full
         span = _locate_turn(conversation, message_index, turn_index, as_last, _common_prefix(context, as_last),
                             template, options)
         stable = full.startswith(context) and full.startswith(as_last.rstrip())
-        turns.append((turn_index, message_index, as_last, span, stable))
+        turns.insert(0, (turn_index, message_index, as_last, span, stable))
 
     if all(stable for *_, stable in turns):
         spans = tuple(span for *_, span, _ in turns)
@@ -242,8 +245,9 @@ def tokenize_rendered(tokenizer: Any, rendered: list[RenderedText]) -> list[tupl
             continue
         encodings = backend.encode_batch([rendered[i].text for i in indices], add_special_tokens=add_special)
         for i, encoding in zip(indices, encodings):
-            offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
-            results[i] = (np.asarray(encoding.ids, dtype=np.int32), offsets)
+            flat = itertools.chain.from_iterable(encoding.offsets)
+            offsets = np.fromiter(flat, dtype=np.int64, count=2 * len(encoding.offsets)).reshape(-1, 2)
+            results[i] = (np.fromiter(encoding.ids, dtype=np.int32, count=len(encoding.ids)), offsets)
     return results
 
 

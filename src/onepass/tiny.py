@@ -57,3 +57,34 @@ def build_model(output_dir: str | Path | None, vocab_size: int, hidden_size: int
     if output_dir is not None:
         model.save_pretrained(str(output_dir))
     return model
+
+
+WORDS = ("the a of to and in is it you that he was for on are with as his they be at one have this from or had "
+         "by word but what some we can out other were all there when up use your how said an each she which do "
+         "their time if will way about many then them write would like so these her long make thing see him two "
+         "has look more day could go come did number sound no most people my over know water than call first "
+         "who may down side been now find any new work part take get place made live where after back little "
+         "only round man year came show every good me give our under name very through just form sentence great "
+         "think say help low line differ turn cause much mean before move right boy old too same tell does set "
+         "three want air well also play small end put home read hand port large spell add even land here must").split()
+
+
+def random_conversations(count: int, seed: int = 0, max_turns: int = 4, system_share: float = 0.3) -> list[dict]:
+    """Synthetic multi-turn `messages` records of varied length (for benchmarks and stress tests)."""
+    import random
+
+    rng = random.Random(seed)
+
+    def sentence(low: int, high: int) -> str:
+        words = rng.choices(WORDS, k=rng.randint(low, high))
+        return " ".join(words).capitalize() + rng.choice(".?!")
+
+    records = []
+    for _ in range(count):
+        messages = [{"role": "system", "content": sentence(5, 20)}] if rng.random() < system_share else []
+        for _ in range(rng.randint(1, max_turns)):
+            messages.append({"role": "user", "content": " ".join(sentence(4, 30) for _ in range(rng.randint(1, 3)))})
+            messages.append({"role": "assistant",
+                             "content": " ".join(sentence(4, 30) for _ in range(rng.randint(1, 6)))})
+        records.append({"messages": messages})
+    return records
