@@ -41,3 +41,82 @@ def check_model_dir(path: str | Path) -> Path:
         raise OnepassError(f"{path} has no weights ({', '.join(WEIGHT_FILES[::2])}). Fix: save the model with "
                            "model.save_pretrained(path).")
     return path
+
+
+# --- Packed attention -------------------------------------------------------------------------
+# Several conversations share one row of tokens; each must attend only to itself. Flash-attention
+# varlen does this on CUDA when installed (transformers detects packing from position_ids). The
+# portable path below runs SDPA once per conversation, so a packed row costs sum(L_i^2), never a
+# dense (sum L_i)^2 attention, and needs no mask tensor at all.
+PACKED_ATTENTION = "onepass_packed"
+
+
+def packed_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None = None,
+                          dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
+    """Causal attention within each segment given by `cu_seq_lens_q` (query/key/value: B, H, T, D)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    if cu_seq_lens is None:  # generation and unpacked inputs: ordinary SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **{k: v for k, v in kwargs.items() if k in ("is_causal",)})
+    gqa = query.shape[1] != key.shape[1]
+    dropout = dropout if module.training else 0.0
+    outputs = []
+    bounds = cu_seq_lens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        outputs.append(F.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], dropout_p=dropout,
+            is_causal=True, scale=scaling, enable_gqa=gqa))
+    output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+    return output.transpose(1, 2).contiguous(), None
+
+
+def register_packed_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+
+
+def choose_attention(device_type: str) -> str:
+    """flash_attention_2 on CUDA when the package is installed; the per-segment SDPA otherwise."""
+    if device_type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    register_packed_attention()
+    return PACKED_ATTENTION
+
+
+def load_model(path: str | Path, device_type: str = "cpu", dtype: Any = None) -> Any:
+    """AutoModelForCausalLM from a local directory, with packed attention."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = check_model_dir(path)
+    attention = choose_attention(device_type)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=attention,
+                                                    dtype=dtype or torch.float32)
+    except (OSError, ValueError) as error:
+        raise OnepassError(f"{path}: could not load the model ({error}).") from None
+
+
+def use_packed_attention(model: Any) -> Any:
+    """Switch an already built model (e.g. a tiny one from a config) to packed attention."""
+    register_packed_attention()
+    model.set_attn_implementation(PACKED_ATTENTION)
+    return model
+
+
+def backbone_and_head(model: Any) -> tuple[Any, Any]:
+    """The transformer trunk (input ids → hidden states) and the output projection of a causal LM,
+    through a peft wrapper if there is one (LoRA layers live inside the trunk's modules)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return getattr(model, model.base_model_prefix), model.get_output_embeddings()

@@ -1,0 +1,94 @@
+"""Packed rows → one padding-free `Batch`: every row of a micro-batch is laid end to end in a
+single sequence, with position ids restarting per conversation and `cu_seq_lens` marking where
+each conversation starts (the varlen attention convention).
+
+Labels are shifted here and nowhere else (`shift_labels`). Each trained label also carries a
+weight for the chosen loss normalisation; the step's denominator (`units`) is counted here too,
+so the trainer can sum it over micro-batches (and ranks) before any backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from onepass.render import Example
+
+IGNORE_INDEX = -100
+Normalization = Literal["token", "sequence", "turn"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor  # (1, T) int64
+    position_ids: torch.Tensor  # (1, T), restarting at 0 for each conversation
+    labels: torch.Tensor  # (1, T): the next token where it is trained, else IGNORE_INDEX
+    label_weights: torch.Tensor  # (1, T) float32: weight of each label's loss term (0 where ignored)
+    cu_seq_lens: torch.Tensor  # (num_sequences + 1,) int32
+    max_length: int
+    units: float  # normaliser contribution: trained tokens, sequences or turns in this batch
+    num_tokens: int
+    num_trained_tokens: int
+
+    def to(self, device: torch.device | str) -> "Batch":
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.position_ids), move(self.labels), move(self.label_weights),
+                     move(self.cu_seq_lens), self.max_length, self.units, self.num_tokens, self.num_trained_tokens)
+
+    def model_kwargs(self) -> dict:
+        """What the model's forward needs for packed attention (transformers' varlen kwargs)."""
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids,
+                "cu_seq_lens_q": self.cu_seq_lens, "cu_seq_lens_k": self.cu_seq_lens,
+                "max_length_q": self.max_length, "max_length_k": self.max_length}
+
+
+def shift_labels(input_ids: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
+    """labels[t] = input_ids[t + 1] where token t + 1 is trained; the last position predicts nothing."""
+    labels = np.full(len(input_ids), IGNORE_INDEX, dtype=np.int64)
+    trained_next = loss_mask[1:] == 1
+    labels[:-1][trained_next] = input_ids[1:][trained_next]
+    return labels
+
+
+def label_weights(example: Example, normalization: Normalization) -> tuple[np.ndarray, float]:
+    """Per-position loss weights (aligned with `shift_labels`) and the units this example adds to the step."""
+    trained = np.zeros(len(example), dtype=bool)
+    trained[:-1] = example.loss_mask[1:] == 1
+    weights = trained.astype(np.float64)
+    count = int(trained.sum())
+    if count == 0 or normalization == "token":
+        return weights.astype(np.float32), float(count)
+    if normalization == "sequence":  # each conversation weighs the same, whatever its length
+        return (weights / count).astype(np.float32), 1.0
+    turns = np.full(len(example), -2, dtype=np.int64)
+    turns[:-1] = example.turn[1:]
+    turn_ids, counts = np.unique(turns[trained], return_counts=True)
+    for turn_id, turn_count in zip(turn_ids, counts):  # each response weighs the same
+        weights[trained & (turns == turn_id)] = 1.0 / turn_count
+    return weights.astype(np.float32), float(len(turn_ids))
+
+
+def collate(examples: Sequence[Example], normalization: Normalization = "token") -> Batch:
+    """Lay the examples of one micro-batch end to end, with no padding."""
+    input_ids = np.concatenate([e.input_ids for e in examples]).astype(np.int64)
+    position_ids = np.concatenate([np.arange(len(e)) for e in examples])
+    labels = np.concatenate([shift_labels(e.input_ids, e.loss_mask) for e in examples])
+    weights_and_units = [label_weights(e, normalization) for e in examples]
+    weights = np.concatenate([w for w, _ in weights_and_units])
+    lengths = [len(e) for e in examples]
+    cu_seq_lens = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return Batch(
+        input_ids=torch.from_numpy(input_ids)[None],
+        position_ids=torch.from_numpy(position_ids)[None],
+        labels=torch.from_numpy(labels)[None],
+        label_weights=torch.from_numpy(weights)[None],
+        cu_seq_lens=torch.from_numpy(cu_seq_lens),
+        max_length=max(lengths),
+        units=sum(u for _, u in weights_and_units),
+        num_tokens=int(len(input_ids)),
+        num_trained_tokens=int((labels != IGNORE_INDEX).sum()),
+    )

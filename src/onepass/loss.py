@@ -1,0 +1,66 @@
+"""The SFT objective: weighted next-token negative log-likelihood on trained positions only.
+
+Only the hidden states of positions with a label go through the output projection, chunk by
+chunk, and each chunk is recomputed in the backward pass (activation checkpointing), so the
+(tokens × vocabulary) logits tensor is never materialised and the loss's peak memory does not
+grow with the number of prompt tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from onepass.collate import IGNORE_INDEX, Batch
+from onepass.model import backbone_and_head
+
+
+def hidden_states(model: Any, batch: Batch) -> torch.Tensor:
+    """Last hidden states (1, T, d) of the packed batch."""
+    trunk, _ = backbone_and_head(model)
+    return trunk(**batch.model_kwargs(), use_cache=False).last_hidden_state
+
+
+def _logits(head: Any, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = head(hidden).float()
+    if softcap:  # Gemma-2 style final logit soft-capping
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, head: Any, softcap: float | None) -> torch.Tensor:
+    return F.cross_entropy(_logits(head, hidden, softcap), targets, reduction="none")
+
+
+def label_nll(model: Any, batch: Batch, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-label NLL (in label order) and the flat positions they belong to."""
+    hidden = hidden_states(model, batch)[0]
+    _, head = backbone_and_head(model)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    positions = (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1)
+    selected, targets = hidden[positions], batch.labels[0, positions]
+    pieces = []
+    for start in range(0, len(positions), chunk_size):
+        args = (selected[start:start + chunk_size], targets[start:start + chunk_size], head, softcap)
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_nll, *args, use_reentrant=False))
+        else:
+            pieces.append(_chunk_nll(*args))
+    nll = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    return nll, positions
+
+
+def sft_loss(model: Any, batch: Batch, denominator: float, chunk_size: int = 1024) -> tuple[torch.Tensor, float]:
+    """This micro-batch's share of the step loss: sum(weight · nll) / denominator, where the
+    denominator is the step's total units (trained tokens, sequences or turns, over every
+    micro-batch and rank), so summing gradients over micro-batches is exact.
+
+    Returns the loss to backpropagate and the unweighted NLL sum (for logging)."""
+    nll, positions = label_nll(model, batch, chunk_size)
+    weights = batch.label_weights[0, positions]
+    if denominator <= 0:  # a step with no trained token: nothing to learn, and no division by zero
+        return (nll * 0.0).sum(), 0.0
+    return (nll * weights).sum() / denominator, float(nll.detach().sum())
