@@ -25,7 +25,9 @@ def hidden_states(model: Any, batch: Batch) -> torch.Tensor:
 
 
 def _logits(head: Any, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    logits = head(hidden).float()
+    logits = head(hidden)
+    if logits.dtype in (torch.bfloat16, torch.float16):  # the softmax always runs in at least fp32
+        logits = logits.float()
     if softcap:  # Gemma-2 style final logit soft-capping
         logits = torch.tanh(logits / softcap) * softcap
     return logits

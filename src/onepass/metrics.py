@@ -1,0 +1,82 @@
+"""Seeing a run: a progress bar (loss, tokens/s, trained tokens/s, ETA), `metrics.jsonl`, optional
+TensorBoard, and `loss.png` at the end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from onepass.errors import OnepassError
+
+
+class MetricsLog:
+    """Appends one JSON line per step; on resume, lines past the checkpoint's step are dropped."""
+
+    def __init__(self, output_dir: str | Path, resume_step: int = 0, tensorboard: bool = False):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise OnepassError("tensorboard: true needs the tensorboard package. Fix: .venv/bin/pip install "
+                                   "tensorboard, or set tensorboard: false.") from None
+            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, row["step"])
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_loss(rows: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """loss.png: training loss per step, and held-out loss where it was measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    held_out = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not held_out:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 4))
+    if train:
+        axis.plot(*zip(*train), label="train loss", linewidth=1)
+    if held_out:
+        axis.plot(*zip(*held_out), "o-", label="held-out loss")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss (nats per trained token)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return Path(path)
+
+
+def progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tokens_per_sec]:,.0f} tok/s"),
+        TextColumn("{task.fields[trained_tokens_per_sec]:,.0f} trained tok/s"), TextColumn("ETA"),
+        TimeRemainingColumn(), disable=not enabled)

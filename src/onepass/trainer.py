@@ -1,0 +1,308 @@
+"""`onepass train`: packed, padding-free SFT with exact loss normalisation and trustworthy resume.
+
+The data order is a pure function of (seed, epoch): each epoch shuffles the examples, packs them
+into rows (best-fit decreasing), shuffles the rows and cuts them into micro-batches and optimizer
+steps. So resuming at step N only needs N, and every run with the same seed sees the same data.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from onepass.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from onepass.collate import Batch, collate
+from onepass.config import TrainConfig, save_config, to_dict
+from onepass.dataset import PreparedData, prepare
+from onepass.errors import OnepassError
+from onepass.loss import sft_loss
+from onepass.metrics import MetricsLog, plot_loss, progress_bar
+from onepass.packing import pack
+from onepass.render import Example
+
+
+def packed_micro_batches(lengths: list[int], config: TrainConfig, rng: np.random.Generator | None = None
+                         ) -> list[list[int]]:
+    """Example indices per micro-batch: packed rows (shuffled first when `rng` is given), `batch_size` rows each."""
+    order = rng.permutation(len(lengths)) if rng is not None else np.arange(len(lengths))
+    rows = [[int(order[i]) for i in row] for row in pack([lengths[i] for i in order], config.max_seq_len)]
+    if rng is not None:
+        rows = [rows[i] for i in rng.permutation(len(rows))]
+    return [sum(rows[i:i + config.batch_size], []) for i in range(0, len(rows), config.batch_size)]
+
+
+def plan_epoch(lengths: list[int], config: TrainConfig, epoch: int) -> list[list[list[int]]]:
+    """Steps → micro-batches → example indices, for one epoch (deterministic in seed and epoch)."""
+    micro_batches = packed_micro_batches(lengths, config, np.random.default_rng([config.seed, epoch]))
+    return [micro_batches[i:i + config.grad_accum] for i in range(0, len(micro_batches), config.grad_accum)]
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    tokens: int
+    trained_tokens: int
+    skipped: bool = False
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_dir: Path | None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    eval_before: dict[str, float] | None = None
+    eval_after: dict[str, float] | None = None
+
+
+def device_of(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def autocast(config: TrainConfig, device: torch.device) -> Any:
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def train_step(model: Any, optimizer: Any, scheduler: Any, micro_batches: list[Batch], config: TrainConfig,
+               denominator: float | None = None) -> StepResult:
+    """One optimizer step over its micro-batches; the loss normaliser is the whole step's count."""
+    device = device_of(model)
+    denominator = sum(b.units for b in micro_batches) if denominator is None else denominator
+    total_loss = 0.0
+    for batch in micro_batches:
+        with autocast(config, device):
+            loss, _ = sft_loss(model, batch.to(device), denominator, config.loss_chunk_size)
+        loss.backward()
+        total_loss += float(loss.detach())
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    tokens = sum(b.num_tokens for b in micro_batches)
+    trained = sum(b.num_trained_tokens for b in micro_batches)
+    if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        if config.on_nonfinite == "error":
+            raise OnepassError(f"non-finite loss ({total_loss}) or gradient norm ({grad_norm}) at step "
+                               f"{scheduler.last_epoch + 1}. Fix: lower lr, check the data, or set "
+                               "on_nonfinite: skip_step.")
+        scheduler.step()  # the step is spent, so the schedule stays aligned with the data
+        return StepResult(total_loss, grad_norm, tokens, trained, skipped=True)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(total_loss, grad_norm, tokens, trained)
+
+
+@torch.no_grad()
+def evaluate(model: Any, examples: list[Example], config: TrainConfig) -> dict[str, float]:
+    """Held-out response-only loss (mean NLL per trained token) and perplexity."""
+    if not examples:
+        return {}
+    was_training = model.training
+    model.eval()
+    device = device_of(model)
+    nll_sum, count = 0.0, 0
+    for micro_batch in packed_micro_batches([len(e) for e in examples], config):
+        batch = collate([examples[i] for i in micro_batch], "token")
+        with autocast(config, device):
+            _, batch_nll = sft_loss(model, batch.to(device), 1.0, config.loss_chunk_size)
+        nll_sum += batch_nll
+        count += batch.num_trained_tokens
+    model.train(was_training)
+    loss = nll_sum / max(count, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def build_optimizer(model: Any, config: TrainConfig, total_steps: int) -> tuple[Any, Any]:
+    from transformers import get_scheduler
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[config.schedule]
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def build_model(config: TrainConfig, device: torch.device) -> Any:
+    from onepass.model import load_model
+
+    model = load_model(config.model, device.type).to(device)
+    if config.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                          target_modules=config.lora.targets, task_type="CAUSAL_LM")
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as error:
+            raise OnepassError(f"lora.targets {config.lora.targets}: {error}") from None
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.lora.enabled:
+            model.enable_input_require_grads()
+    if config.compile:
+        from onepass.model import backbone_and_head
+
+        backbone_and_head(model)[0].compile()
+    model.train()
+    return model
+
+
+class Trainer:
+    """Holds a run's state; `fit()` trains to the end (or to `stop_at` steps) and exports."""
+
+    def __init__(self, config: TrainConfig, model: Any = None, tokenizer: Any = None, train_data: PreparedData = None,
+                 eval_examples: list[Example] | None = None):
+        from onepass.chat_template import load_chat_template
+        from onepass.model import load_tokenizer
+
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        torch.manual_seed(config.seed)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
+        self.template = load_chat_template(self.tokenizer, config.data.chat_template)
+        self.train_data = train_data or self._prepare(config.data.train, self.output_dir / "rejects.jsonl")
+        if not self.train_data.examples:
+            raise OnepassError("no training examples left after preparation (see the summary: every record was "
+                               "rejected or dropped). Fix: check the data and max_seq_len.")
+        self.eval_examples = eval_examples if eval_examples is not None else (
+            self._prepare(config.data.eval, self.output_dir / "rejects.eval.jsonl").examples
+            if config.data.eval else [])
+        self.lengths = [len(e) for e in self.train_data.examples]
+        self.steps_per_epoch = len(plan_epoch(self.lengths, config, 0))
+        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        self.model = model if model is not None else build_model(config, self.device)
+        self.optimizer, self.scheduler = build_optimizer(self.model, config, self.total_steps)
+        self.state = TrainerState(step=0)
+        self._epoch_plan: tuple[int, list] = (-1, [])
+
+    def _prepare(self, paths: list[str], rejects: Path) -> PreparedData:
+        return prepare(paths, self.tokenizer, self.template, self.config.render_options(),
+                       format_name=self.config.data.format, on_bad_record=self.config.data.on_bad_record,
+                       num_workers=self.config.data.num_workers, cache_dir=self.config.data.cache_dir,
+                       rejects_file=rejects)
+
+    def step_batches(self, step: int) -> list[Batch]:
+        """The micro-batches of optimizer step `step` (0-based), from the deterministic plan."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if self._epoch_plan[0] != epoch:
+            self._epoch_plan = (epoch, plan_epoch(self.lengths, self.config, epoch))
+        examples = self.train_data.examples
+        return [collate([examples[i] for i in micro], self.config.loss_normalization)
+                for micro in self._epoch_plan[1][index]]
+
+    def resume(self) -> bool:
+        if self.config.resume != "auto":
+            return False
+        checkpoint = latest_checkpoint(self.output_dir)
+        if checkpoint is None:
+            return False
+        self.state = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
+        return True
+
+    def save(self) -> Path:
+        return save_checkpoint(self.output_dir, self.model, self.optimizer, self.scheduler, self.state,
+                               yaml.safe_dump(to_dict(self.config), sort_keys=False), self.config.keep_last)
+
+    def fit(self, stop_at: int | None = None) -> TrainResult:
+        config = self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, self.output_dir / "config.yaml")
+        resumed = self.resume()
+        log = MetricsLog(self.output_dir, self.state.step if resumed else 0, config.tensorboard)
+        eval_before = evaluate(self.model, self.eval_examples, config) if not resumed else None
+        if eval_before:
+            log.write({"step": 0, **eval_before})
+        end = min(stop_at, self.total_steps) if stop_at is not None else self.total_steps
+        with progress_bar(config.progress) as progress:
+            task = progress.add_task("train", total=self.total_steps, completed=self.state.step, loss=float("nan"),
+                                     tokens_per_sec=0.0, trained_tokens_per_sec=0.0)
+            while self.state.step < end:
+                self._one_step(log, progress, task)
+        if self.state.step < self.total_steps:  # stopped early on request: leave a checkpoint to resume from
+            self.save()
+            log.close()
+            return TrainResult(self.state.step, None, log.rows(), eval_before)
+        eval_after = evaluate(self.model, self.eval_examples, config)
+        if eval_after:
+            log.write({"step": self.state.step, **eval_after})
+        final_dir = self.export()
+        plot_loss(log.rows(), self.output_dir / "loss.png")
+        log.close()
+        return TrainResult(self.state.step, final_dir, log.rows(), eval_before, eval_after)
+
+    def _one_step(self, log: MetricsLog, progress: Any, task: Any) -> None:
+        config = self.config
+        started = time.perf_counter()
+        result = train_step(self.model, self.optimizer, self.scheduler, self.step_batches(self.state.step), config)
+        seconds = time.perf_counter() - started
+        self.state = TrainerState(self.state.step + 1, self.state.skipped_steps + result.skipped)
+        row = {"step": self.state.step, "loss": result.loss, "lr": self.scheduler.get_last_lr()[0],
+               "grad_norm": result.grad_norm, "tokens": result.tokens, "trained_tokens": result.trained_tokens,
+               "tokens_per_sec": result.tokens / seconds, "trained_tokens_per_sec": result.trained_tokens / seconds,
+               "skipped_steps": self.state.skipped_steps}
+        if config.eval_every and self.state.step % config.eval_every == 0 and self.state.step < self.total_steps:
+            row.update(evaluate(self.model, self.eval_examples, config))
+        if self.state.step % config.log_every == 0 or "eval_loss" in row:
+            log.write(row)
+        progress.update(task, completed=self.state.step, loss=result.loss, tokens_per_sec=row["tokens_per_sec"],
+                        trained_tokens_per_sec=row["trained_tokens_per_sec"])
+        if config.save_every and self.state.step % config.save_every == 0:
+            self.save()
+
+    def export(self) -> Path:
+        """The final model as a Hugging Face directory (safetensors, tokenizer, chat template, config)."""
+        final = self.output_dir / "final"
+        model = self.model
+        if self.config.lora.enabled and self.config.lora.merge_on_export:
+            model = model.merge_and_unload()
+        model.save_pretrained(str(final))
+        if hasattr(model, "config") and hasattr(model.config, "_attn_implementation"):
+            _reset_attention_in_saved_config(final)
+        self.tokenizer.chat_template = self.template.source
+        self.tokenizer.save_pretrained(str(final))
+        save_config(self.config, final / "onepass_config.yaml")
+        return final
+
+
+def _reset_attention_in_saved_config(final: Path) -> None:
+    """Our packed attention is registered at run time; a saved model must load without onepass."""
+    import json
+
+    config_path = final / "config.json"
+    if config_path.exists():
+        values = json.loads(config_path.read_text())
+        if values.get("_attn_implementation") or values.get("attn_implementation"):
+            values.pop("_attn_implementation", None)
+            values.pop("attn_implementation", None)
+            config_path.write_text(json.dumps(values, indent=2))
+
+
+def train(config: TrainConfig) -> TrainResult:
+    return Trainer(config).fit()
+
+
+def cmd_train(args: Any) -> int:
+    from onepass.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    result = train(config)
+    print(f"trained {result.steps} steps; final model: {result.final_dir}; metrics: "
+          f"{Path(config.output_dir) / 'metrics.jsonl'}; plot: {Path(config.output_dir) / 'loss.png'}")
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    parser = subparsers.add_parser("train", help="fine-tune a model: onepass train CONFIG.yaml [key=value ...]")
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 data.loss_on=last")
+    parser.set_defaults(handler=cmd_train)

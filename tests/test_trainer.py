@@ -1,0 +1,149 @@
+"""The trainer: exact normalisation across micro-batches, exact resume, and a model transformers loads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from onepass.collate import collate
+from onepass.config import load_config
+from onepass.loss import sft_loss
+from onepass.model import use_packed_attention
+from onepass.render import Example
+from onepass.tiny import build_model, random_conversations
+from onepass.trainer import Trainer, plan_epoch
+
+from conftest import write_jsonl
+
+
+def random_example(rng, length, turns=3, vocab=100):
+    mask = (rng.random(length) < 0.6).astype(np.int8)
+    turn = np.where(mask == 1, rng.integers(0, turns, length), -1).astype(np.int32)
+    return Example(rng.integers(3, vocab, length).astype(np.int32), mask, turn)
+
+
+def gradients(model, micro_batches, denominator):
+    model.zero_grad()
+    for batch in micro_batches:
+        sft_loss(model, batch, denominator)[0].backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("normalization", ["token", "sequence", "turn"])
+def test_k_micro_batches_give_the_same_gradients_as_one_batch_of_k_times_b(normalization):
+    torch.manual_seed(0)
+    model = use_packed_attention(build_model(None, vocab_size=100)).double()  # fp64: the identity, not rounding
+    rng = np.random.default_rng(3)
+    examples = [random_example(rng, int(n)) for n in rng.integers(4, 30, size=12)]
+    one = collate(examples, normalization)
+    micro = [collate(examples[i:i + 3], normalization) for i in range(0, 12, 3)]
+    assert sum(b.units for b in micro) == one.units
+    big = gradients(model, [one], one.units)
+    accumulated = gradients(model, micro, sum(b.units for b in micro))
+    for a, b in zip(big, accumulated):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+
+
+def test_sequence_normalisation_weighs_each_conversation_the_same():
+    rng = np.random.default_rng(4)
+    short, long = random_example(rng, 5), random_example(rng, 50)
+    batch = collate([short, long], "sequence")
+    cut = len(short)
+    assert batch.units == 2
+    assert batch.label_weights[0, :cut].sum().item() == pytest.approx(1.0)
+    assert batch.label_weights[0, cut:].sum().item() == pytest.approx(1.0)
+
+
+def test_turn_normalisation_weighs_each_response_the_same():
+    rng = np.random.default_rng(5)
+    example = random_example(rng, 40, turns=3)
+    batch = collate([example], "turn")
+    labels_turn = np.append(example.turn[1:], -1)
+    trained = batch.labels[0].numpy() != -100
+    for turn in set(labels_turn[trained].tolist()):
+        assert batch.label_weights[0].numpy()[trained & (labels_turn == turn)].sum() == pytest.approx(1.0)
+
+
+def test_epoch_plan_covers_every_example_once_and_is_reproducible():
+    config = load_config(None, ["model=m", "data.train=[d]", "max_seq_len=64", "batch_size=2", "grad_accum=2"])
+    lengths = list(np.random.default_rng(0).integers(5, 60, size=40))
+    plan = plan_epoch(lengths, config, epoch=0)
+    seen = sorted(i for step in plan for micro in step for i in micro)
+    assert seen == list(range(40))
+    assert plan == plan_epoch(lengths, config, epoch=0) and plan != plan_epoch(lengths, config, epoch=1)
+
+
+@pytest.fixture(scope="module")
+def run_assets(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("run")
+    build_model(root / "model", vocab_size=512, hidden_size=32, intermediate_size=64)
+    data = write_jsonl(root / "train.jsonl", random_conversations(40, seed=1, max_turns=2))
+    held_out = write_jsonl(root / "eval.jsonl", random_conversations(8, seed=2, max_turns=2))
+    return root, tokenizer_dir, data, held_out
+
+
+def make_config(run_assets, output_dir, *overrides):
+    root, tokenizer_dir, data, held_out = run_assets
+    return load_config(None, [f"model={root / 'model'}", f"tokenizer={tokenizer_dir}", f"data.train=[{data}]",
+                              f"data.eval=[{held_out}]", f"output_dir={output_dir}", "max_seq_len=256",
+                              "batch_size=2", "grad_accum=2", "lr=1e-3", "progress=false", "warmup_steps=2",
+                              *overrides])
+
+
+def final_weights(output_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(output_dir / "final" / "model.safetensors"))
+
+
+def test_resumed_run_equals_an_uninterrupted_run(run_assets, tmp_path):
+    straight = make_config(run_assets, tmp_path / "straight", "max_steps=20")
+    Trainer(straight).fit()
+    interrupted = make_config(run_assets, tmp_path / "resumed", "max_steps=20")
+    first = Trainer(interrupted).fit(stop_at=10)
+    assert first.steps == 10 and first.final_dir is None
+    second = Trainer(interrupted).fit()  # a new process would do the same: everything comes from disk
+    assert second.steps == 20
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-6)
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 21))
+
+
+def test_training_writes_metrics_plot_and_a_model_transformers_loads(run_assets, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = Trainer(make_config(run_assets, tmp_path / "out", "max_steps=6", "eval_every=3")).fit()
+    assert result.eval_after["eval_loss"] < result.eval_before["eval_loss"]
+    rows = result.metrics
+    step_rows = [r for r in rows if "loss" in r]
+    assert {"step", "loss", "lr", "grad_norm", "tokens", "trained_tokens", "tokens_per_sec"} <= set(step_rows[0])
+    assert (tmp_path / "out" / "loss.png").stat().st_size > 1000
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "final"))
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "out" / "final"))
+    assert tokenizer.chat_template and model.config.vocab_size == 512
+    assert (tmp_path / "out" / "final" / "onepass_config.yaml").exists()
+
+
+def test_lora_trains_adapters_and_exports_a_merged_model(run_assets, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    config = make_config(run_assets, tmp_path / "lora", "max_steps=3", "lora.enabled=true", "lora.r=4")
+    trainer = Trainer(config)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    assert 0 < trainable < total / 4
+    trainer.fit()
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "lora" / "final"))
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_checkpoints_keep_the_last_n(run_assets, tmp_path):
+    Trainer(make_config(run_assets, tmp_path / "ck", "max_steps=6", "save_every=2", "keep_last=2")).fit()
+    names = sorted(p.name for p in (tmp_path / "ck" / "checkpoints").iterdir())
+    assert names == ["step-00000004", "step-00000006"]
+    assert (tmp_path / "ck" / "checkpoints" / "step-00000006" / "config.yaml").exists()
