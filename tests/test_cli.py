@@ -45,3 +45,22 @@ def test_user_error_exits_2_with_one_line_and_no_traceback(tmp_path, tokenizer_d
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: {path}, line 1, field 'messages[1].content': expected a string, got int. Fix: give a string"]
+
+
+def test_score_and_chat_commands_on_a_saved_model(tmp_path, tokenizer_dir, capsys):
+    import shutil
+
+    from onepass.tiny import build_model
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tokenizer_dir, model_dir)
+    build_model(model_dir, vocab_size=512)
+    data = write_jsonl(tmp_path / "d.jsonl", [chat("q", "a", "q2", "a2")])
+    out = tmp_path / "scores.jsonl"
+    assert main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--check", "1"]) == 0
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(row["turn_logprobs"]) == 2 and "largest difference" in capsys.readouterr().err
+    ranking = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "q", "completions": ["a", "bb"]}])
+    assert main(["score", "--model", str(model_dir), "--data", str(ranking)]) == 0
+    assert json.loads(capsys.readouterr().out)["ranking_by_sum"] in ([0, 1], [1, 0])
+    assert main(["chat", "--model", str(model_dir), "--prompt", "hello", "--max-new-tokens", "3"]) == 0

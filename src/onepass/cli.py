@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _optional_commands() -> list[Any]:
     """Subcommands that live in their own modules (kept out of import time for a fast `inspect`)."""
     registers = []
-    for module_name in ("onepass.trainer", "onepass.demo"):
+    for module_name in ("onepass.trainer", "onepass.demo", "onepass.scoring", "onepass.chat"):
         try:
             module = __import__(module_name, fromlist=["register_cli"])
         except ModuleNotFoundError as error:

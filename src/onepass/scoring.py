@@ -1,0 +1,249 @@
+"""Scoring text with the training machinery: log Pr(y|x) per turn from ONE forward pass.
+
+log Pr([x, y]) = log Pr(x) + log Pr(y | x): one pass over the whole conversation gives every
+token's log-probability given everything before it, so each message's term, the response total
+(the trained tokens) and the prompt total come from the same pass, packed like training.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from onepass.chat_template import ChatTemplate
+from onepass.collate import collate
+from onepass.errors import OnepassError
+from onepass.formats import Conversation, Message
+from onepass.loss import label_nll
+from onepass.render import Example, RenderOptions, mask_tokens, render_conversation, tokenize_rendered
+
+
+@dataclass(frozen=True)
+class ScoredText:
+    """One rendered conversation: tokens, which are trained, and which message each token belongs to."""
+
+    example: Example
+    message_of_token: np.ndarray  # message index per token
+    roles: tuple[str, ...]
+    trained_messages: tuple[bool, ...]
+
+
+def _message_ends(conversation: Conversation, template: ChatTemplate, text: str) -> list[int]:
+    """Character where each message's part of `text` ends (template tokens go with the message they follow)."""
+    if conversation.kind == "raw":
+        ends, position = [], 0
+        for piece, _ in conversation.segments:
+            position += len(piece)
+            ends.append(position)
+        ends[-1] = len(text)
+        return ends
+    messages = [m.to_template() for m in conversation.messages]
+    ends = []
+    for index in range(len(messages)):
+        prefix = template.render(messages[:index + 1]).rstrip()
+        ends.append(len(prefix) if text.startswith(prefix) else (ends[-1] if ends else 0))
+    ends[-1] = len(text)
+    return ends
+
+
+def render_for_scoring(conversations: list[Conversation], tokenizer: Any, template: ChatTemplate,
+                       options: RenderOptions) -> list[ScoredText]:
+    rendered = []
+    for conversation in conversations:
+        result = render_conversation(conversation, template, options, tokenizer.eos_token)
+        if result.split:
+            raise OnepassError(f"{conversation.source}, {conversation.where}: the chat template rewrites history, "
+                               "so one pass cannot score every turn. Fix: use unstable_history: warn.")
+        rendered.append(result.texts[0])
+    scored = []
+    for conversation, item, (ids, offsets) in zip(conversations, rendered, tokenize_rendered(tokenizer, rendered)):
+        loss_mask, turn = mask_tokens(item, offsets)
+        ends = np.asarray(_message_ends(conversation, template, item.text))
+        message_of_token = np.minimum(np.searchsorted(ends, offsets[:, 0], side="right"), len(ends) - 1)
+        if conversation.kind == "raw":
+            roles = ("prompt", "completion") if len(conversation.segments) == 2 else ("text",)
+            trained = tuple(t for _, t in conversation.segments)
+        else:
+            roles = tuple(m.role for m in conversation.messages)
+            trained = tuple(bool(loss_mask[message_of_token == i].any()) for i in range(len(roles)))
+        scored.append(ScoredText(Example(ids, loss_mask, turn, conversation.source, conversation.where),
+                                 message_of_token, roles, trained))
+    return scored
+
+
+@torch.no_grad()
+def token_logprobs(model: Any, examples: list[Example], batch_tokens: int = 4096) -> list[np.ndarray]:
+    """log Pr(token t | tokens < t) for t >= 1 of every example, packed into forward passes of
+    about `batch_tokens` tokens (each conversation attends only to itself)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    results: list[np.ndarray] = [None] * len(examples)  # type: ignore[list-item]
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
+    group: list[int] = []
+    for position, index in enumerate(order):
+        group.append(index)
+        size = sum(len(examples[i]) for i in group)
+        if size >= batch_tokens or position == len(order) - 1:
+            everything = [Example(examples[i].input_ids, np.ones(len(examples[i]), np.int8), examples[i].turn)
+                          for i in group]
+            nll, _ = label_nll(model, collate(everything).to(device))
+            values = (-nll.double()).cpu().numpy()
+            start = 0
+            for i in group:
+                results[i] = values[start:start + len(examples[i]) - 1]
+                start += len(examples[i]) - 1
+            group = []
+    model.train(was_training)
+    return results
+
+
+def summarise(scored: ScoredText, logprobs: np.ndarray, index: int) -> dict[str, Any]:
+    """The output row: per message log-probability and the prompt / response / joint totals."""
+    predicted = slice(1, None)  # the first token has no context, so no term
+    owner = scored.message_of_token[predicted]
+    trained = scored.example.loss_mask[predicted] == 1
+    messages = []
+    for i, role in enumerate(scored.roles):
+        mine = owner == i
+        messages.append({"role": role, "logprob": float(logprobs[mine].sum()), "num_tokens": int(mine.sum()),
+                         "trained": scored.trained_messages[i]})
+    response, prompt = float(logprobs[trained].sum()), float(logprobs[~trained].sum())
+    num_response, num_prompt = int(trained.sum()), int((~trained).sum())
+    return {"index": index, "source": scored.example.source, "where": scored.example.where, "messages": messages,
+            "logprob_response": response, "logprob_prompt": prompt, "logprob_joint": response + prompt,
+            "num_response_tokens": num_response, "num_prompt_tokens": num_prompt,
+            "mean_logprob_response": response / num_response if num_response else None,
+            "perplexity_response": float(np.exp(-response / num_response)) if num_response else None}
+
+
+def score_conversations(model: Any, tokenizer: Any, template: ChatTemplate, conversations: list[Conversation],
+                        options: RenderOptions = RenderOptions(unstable_history="warn"),
+                        batch_tokens: int = 4096) -> list[dict[str, Any]]:
+    scored = render_for_scoring(conversations, tokenizer, template, options)
+    logprobs = token_logprobs(model, [s.example for s in scored], batch_tokens)
+    return [summarise(s, lp, i) for i, (s, lp) in enumerate(zip(scored, logprobs))]
+
+
+def k_pass_turn_logprobs(model: Any, tokenizer: Any, template: ChatTemplate, conversation: Conversation,
+                         options: RenderOptions = RenderOptions(unstable_history="warn")) -> list[float]:
+    """The slow way, for checking: log Pr(response k | its prefix) from a separate pass per turn."""
+    values = []
+    for turn, index in enumerate(conversation.assistant_indices):
+        prefix = Conversation(conversation.source, conversation.where, "chat",
+                              tuple(Message(m.role, m.content, (i == index) if m.role == "assistant" else None,
+                                            m.tool_calls, m.extra)
+                                    for i, m in enumerate(conversation.messages[:index + 1])))
+        [scored] = render_for_scoring([prefix], tokenizer, template, options)
+        [logprobs] = token_logprobs(model, [scored.example])
+        values.append(float(logprobs[scored.example.loss_mask[1:] == 1].sum()))
+    return values
+
+
+def turn_logprobs(row: dict[str, Any], scored: ScoredText, logprobs: np.ndarray) -> list[float]:
+    """log Pr(response k | everything before it), from the one-pass token log-probabilities."""
+    turns = scored.example.turn[1:]
+    trained = scored.example.loss_mask[1:] == 1
+    return [float(logprobs[trained & (turns == k)].sum()) for k in sorted(set(turns[trained].tolist()))]
+
+
+def write_jsonl(rows: list[dict[str, Any]], path: str | Path | None) -> None:
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    if path is None:
+        print(text, end="")
+    else:
+        Path(path).write_text(text)
+
+
+def candidate_conversations(record: dict[str, Any], source: str, where: str) -> list[Conversation]:
+    """One conversation per candidate of a {prompt, completions: [...]} row."""
+    from onepass.errors import DataError
+    from onepass.formats import to_conversation
+    from onepass.records import Record
+
+    completions = record.get("completions")
+    if not isinstance(completions, list) or not completions or not all(isinstance(c, str) for c in completions):
+        raise DataError(source, where, "completions", "expected a non-empty list of strings",
+                        'give "completions": ["candidate 1", "candidate 2", ...]')
+    prompt = record.get("prompt")
+    if isinstance(prompt, list):
+        rows = [{"prompt": prompt, "completion": [{"role": "assistant", "content": c}]} for c in completions]
+    else:
+        rows = [{"prompt": prompt, "completion": c} for c in completions]
+    return [to_conversation(Record(source, where, row), "prompt_completion") for row in rows]
+
+
+def rank_candidates(model: Any, tokenizer: Any, template: ChatTemplate, records: list[Any],
+                    batch_tokens: int = 4096) -> list[dict[str, Any]]:
+    """Score log Pr(completion | prompt) for every candidate and rank by sum and by per-token mean."""
+    grouped = [candidate_conversations(r.data, r.source, r.where) for r in records]
+    flat = [c for group in grouped for c in group]
+    rows = score_conversations(model, tokenizer, template, flat, batch_tokens=batch_tokens)
+    results, start = [], 0
+    for index, (record, group) in enumerate(zip(records, grouped)):
+        mine = rows[start:start + len(group)]
+        start += len(group)
+        candidates = [{"completion": c, "logprob": r["logprob_response"], "num_tokens": r["num_response_tokens"],
+                       "mean_logprob": r["mean_logprob_response"]}
+                      for c, r in zip(record.data["completions"], mine)]
+        results.append({"index": index, "candidates": candidates,
+                        "best_by_sum": max(range(len(candidates)), key=lambda i: candidates[i]["logprob"]),
+                        "best_by_mean": max(range(len(candidates)), key=lambda i: candidates[i]["mean_logprob"]),
+                        "ranking_by_sum": sorted(range(len(candidates)), key=lambda i: -candidates[i]["logprob"])})
+    return results
+
+
+def cmd_score(args: Any) -> int:
+    import sys
+
+    from onepass.chat_template import load_chat_template
+    from onepass.dataset import Stats, load_conversations
+    from onepass.model import load_model, load_tokenizer
+    from onepass.records import read_records
+
+    tokenizer = load_tokenizer(args.model)
+    template = load_chat_template(tokenizer, args.chat_template)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(args.model, device).to(device)
+    records = [r for r in read_records(args.data)]
+    if records and records[0].data is not None and "completions" in records[0].data:
+        bad = next((r for r in records if r.error is not None), None)
+        if bad is not None:
+            raise bad.error
+        write_jsonl(rank_candidates(model, tokenizer, template, records, args.batch_tokens), args.out)
+        return 0
+    conversations = load_conversations([args.data], args.format, "error", Stats(), [])
+    options = RenderOptions(loss_on=args.loss_on, unstable_history="warn")
+    scored = render_for_scoring(conversations, tokenizer, template, options)
+    logprobs = token_logprobs(model, [s.example for s in scored], args.batch_tokens)
+    rows = [summarise(s, lp, i) for i, (s, lp) in enumerate(zip(scored, logprobs))]
+    for row, item, values in zip(rows, scored, logprobs):
+        row["turn_logprobs"] = turn_logprobs(row, item, values)
+    write_jsonl(rows, args.out)
+    if args.check:
+        worst = 0.0
+        for conversation, row in list(zip(conversations, rows))[:args.check]:
+            if conversation.kind == "chat":
+                slow = k_pass_turn_logprobs(model, tokenizer, template, conversation, options)
+                worst = max([worst] + [abs(a - b) for a, b in zip(slow, row["turn_logprobs"])])
+        print(f"check: {min(args.check, len(rows))} conversations re-scored with one pass per turn; "
+              f"largest difference {worst:.2e} nats", file=sys.stderr)
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    parser = subparsers.add_parser("score", help="log Pr(response | context) per message from one forward pass")
+    parser.add_argument("--model", required=True, help="local Hugging Face model directory")
+    parser.add_argument("--data", required=True, help="conversations, or rows of {prompt, completions: [...]}")
+    parser.add_argument("--out", default=None, help="output JSONL (default: stdout)")
+    parser.add_argument("--batch-tokens", type=int, default=4096, help="tokens per packed forward pass")
+    parser.add_argument("--check", type=int, default=0, help="re-score N conversations the slow K-pass way")
+    parser.add_argument("--chat-template", default=None)
+    parser.add_argument("--loss-on", default="assistant", choices=["assistant", "last", "all"])
+    parser.add_argument("--format", default=None)
+    parser.set_defaults(handler=cmd_score)

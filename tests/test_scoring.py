@@ -1,0 +1,82 @@
+"""Scoring: one pass gives exactly what K separate passes give, and the totals add up."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from onepass.chat_template import load_chat_template
+from onepass.collate import collate
+from onepass.formats import detect_format, to_conversation
+from onepass.loss import sft_loss
+from onepass.model import use_packed_attention
+from onepass.records import Record
+from onepass.render import RenderOptions
+from onepass.scoring import (k_pass_turn_logprobs, render_for_scoring, score_conversations, token_logprobs,
+                             turn_logprobs)
+from onepass.tiny import build_model, random_conversations
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return use_packed_attention(build_model(None, vocab_size=len(tokenizer), seed=1)).eval()
+
+
+def conversations(count=6):
+    return [to_conversation(Record("d.jsonl", f"line {i + 1}", r), detect_format(r))
+            for i, r in enumerate(random_conversations(count, seed=7, max_turns=3))]
+
+
+@pytest.mark.parametrize("template_name", ["chatml", "llama3"])
+def test_one_pass_per_turn_logprobs_equal_k_separate_passes(model, tokenizer, template_name):
+    template = load_chat_template(tokenizer, template_name)
+    items = conversations()
+    scored = render_for_scoring(items, tokenizer, template, RenderOptions())
+    logprobs = token_logprobs(model, [s.example for s in scored])
+    for conversation, item, values in zip(items, scored, logprobs):
+        one_pass = turn_logprobs({}, item, values)
+        k_pass = k_pass_turn_logprobs(model, tokenizer, template, conversation)
+        assert len(one_pass) == len(conversation.assistant_indices)
+        assert one_pass == pytest.approx(k_pass, abs=1e-4)
+
+
+def test_joint_is_prompt_plus_response_and_the_sum_of_message_terms(model, tokenizer):
+    rows = score_conversations(model, tokenizer, load_chat_template(tokenizer, "chatml"), conversations())
+    for row in rows:
+        assert row["logprob_joint"] == pytest.approx(row["logprob_prompt"] + row["logprob_response"], abs=1e-9)
+        assert row["logprob_joint"] == pytest.approx(sum(m["logprob"] for m in row["messages"]), abs=1e-6)
+        assert [m["trained"] for m in row["messages"]] == [m["role"] == "assistant" for m in row["messages"]]
+        assert row["logprob_response"] < 0 and row["logprob_prompt"] < 0
+
+
+def test_response_score_equals_the_trainers_token_normalised_loss(model, tokenizer):
+    template = load_chat_template(tokenizer, "chatml")
+    [scored] = render_for_scoring(conversations(1), tokenizer, template,
+                                  RenderOptions())
+    [row] = score_conversations(model, tokenizer, template, conversations(1))
+    batch = collate([scored.example], "token")
+    with torch.no_grad():
+        loss, _ = sft_loss(model, batch, batch.units)
+    assert -row["logprob_response"] / row["num_response_tokens"] == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_raw_prompt_completion_is_scored_as_log_pr_completion_given_prompt(model, tokenizer):
+    record = {"prompt": "The capital of France is", "completion": " Paris."}
+    conversation = to_conversation(Record("d.jsonl", "line 1", record), "prompt_completion")
+    [row] = score_conversations(model, tokenizer, load_chat_template(tokenizer, "chatml"), [conversation])
+    assert [m["role"] for m in row["messages"]] == ["prompt", "completion"]
+    assert row["messages"][1]["logprob"] == pytest.approx(row["logprob_response"], abs=1e-9)
+
+
+def test_candidates_are_ranked_by_log_pr_completion_given_prompt(model, tokenizer):
+    from onepass.records import Record as Row
+    from onepass.scoring import rank_candidates
+
+    record = Row("d.jsonl", "line 1", {"prompt": [{"role": "user", "content": "Pick one"}],
+                                       "completions": ["red", "blue and green", "yellow"]})
+    [result] = rank_candidates(model, tokenizer, load_chat_template(tokenizer, "chatml"), [record])
+    sums = [c["logprob"] for c in result["candidates"]]
+    assert result["ranking_by_sum"] == sorted(range(3), key=lambda i: -sums[i])
+    assert result["best_by_sum"] == result["ranking_by_sum"][0]
+    for candidate in result["candidates"]:
+        assert candidate["mean_logprob"] == pytest.approx(candidate["logprob"] / candidate["num_tokens"])
