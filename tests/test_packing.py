@@ -80,3 +80,19 @@ def test_packed_loss_and_gradients_equal_unpacked(model):
     for packed_grad, parameter in zip(packed_grads, model.parameters()):
         torch.testing.assert_close(packed_grad, parameter.grad, rtol=1e-5, atol=1e-7)
     assert abs(packed_loss - total) < 1e-6
+
+
+def test_output_projection_sees_only_trained_positions_in_bounded_chunks(model):
+    rng = np.random.default_rng(6)
+    examples = [random_example(rng, n) for n in (40, 60)]
+    batch = collate(examples)
+    seen_rows = []
+    handle = model.lm_head.register_forward_hook(lambda module, inputs, output: seen_rows.append(inputs[0].shape[0]))
+    try:
+        sft_loss(model, batch, batch.units, chunk_size=16)[0].backward()
+    finally:
+        handle.remove()
+    trained = batch.num_trained_tokens
+    assert trained < batch.num_tokens
+    assert max(seen_rows) <= 16  # never a (tokens x vocabulary) logits tensor, whatever the prompt length
+    assert sum(seen_rows) == 2 * trained  # forward, and its recomputation in backward (checkpointed chunks)
