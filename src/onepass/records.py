@@ -86,12 +86,17 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
             yield _object_or_error(source, where, value)
 
 
+def _read_text(path: Path) -> str:
+    """A whole file as text (a leading BOM dropped); bad bytes are a file-level error."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise OnepassError(f"{path}: invalid UTF-8 bytes at byte {error.start}. Fix: re-save the file as UTF-8.")
+
+
 def _read_json(path: Path) -> Iterator[Record]:
     source = str(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise OnepassError(f"{source}: invalid UTF-8 bytes at byte {error.start}. Fix: re-save the file as UTF-8.")
+    text = _read_text(path)
     if not text.strip():
         return
     try:
@@ -123,10 +128,7 @@ def _read_parquet(path: Path) -> Iterator[Record]:
 
 def _read_csv(path: Path) -> Iterator[Record]:
     source = str(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise OnepassError(f"{source}: invalid UTF-8 bytes at byte {error.start}. Fix: re-save the file as UTF-8.")
+    text = _read_text(path)
     reader = csv.reader(io.StringIO(text.replace("\x00", "")))
     header = next(reader, None)
     if header is None:
