@@ -35,6 +35,8 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[test,bench]"
 	$(BIN)/python bench/prepare_throughput.py
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/score_speedup.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
