@@ -122,7 +122,7 @@ def _render_chat(conversation: Conversation, template: ChatTemplate, options: Re
     messages = [message.to_template() for message in conversation.messages]
     ends_with_response = conversation.messages[-1].role == "assistant"
     full = None if ends_with_response else template.render(messages)  # else it is the last Q_k
-    turns = []  # (turn index, message index, Q_k, span in Q_k, stable)
+    turns = []  # (turn index, message index, P_k, Q_k, span in Q_k, stable)
     for turn_index, message_index in reversed(list(enumerate(conversation.assistant_indices))):
         context = _render_context(template, messages[:message_index])
         as_last = template.render(messages[:message_index + 1])
@@ -130,7 +130,7 @@ def _render_chat(conversation: Conversation, template: ChatTemplate, options: Re
         span = _locate_turn(conversation, message_index, turn_index, as_last, _common_prefix(context, as_last),
                             template, options)
         stable = full.startswith(context) and full.startswith(as_last.rstrip())
-        turns.insert(0, (turn_index, message_index, as_last, span, stable))
+        turns.insert(0, (turn_index, message_index, context, as_last, span, stable))
 
     if all(stable for *_, stable in turns):
         spans = tuple(span for *_, span, _ in turns)
@@ -143,7 +143,7 @@ def _render_chat(conversation: Conversation, template: ChatTemplate, options: Re
             "sees at inference. Fix: set unstable_history: split (one example per turn, exact contexts) or warn.")
     if options.unstable_history == "split":
         texts = tuple(RenderedText(as_last, (span,), train_all=options.loss_on == "all")
-                      for _, _, as_last, span, _ in turns if span.trained or options.loss_on == "all")
+                      for _, _, _, as_last, span, _ in turns if span.trained or options.loss_on == "all")
         return RenderResult(texts, unstable=True, split=True)
     return RenderResult((_relocate_in_full(conversation, full, turns, template, options),), unstable=True)
 
@@ -215,8 +215,7 @@ def _relocate_in_full(conversation: Conversation, full: str, turns: list[Any], t
                       options: RenderOptions) -> RenderedText:
     """`warn` policy: find each turn in the full text as rendered there (history rewritten)."""
     spans, cursor = [], 0
-    for turn_index, message_index, as_last, span, _ in turns:
-        context = _render_context(template, [m.to_template() for m in conversation.messages[:message_index]])
+    for turn_index, message_index, context, as_last, span, _ in turns:
         start = max(cursor, _common_prefix(context, full))
         message = conversation.messages[message_index]
         content_start, content_end = _find(full, message.content, start)
