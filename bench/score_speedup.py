@@ -46,7 +46,7 @@ def main() -> None:
     start = time.perf_counter()
     scored = render_for_scoring(conversations, tokenizer, template, options)
     logprobs = token_logprobs(model, [s.example for s in scored], batch_tokens=4096)
-    one_pass = [turn_logprobs({}, s, lp) for s, lp in zip(scored, logprobs)]
+    one_pass = [turn_logprobs(s, lp) for s, lp in zip(scored, logprobs)]
     one_seconds = time.perf_counter() - start
 
     start = time.perf_counter()

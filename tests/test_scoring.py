@@ -34,7 +34,7 @@ def test_one_pass_per_turn_logprobs_equal_k_separate_passes(model, tokenizer, te
     scored = render_for_scoring(items, tokenizer, template, RenderOptions())
     logprobs = token_logprobs(model, [s.example for s in scored])
     for conversation, item, values in zip(items, scored, logprobs):
-        one_pass = turn_logprobs({}, item, values)
+        one_pass = turn_logprobs(item, values)
         k_pass = k_pass_turn_logprobs(model, tokenizer, template, conversation)
         assert len(one_pass) == len(conversation.assistant_indices)
         assert one_pass == pytest.approx(k_pass, abs=1e-4)

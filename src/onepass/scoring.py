@@ -145,7 +145,7 @@ def k_pass_turn_logprobs(model: Any, tokenizer: Any, template: ChatTemplate, con
     return values
 
 
-def turn_logprobs(row: dict[str, Any], scored: ScoredText, logprobs: np.ndarray) -> list[float]:
+def turn_logprobs(scored: ScoredText, logprobs: np.ndarray) -> list[float]:
     """log Pr(response k | everything before it), from the one-pass token log-probabilities."""
     turns = scored.example.turn[1:]
     trained = scored.example.loss_mask[1:] == 1
@@ -223,7 +223,7 @@ def cmd_score(args: Any) -> int:
     logprobs = token_logprobs(model, [s.example for s in scored], args.batch_tokens)
     rows = [summarise(s, lp, i) for i, (s, lp) in enumerate(zip(scored, logprobs))]
     for row, item, values in zip(rows, scored, logprobs):
-        row["turn_logprobs"] = turn_logprobs(row, item, values)
+        row["turn_logprobs"] = turn_logprobs(item, values)
     write_jsonl(rows, args.out)
     if args.check:
         worst = 0.0
