@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from onepass.chat import reply as chat_reply
 
 NAMES = ("ada alan grace linus barbara edsger donald ken dennis bjarne guido james john margaret radia sophie "
          "tim vint whitfield leslie niklaus frances kathleen hedy claude alonzo kurt emmy rosalind marie").split()
@@ -38,28 +38,15 @@ def make_dialogues(count: int, seed: int) -> list[dict[str, Any]]:
     return dialogues
 
 
-@torch.no_grad()
-def greedy_reply(model: Any, tokenizer: Any, prompt: str, stop_id: int, max_new_tokens: int = 12) -> str:
-    ids = torch.tensor([tokenizer.backend_tokenizer.encode(prompt, add_special_tokens=False).ids])
-    output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                            do_sample=False, eos_token_id=stop_id, pad_token_id=stop_id)
-    new = output[0, ids.shape[1]:].tolist()
-    if stop_id in new:
-        new = new[:new.index(stop_id)]
-    return tokenizer.decode(new).strip()
-
-
 def turn_accuracy(model: Any, tokenizer: Any, template: Any, dialogues: list[dict[str, Any]]) -> dict[str, Any]:
     """Exact match of the greedy reply for every assistant turn, given the reference history."""
     was_training = model.training
     model.eval()
-    stop_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     hits: list[list[int]] = []
     for dialogue in dialogues:
         messages = dialogue["messages"]
         for turn, index in enumerate(i for i, m in enumerate(messages) if m["role"] == "assistant"):
-            prompt = template.render(messages[:index], add_generation_prompt=True)
-            reply = greedy_reply(model, tokenizer, prompt, stop_id)
+            reply = chat_reply(model, tokenizer, template, messages[:index], max_new_tokens=12)
             while len(hits) <= turn:
                 hits.append([])
             hits[turn].append(int(reply == messages[index]["content"]))
