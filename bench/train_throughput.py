@@ -54,7 +54,7 @@ def run_onepass(work: Path, max_seq_len: int, rows_per_step: int) -> dict:
     batches = [trainer.step_batches(step) for step in range(trainer.steps_per_epoch)]
     start = time.perf_counter()
     for micro_batches in batches:
-        train_step(trainer.model, trainer.optimizer, trainer.scheduler, micro_batches, config)
+        train_step(trainer.objective, trainer.optimizer, trainer.scheduler, micro_batches, config)
     seconds = time.perf_counter() - start
     tokens = sum(b.num_tokens for step in batches for b in step)
     trained = sum(b.num_trained_tokens for step in batches for b in step)

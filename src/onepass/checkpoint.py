@@ -1,8 +1,10 @@
 """Checkpoints you can trust: written to a temp dir and renamed into place only when complete,
 so a crash at any moment leaves the previous checkpoint intact; the last N are kept.
 
-A checkpoint holds everything needed to continue exactly: model weights (safetensors),
-optimizer and scheduler state, RNG states, the step reached, and the resolved config.
+A checkpoint holds everything needed to continue exactly: model weights and optimizer state
+(torch.distributed.checkpoint: each rank writes its own shard under FSDP, and a checkpoint
+loads on any number of ranks, sharded or not), scheduler state, each rank's RNG state, the
+step reached, and the resolved config.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
 
+from onepass.distributed import Cluster, agree_on_error, broadcast
 from onepass.errors import OnepassError
 
 COMPLETE = "COMPLETE"  # written last; a directory without it is ignored (and cleaned up)
@@ -30,6 +35,7 @@ PREFIX = "step-"
 class TrainerState:
     step: int  # optimizer steps completed
     skipped_steps: int = 0
+    micro_batches_per_step: int = 0  # grad_accum × ranks: the data order depends on it
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -51,36 +57,72 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class ModelAndOptimizer(Stateful):
+    """Model and optimizer state under their parameter names, whatever the wrapping (plain, DDP or
+    FSDP2): what torch.distributed.checkpoint saves and reshards on load."""
+
+    def __init__(self, model: Any, optimizer: Any):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+
 def save_checkpoint(output_dir: str | Path, model: Any, optimizer: Any, scheduler: Any, state: TrainerState,
-                    config_yaml: str, keep_last: int) -> Path:
-    """Write `checkpoints/step-N` atomically, then prune to the newest `keep_last`."""
+                    config_yaml: str, keep_last: int, cluster: Cluster = Cluster()) -> Path:
+    """Write `checkpoints/step-N` atomically (every rank writes its shard, rank 0 the rest and the
+    rename), then prune to the newest `keep_last`. Collective: every rank calls it."""
     root = checkpoint_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state.step:08d}"
-    temp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
-        save_model(model, str(temp / "model.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-                   temp / "training_state.pt")
-        (temp / "trainer_state.json").write_text(json.dumps(state.__dict__))
-        (temp / "config.yaml").write_text(config_yaml)
-        (temp / COMPLETE).write_text("")
-        _fsync_dir(temp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temp, final)
-    except OSError as error:
-        shutil.rmtree(temp, ignore_errors=True)
+    temp, error = None, None
+    if cluster.is_main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            temp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+        except OSError as failure:
+            error = str(failure)
+    temp, error = broadcast((temp, error), cluster)
+    if error is None:
+        try:
+            dcp.save({"train": ModelAndOptimizer(model, optimizer)}, checkpoint_id=temp / "model_and_optimizer",
+                     no_dist=not cluster.is_distributed)
+            torch.save(rng_state(), temp / f"rng-rank{cluster.rank}.pt")
+        except Exception as failure:  # OSError, or DCP's CheckpointException wrapping one
+            error = str(failure)
+        error = agree_on_error(error, cluster)
+    if error is None and cluster.is_main:
+        try:
+            torch.save({"scheduler": scheduler.state_dict()}, temp / "training_state.pt")
+            (temp / "trainer_state.json").write_text(json.dumps(state.__dict__))
+            (temp / "config.yaml").write_text(config_yaml)
+            (temp / COMPLETE).write_text("")
+            _fsync_tree(temp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(temp, final)
+        except OSError as failure:
+            error = str(failure)
+    error = broadcast(error, cluster)
+    if error is not None:
+        if cluster.is_main and temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
         raise OnepassError(f"could not write checkpoint {final}: {error}. The previous checkpoint is intact. "
-                           "Fix: free disk space or fix permissions of the output directory, then resume.") from None
-    prune(root, keep_last)
+                           "Fix: free disk space or fix permissions of the output directory, then resume.")
+    if cluster.is_main:
+        prune(root, keep_last)
     return final
 
 
-def _fsync_dir(path: Path) -> None:
-    for file in path.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -102,11 +144,14 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainerState:
-    """Restore model, optimizer, scheduler and RNG in place; returns the step to continue from."""
-    load_model(model, str(path / "model.safetensors"))
-    training = torch.load(path / "training_state.pt", weights_only=False)
-    optimizer.load_state_dict(training["optimizer"])
-    scheduler.load_state_dict(training["scheduler"])
-    set_rng_state(training["rng"])
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any,
+                    cluster: Cluster = Cluster()) -> TrainerState:
+    """Restore model, optimizer, scheduler and RNG in place (on any number of ranks); returns the step
+    to continue from. Collective: every rank calls it."""
+    dcp.load({"train": ModelAndOptimizer(model, optimizer)}, checkpoint_id=path / "model_and_optimizer",
+             no_dist=not cluster.is_distributed)
+    scheduler.load_state_dict(torch.load(path / "training_state.pt", weights_only=False)["scheduler"])
+    rng_file = path / f"rng-rank{cluster.rank}.pt"
+    if rng_file.exists():  # a rank the checkpoint did not have keeps its seeded state
+        set_rng_state(torch.load(rng_file, weights_only=False))
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))

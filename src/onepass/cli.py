@@ -149,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     except OnepassError as error:
         if args.debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        if "torch.distributed" in sys.modules:  # under torchrun: the first failing rank prints, once
+            from onepass.distributed import current, report_error
+
+            report_error(str(error), current())
+        else:
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -157,3 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `onepass inspect --json | head`: the reader left, nothing is wrong
         sys.stderr.close()
         return 0
+    finally:
+        if "torch.distributed" in sys.modules:
+            from onepass.distributed import shutdown
+
+            shutdown()

@@ -92,3 +92,11 @@ def collate(examples: Sequence[Example], normalization: Normalization = "token")
         num_tokens=int(len(input_ids)),
         num_trained_tokens=int((labels != IGNORE_INDEX).sum()),
     )
+
+
+def padding_batch(example: Example) -> Batch:
+    """A micro-batch that trains nothing (every loss weight zero, no units, no tokens counted).
+    A rank whose share of a step is short runs it, so every rank makes the same number of passes."""
+    batch = collate([example])
+    return Batch(batch.input_ids, batch.position_ids, batch.labels, torch.zeros_like(batch.label_weights),
+                 batch.cu_seq_lens, batch.max_length, units=0.0, num_tokens=0, num_trained_tokens=0)

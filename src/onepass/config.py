@@ -68,6 +68,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # data parallelism under torchrun; one process trains as it is
     eval_every: int = 0  # steps; 0: evaluate before and after training only
     save_every: int = 0  # steps; 0: only the final model
     keep_last: int = 2

@@ -60,9 +60,28 @@ def sft_loss(model: Any, batch: Batch, denominator: float, chunk_size: int = 102
     denominator is the step's total units (trained tokens, sequences or turns, over every
     micro-batch and rank), so summing gradients over micro-batches is exact.
 
-    Returns the loss to backpropagate and the unweighted NLL sum (for logging)."""
+    Returns the loss to backpropagate and the unweighted NLL sum of the trained labels (for logging)."""
     nll, positions = label_nll(model, batch, chunk_size)
     weights = batch.label_weights[0, positions]
+    weighted = (nll * weights).sum()
+    if positions.numel() == 0 and torch.is_grad_enabled():
+        # No trained label here, so the output layer took no part; a zero term keeps it in the graph,
+        # because DDP expects a gradient (here exactly zero) for every parameter on every rank.
+        _, head = backbone_and_head(model)
+        weighted = weighted + sum(p.sum() for p in head.parameters() if p.requires_grad) * 0.0
     if denominator <= 0:  # a step with no trained token: nothing to learn, and no division by zero
-        return (nll * 0.0).sum(), 0.0
-    return (nll * weights).sum() / denominator, float(nll.detach().sum())
+        return weighted * 0.0, 0.0
+    return weighted / denominator, float(nll.detach()[weights > 0].sum())  # a padding batch logs nothing
+
+
+class SFTObjective(torch.nn.Module):
+    """The model with the SFT loss as its forward, so DDP and FSDP2 wrap one module whose forward
+    does all the work: their hooks (gradient all-reduce, parameter gathering) run around it."""
+
+    def __init__(self, model: Any, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, batch: Batch, denominator: float) -> tuple[torch.Tensor, float]:
+        return sft_loss(self.model, batch, denominator, self.chunk_size)

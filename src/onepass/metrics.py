@@ -15,15 +15,18 @@ from onepass.errors import OnepassError
 class MetricsLog:
     """Appends one JSON line per step; on resume, lines past the checkpoint's step are dropped."""
 
-    def __init__(self, output_dir: str | Path, resume_step: int = 0, tensorboard: bool = False):
+    def __init__(self, output_dir: str | Path, resume_step: int = 0, tensorboard: bool = False, enabled: bool = True):
         self.path = Path(output_dir) / "metrics.jsonl"
+        self.enabled = enabled  # off on every rank but 0
+        self.writer = None
+        if not enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
         self.path.write_text("".join(line + "\n" for line in kept))
-        self.writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -33,6 +36,8 @@ class MetricsLog:
             self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
 
     def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         if self.writer is not None:
@@ -41,6 +46,8 @@ class MetricsLog:
                     self.writer.add_scalar(key, value, row["step"])
 
     def rows(self) -> list[dict[str, Any]]:
+        if not self.enabled:
+            return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def close(self) -> None:

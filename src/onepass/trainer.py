@@ -2,12 +2,16 @@
 
 The data order is a pure function of (seed, epoch): each epoch shuffles the examples, packs them
 into rows (best-fit decreasing), shuffles the rows and cuts them into micro-batches and optimizer
-steps. So resuming at step N only needs N, and every run with the same seed sees the same data.
+steps of `grad_accum × ranks` micro-batches. So resuming at step N only needs N, every run with
+the same seed sees the same data, and under torchrun each rank takes its share of each step
+(see distributed.py): N ranks make the same updates as one process with the same global batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +21,14 @@ import numpy as np
 import torch
 import yaml
 
+from onepass import distributed
 from onepass.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
-from onepass.collate import Batch, collate
+from onepass.collate import Batch, collate, padding_batch
 from onepass.config import TrainConfig, save_config, to_dict
 from onepass.dataset import PreparedData, prepare
+from onepass.distributed import Cluster
 from onepass.errors import OnepassError
-from onepass.loss import sft_loss
+from onepass.loss import SFTObjective
 from onepass.metrics import MetricsLog, plot_loss, progress_bar
 from onepass.packing import pack
 from onepass.render import Example
@@ -38,10 +44,12 @@ def packed_micro_batches(lengths: list[int], config: TrainConfig, rng: np.random
     return [sum(rows[i:i + config.batch_size], []) for i in range(0, len(rows), config.batch_size)]
 
 
-def plan_epoch(lengths: list[int], config: TrainConfig, epoch: int) -> list[list[list[int]]]:
-    """Steps → micro-batches → example indices, for one epoch (deterministic in seed and epoch)."""
+def plan_epoch(lengths: list[int], config: TrainConfig, epoch: int, world_size: int = 1) -> list[list[list[int]]]:
+    """Steps → micro-batches (of all ranks) → example indices, for one epoch (deterministic in seed
+    and epoch). A step has `grad_accum × world_size` micro-batches."""
     micro_batches = packed_micro_batches(lengths, config, np.random.default_rng([config.seed, epoch]))
-    return [micro_batches[i:i + config.grad_accum] for i in range(0, len(micro_batches), config.grad_accum)]
+    per_step = config.grad_accum * world_size
+    return [micro_batches[i:i + per_step] for i in range(0, len(micro_batches), per_step)]
 
 
 @dataclass
@@ -71,22 +79,28 @@ def autocast(config: TrainConfig, device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def train_step(model: Any, optimizer: Any, scheduler: Any, micro_batches: list[Batch], config: TrainConfig,
-               denominator: float | None = None) -> StepResult:
-    """One optimizer step over its micro-batches; the loss normaliser is the whole step's count."""
-    device = device_of(model)
-    denominator = sum(b.units for b in micro_batches) if denominator is None else denominator
+def train_step(objective: Any, optimizer: Any, scheduler: Any, micro_batches: list[Batch], config: TrainConfig,
+               cluster: Cluster = Cluster(), denominator: float | None = None) -> StepResult:
+    """One optimizer step over this rank's micro-batches of it. The loss normaliser is the whole
+    step's count, summed over micro-batches and ranks before any backward pass."""
+    device = device_of(objective)
+    if denominator is None:
+        denominator = distributed.all_reduce_sum([sum(b.units for b in micro_batches)], cluster)[0]
+    scale = distributed.gradient_scale(cluster)
     total_loss = 0.0
-    for batch in micro_batches:
-        with autocast(config, device):
-            loss, _ = sft_loss(model, batch.to(device), denominator, config.loss_chunk_size)
-        loss.backward()
+    for index, batch in enumerate(micro_batches):
+        with distributed.gradient_sync(objective, enabled=index == len(micro_batches) - 1):
+            with autocast(config, device):
+                loss, _ = objective(batch.to(device), denominator)
+            (loss * scale).backward()
         total_loss += float(loss.detach())
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
-    tokens = sum(b.num_tokens for b in micro_batches)
-    trained = sum(b.num_trained_tokens for b in micro_batches)
+    grad_norm = distributed.full_value(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    total_loss, tokens, trained = distributed.all_reduce_sum(
+        [total_loss, sum(b.num_tokens for b in micro_batches), sum(b.num_trained_tokens for b in micro_batches)],
+        cluster)
+    tokens, trained = int(tokens), int(trained)
     if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         if config.on_nonfinite == "error":
@@ -102,21 +116,26 @@ def train_step(model: Any, optimizer: Any, scheduler: Any, micro_batches: list[B
 
 
 @torch.no_grad()
-def evaluate(model: Any, examples: list[Example], config: TrainConfig) -> dict[str, float]:
-    """Held-out response-only loss (mean NLL per trained token) and perplexity."""
+def evaluate(objective: Any, examples: list[Example], config: TrainConfig, cluster: Cluster = Cluster()
+             ) -> dict[str, float]:
+    """Held-out response-only loss (mean NLL per trained token) and perplexity; each rank scores its
+    share of the micro-batches."""
     if not examples:
         return {}
-    was_training = model.training
-    model.eval()
-    device = device_of(model)
+    was_training = objective.training
+    objective.eval()
+    device = device_of(objective)
+    mine, padding = distributed.rank_share(packed_micro_batches([len(e) for e in examples], config), cluster)
+    batches = [collate([examples[i] for i in micro], "token") for micro in mine]
+    batches += [padding_batch(min(examples, key=len))] * padding
     nll_sum, count = 0.0, 0
-    for micro_batch in packed_micro_batches([len(e) for e in examples], config):
-        batch = collate([examples[i] for i in micro_batch], "token")
+    for batch in batches:
         with autocast(config, device):
-            _, batch_nll = sft_loss(model, batch.to(device), 1.0, config.loss_chunk_size)
+            _, batch_nll = objective(batch.to(device), 1.0)
         nll_sum += batch_nll
         count += batch.num_trained_tokens
-    model.train(was_training)
+    objective.train(was_training)
+    nll_sum, count = distributed.all_reduce_sum([nll_sum, count], cluster)
     loss = nll_sum / max(count, 1)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
@@ -145,7 +164,10 @@ def build_model(config: TrainConfig, device: torch.device) -> Any:
         except ValueError as error:
             raise OnepassError(f"lora.targets {config.lora.targets}: {error}") from None
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.20 names it so
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.lora.enabled:
             model.enable_input_require_grads()
     if config.compile:
@@ -157,7 +179,8 @@ def build_model(config: TrainConfig, device: torch.device) -> Any:
 
 
 class Trainer:
-    """Holds a run's state; `fit()` trains to the end (or to `stop_at` steps) and exports."""
+    """Holds a run's state; `fit()` trains to the end (or to `stop_at` steps) and exports. Under
+    torchrun every rank builds a Trainer and calls `fit()`; files are written by rank 0."""
 
     def __init__(self, config: TrainConfig, model: Any = None, tokenizer: Any = None, train_data: PreparedData = None,
                  eval_examples: list[Example] | None = None):
@@ -165,40 +188,47 @@ class Trainer:
         from onepass.model import load_tokenizer
 
         self.config = config
+        self.cluster = distributed.current()
         self.output_dir = Path(config.output_dir)
-        torch.manual_seed(config.seed)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = self.cluster.device
+        torch.manual_seed(config.seed)  # the same initial weights (e.g. LoRA adapters) on every rank
         self.tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
         self.template = load_chat_template(self.tokenizer, config.data.chat_template)
-        self.train_data = train_data or self._prepare(config.data.train, self.output_dir / "rejects.jsonl")
+        with distributed.main_first(self.cluster):  # rank 0 prepares and caches; the others load the cache
+            self.train_data = train_data or self._prepare(config.data.train, "rejects.jsonl")
+            self.eval_examples = eval_examples if eval_examples is not None else (
+                self._prepare(config.data.eval, "rejects.eval.jsonl").examples if config.data.eval else [])
         if not self.train_data.examples:
             raise OnepassError("no training examples left after preparation (see the summary: every record was "
                                "rejected or dropped). Fix: check the data and max_seq_len.")
-        self.eval_examples = eval_examples if eval_examples is not None else (
-            self._prepare(config.data.eval, self.output_dir / "rejects.eval.jsonl").examples
-            if config.data.eval else [])
         self.lengths = [len(e) for e in self.train_data.examples]
-        self.steps_per_epoch = len(plan_epoch(self.lengths, config, 0))
+        self.micro_batches_per_step = config.grad_accum * self.cluster.world_size
+        self.steps_per_epoch = len(plan_epoch(self.lengths, config, 0, self.cluster.world_size))
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.model = model if model is not None else build_model(config, self.device)
-        self.optimizer, self.scheduler = build_optimizer(self.model, config, self.total_steps)
-        self.state = TrainerState(step=0)
+        self.objective = distributed.parallelize(SFTObjective(self.model, config.loss_chunk_size), self.cluster,
+                                                 config.strategy)
+        self.optimizer, self.scheduler = build_optimizer(distributed.unwrap(self.objective), config, self.total_steps)
+        self.padding = padding_batch(min(self.train_data.examples, key=len))
+        self.state = TrainerState(step=0, micro_batches_per_step=self.micro_batches_per_step)
         self._epoch_plan: tuple[int, list] = (-1, [])
 
-    def _prepare(self, paths: list[str], rejects: Path) -> PreparedData:
+    def _prepare(self, paths: list[str], rejects_name: str) -> PreparedData:
         return prepare(paths, self.tokenizer, self.template, self.config.render_options(),
                        format_name=self.config.data.format, on_bad_record=self.config.data.on_bad_record,
                        num_workers=self.config.data.num_workers, cache_dir=self.config.data.cache_dir,
-                       rejects_file=rejects)
+                       rejects_file=self.output_dir / rejects_name if self.cluster.is_main else None)
 
     def step_batches(self, step: int) -> list[Batch]:
-        """The micro-batches of optimizer step `step` (0-based), from the deterministic plan."""
+        """This rank's micro-batches of optimizer step `step` (0-based), from the deterministic plan,
+        padded so that every rank makes the same number of passes."""
         epoch, index = divmod(step, self.steps_per_epoch)
         if self._epoch_plan[0] != epoch:
-            self._epoch_plan = (epoch, plan_epoch(self.lengths, self.config, epoch))
+            self._epoch_plan = (epoch, plan_epoch(self.lengths, self.config, epoch, self.cluster.world_size))
         examples = self.train_data.examples
-        return [collate([examples[i] for i in micro], self.config.loss_normalization)
-                for micro in self._epoch_plan[1][index]]
+        mine, padding = distributed.rank_share(self._epoch_plan[1][index], self.cluster)
+        return [collate([examples[i] for i in micro], self.config.loss_normalization) for micro in mine] + \
+            [self.padding] * padding
 
     def resume(self) -> bool:
         if self.config.resume != "auto":
@@ -206,24 +236,36 @@ class Trainer:
         checkpoint = latest_checkpoint(self.output_dir)
         if checkpoint is None:
             return False
-        self.state = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
+        state = load_checkpoint(checkpoint, distributed.unwrap(self.objective), self.optimizer, self.scheduler,
+                                self.cluster)
+        if state.micro_batches_per_step not in (0, self.micro_batches_per_step) and self.cluster.is_main:
+            print(f"warning: {checkpoint} was written with {state.micro_batches_per_step} micro-batches per step "
+                  f"(grad_accum × ranks); this run has {self.micro_batches_per_step}, so the data order and batch "
+                  "size differ from the run that wrote it. To continue it exactly, set grad_accum="
+                  f"{state.micro_batches_per_step / self.cluster.world_size:g}.", file=sys.stderr)
+        self.state = TrainerState(state.step, state.skipped_steps, self.micro_batches_per_step)
         return True
 
     def save(self) -> Path:
-        return save_checkpoint(self.output_dir, self.model, self.optimizer, self.scheduler, self.state,
-                               yaml.safe_dump(to_dict(self.config), sort_keys=False), self.config.keep_last)
+        return save_checkpoint(self.output_dir, distributed.unwrap(self.objective), self.optimizer, self.scheduler,
+                               self.state, yaml.safe_dump(to_dict(self.config), sort_keys=False),
+                               self.config.keep_last, self.cluster)
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(distributed.unwrap(self.objective), self.eval_examples, self.config, self.cluster)
 
     def fit(self, stop_at: int | None = None) -> TrainResult:
-        config = self.config
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, self.output_dir / "config.yaml")
+        config, main = self.config, self.cluster.is_main
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.output_dir / "config.yaml")
         resumed = self.resume()
-        log = MetricsLog(self.output_dir, self.state.step if resumed else 0, config.tensorboard)
-        eval_before = evaluate(self.model, self.eval_examples, config) if not resumed else None
+        log = MetricsLog(self.output_dir, self.state.step if resumed else 0, config.tensorboard, enabled=main)
+        eval_before = self.evaluate() if not resumed else None
         if eval_before:
             log.write({"step": 0, **eval_before})
         end = min(stop_at, self.total_steps) if stop_at is not None else self.total_steps
-        with progress_bar(config.progress) as progress:
+        with progress_bar(config.progress and main) as progress:
             task = progress.add_task("train", total=self.total_steps, completed=self.state.step, loss=float("nan"),
                                      tokens_per_sec=0.0, trained_tokens_per_sec=0.0)
             while self.state.step < end:
@@ -232,26 +274,29 @@ class Trainer:
             self.save()
             log.close()
             return TrainResult(self.state.step, None, log.rows(), eval_before)
-        eval_after = evaluate(self.model, self.eval_examples, config)
+        eval_after = self.evaluate()
         if eval_after:
             log.write({"step": self.state.step, **eval_after})
         final_dir = self.export()
-        plot_loss(log.rows(), self.output_dir / "loss.png")
+        if main:
+            plot_loss(log.rows(), self.output_dir / "loss.png")
         log.close()
         return TrainResult(self.state.step, final_dir, log.rows(), eval_before, eval_after)
 
     def _one_step(self, log: MetricsLog, progress: Any, task: Any) -> None:
         config = self.config
         started = time.perf_counter()
-        result = train_step(self.model, self.optimizer, self.scheduler, self.step_batches(self.state.step), config)
+        result = train_step(self.objective, self.optimizer, self.scheduler, self.step_batches(self.state.step),
+                            config, self.cluster)
         seconds = time.perf_counter() - started
-        self.state = TrainerState(self.state.step + 1, self.state.skipped_steps + result.skipped)
+        self.state = TrainerState(self.state.step + 1, self.state.skipped_steps + result.skipped,
+                                  self.micro_batches_per_step)
         row = {"step": self.state.step, "loss": result.loss, "lr": self.scheduler.get_last_lr()[0],
                "grad_norm": result.grad_norm, "tokens": result.tokens, "trained_tokens": result.trained_tokens,
                "tokens_per_sec": result.tokens / seconds, "trained_tokens_per_sec": result.trained_tokens / seconds,
                "skipped_steps": self.state.skipped_steps}
         if config.eval_every and self.state.step % config.eval_every == 0 and self.state.step < self.total_steps:
-            row.update(evaluate(self.model, self.eval_examples, config))
+            row.update(self.evaluate())
         if self.state.step % config.log_every == 0 or "eval_loss" in row:
             log.write(row)
         progress.update(task, completed=self.state.step, loss=result.loss, tokens_per_sec=row["tokens_per_sec"],
@@ -260,18 +305,36 @@ class Trainer:
             self.save()
 
     def export(self) -> Path:
-        """The final model as a Hugging Face directory (safetensors, tokenizer, chat template, config)."""
+        """The final model as a Hugging Face directory (safetensors, tokenizer, chat template, config),
+        written by rank 0. Collective under FSDP, which first gathers the full weights."""
         final = self.output_dir / "final"
-        model = self.model
-        if self.config.lora.enabled and self.config.lora.merge_on_export:
-            model = model.merge_and_unload()
-        model.save_pretrained(str(final))
-        if hasattr(model, "config") and hasattr(model.config, "_attn_implementation"):
-            _reset_attention_in_saved_config(final)
-        self.tokenizer.chat_template = self.template.source
-        self.tokenizer.save_pretrained(str(final))
-        save_config(self.config, final / "onepass_config.yaml")
+        model = self._full_model()
+        if self.cluster.is_main:
+            if self.config.lora.enabled and self.config.lora.merge_on_export:
+                model = model.merge_and_unload()
+            model.save_pretrained(str(final))
+            if hasattr(model, "config") and hasattr(model.config, "_attn_implementation"):
+                _reset_attention_in_saved_config(final)
+            self.tokenizer.chat_template = self.template.source
+            self.tokenizer.save_pretrained(str(final))
+            save_config(self.config, final / "onepass_config.yaml")
+        distributed.barrier(self.cluster)
         return final
+
+    def _full_model(self) -> Any:
+        """The trained model, whole: as it is, or (under FSDP) rebuilt on rank 0's CPU from the gathered
+        full state dict; None on the other ranks under FSDP."""
+        if not (self.cluster.is_distributed and self.config.strategy == "fsdp"):
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.cluster.is_main:
+            return None
+        whole = build_model(dataclasses.replace(self.config, compile=False, gradient_checkpointing=False),
+                            torch.device("cpu"))
+        whole.load_state_dict(full)
+        return whole
 
 
 def _reset_attention_in_saved_config(final: Path) -> None:
@@ -294,10 +357,12 @@ def train(config: TrainConfig) -> TrainResult:
 def cmd_train(args: Any) -> int:
     from onepass.config import load_config
 
+    cluster = distributed.init()  # under torchrun: join the process group first, so errors are reported once
     config = load_config(args.config, args.overrides)
     result = train(config)
-    print(f"trained {result.steps} steps; final model: {result.final_dir}; metrics: "
-          f"{Path(config.output_dir) / 'metrics.jsonl'}; plot: {Path(config.output_dir) / 'loss.png'}")
+    if cluster.is_main:
+        print(f"trained {result.steps} steps; final model: {result.final_dir}; metrics: "
+              f"{Path(config.output_dir) / 'metrics.jsonl'}; plot: {Path(config.output_dir) / 'loss.png'}")
     return 0
 
 

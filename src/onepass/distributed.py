@@ -1,0 +1,227 @@
+"""Data-parallel training on torch.distributed: the process group torchrun sets up, DDP or FSDP2
+around the loss module, the rank's share of each step, and collective sums.
+
+Run it with `torchrun --nproc_per_node N -m onepass train CONFIG.yaml`; without torchrun there is
+no process group and every function here is the identity of one process.
+
+Two rules make N ranks equal one process with the same global batch:
+- the step's loss normaliser (trained tokens, sequences or turns) is summed over every rank
+  before any backward pass, and each rank's loss is multiplied by N because DDP and FSDP
+  average gradients over ranks where the objective wants their sum;
+- every rank runs the same number of forward/backward passes: where a step's micro-batches do
+  not divide among the ranks, the short ranks run a padding micro-batch whose loss weights are
+  zero (a collective left waiting would hang the job).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from onepass.errors import OnepassError
+
+Strategy = Literal["ddp", "fsdp"]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where this process stands: rank, world size, and the device it trains on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("WORLD_SIZE" in os.environ and "RANK" in os.environ)
+
+
+def init(timeout_minutes: float = 30.0) -> Cluster:
+    """Join the process group torchrun describes in the environment (nccl on CUDA, gloo on CPU);
+    a plain single process gets a one-rank Cluster and no process group."""
+    if launched_by_torchrun() and not dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            backend = "nccl"
+        else:
+            backend = "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    return current()
+
+
+def current() -> Cluster:
+    """The Cluster of this process (one rank unless a process group is initialised)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Cluster(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return Cluster(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_share(items: Sequence[T], cluster: Cluster) -> tuple[list[T], int]:
+    """This rank's items (i, i + N, i + 2N, ...) and how many padding passes it must add so that
+    every rank runs the same number of passes."""
+    mine = list(items[cluster.rank::cluster.world_size])
+    most = -(-len(items) // cluster.world_size)
+    return mine, most - len(mine)
+
+
+def all_reduce_sum(values: Sequence[float], cluster: Cluster) -> list[float]:
+    """Element-wise sum over ranks (float64, so counts and losses add exactly as in one process)."""
+    if not cluster.is_distributed:
+        return [float(v) for v in values]
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64,
+                          device=cluster.device if cluster.device.type == "cuda" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def broadcast(value: T, cluster: Cluster) -> T:
+    """Rank 0's `value` on every rank (any picklable object)."""
+    if not cluster.is_distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=cluster.device if cluster.device.type == "cuda" else None)
+    return box[0]
+
+
+def agree_on_error(error: str | None, cluster: Cluster) -> str | None:
+    """The first rank's error message (or None when every rank succeeded), on every rank: a
+    collective step that failed on one rank then fails on all with the same message."""
+    if not cluster.is_distributed:
+        return error
+    errors: list[str | None] = [None] * cluster.world_size
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
+def barrier(cluster: Cluster) -> None:
+    if cluster.is_distributed:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(cluster: Cluster) -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. fills the prepared-data cache); the others then run it and
+    find the work done."""
+    if not cluster.is_main:
+        barrier(cluster)
+    try:
+        yield
+    finally:
+        if cluster.is_main:
+            barrier(cluster)
+
+
+def parallelize(module: torch.nn.Module, cluster: Cluster, strategy: Strategy) -> torch.nn.Module:
+    """Wrap the loss module for data parallelism: DDP (replicated weights, all-reduced gradients) or
+    FSDP2 (`fully_shard` per decoder layer and at the root: sharded parameters, gradients and
+    optimizer state). One process without a process group trains the module as it is."""
+    if not cluster.is_distributed:
+        return module
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Buffers (rotary tables) are identical everywhere; not syncing them in forward keeps forward free
+        # of collectives, so evaluation can run on each rank's own share.
+        import inspect
+
+        newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        return DistributedDataParallel(module, **{"forward_sync_buffers" if newer else "broadcast_buffers": False})
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(cluster.device.type, (cluster.world_size,))
+    for layer in decoder_layers(module):
+        fully_shard(layer, mesh=mesh)
+    # The root keeps its parameters (embeddings, final norm, output layer) gathered from forward to
+    # backward: the loss recomputes output-layer chunks during the backward pass.
+    fully_shard(module, mesh=mesh, reshard_after_forward=False)
+    return module
+
+
+def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks, found by the classes transformers marks `_no_split_modules`."""
+    names: set[str] = set()
+    for sub in module.modules():
+        names.update(getattr(sub, "_no_split_modules", None) or [])
+    layers = [sub for sub in module.modules() if type(sub).__name__ in names]
+    if not layers:
+        raise OnepassError(f"strategy: fsdp found no decoder layers to shard in {type(module).__name__} (no "
+                           "_no_split_modules). Fix: use strategy: ddp for this model.")
+    return layers
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP wrapper (FSDP2 shards in place, so there is nothing to unwrap)."""
+    return getattr(module, "module", module) if type(module).__name__ == "DistributedDataParallel" else module
+
+
+@contextlib.contextmanager
+def gradient_sync(module: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce / reduce-scatter for all but the last micro-batch of a step."""
+    if enabled or not dist.is_initialized():
+        yield
+    elif hasattr(module, "no_sync"):  # DDP
+        with module.no_sync():
+            yield
+    elif hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def gradient_scale(cluster: Cluster) -> float:
+    """DDP and FSDP average gradients over ranks; the objective is a sum, so each rank's loss is
+    scaled by N before backward."""
+    return float(cluster.world_size) if cluster.is_distributed else 1.0
+
+
+def full_value(tensor: torch.Tensor) -> float:
+    """A float from a (possibly sharded) scalar, e.g. the gradient norm under FSDP."""
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+    return float(tensor)
+
+
+def report_error(message: str, cluster: Cluster) -> None:
+    """Print a user error once for the whole job: the first rank to fail prints it (ranks stopped by
+    the same error stay quiet), using the process group's own key-value store."""
+    first = True
+    if cluster.is_distributed:
+        try:
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            first = _get_default_store().add("onepass/errors_reported", 1) == 1
+        except Exception:  # the store went away with rank 0: better twice than never
+            first = True
+    if first:
+        print(f"error: {message}", file=sys.stderr, flush=True)

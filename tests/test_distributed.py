@@ -1,0 +1,148 @@
+"""Data parallelism: 2 ranks (torchrun, gloo on CPU) make the same updates as 1 process with the
+same global batch, for DDP and FSDP2; checkpoints move between rank counts; errors show once."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from onepass.distributed import Cluster, rank_share
+from onepass.tiny import build_model
+
+from conftest import chat, write_jsonl
+
+
+def sums(count, seed):
+    """Short conversations of 1 to 3 turns (a few packed rows of 128 tokens per step)."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(count):
+        turns = []
+        for _ in range(rng.randint(1, 3)):
+            a, b = rng.randint(0, 20), rng.randint(0, 20)
+            turns += [f"What is {a} + {b}?", f"{a} + {b} = {a + b}."]
+        records.append(chat(*turns))
+    return records
+
+
+def test_every_rank_gets_the_same_number_of_passes_when_micro_batches_do_not_divide():
+    items = list(range(5))
+    shares = [rank_share(items, Cluster(rank=r, world_size=2)) for r in range(2)]
+    assert shares == [([0, 2, 4], 0), ([1, 3], 1)]
+    assert sorted(i for mine, _ in shares for i in mine) == items
+    assert rank_share(items[:1], Cluster(rank=1, world_size=2)) == ([], 1)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("distributed")
+    build_model(root / "model", vocab_size=512, hidden_size=32, intermediate_size=64)
+    write_jsonl(root / "train.jsonl", sums(46, seed=1))  # 5 steps per epoch, the last of 3 micro-batches
+    write_jsonl(root / "eval.jsonl", sums(12, seed=2))
+    return root, tokenizer_dir
+
+
+def write_config(assets, path, **values):
+    root, tokenizer_dir = assets
+    config = {"model": str(root / "model"), "tokenizer": str(tokenizer_dir), "output_dir": str(path / "out"),
+              "data": {"train": [str(root / "train.jsonl")], "eval": [str(root / "eval.jsonl")]},
+              "max_seq_len": 128, "batch_size": 1, "lr": 3e-3, "warmup_steps": 1, "epochs": 2,
+              "progress": False, "keep_last": 10, **values}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    return path / "config.yaml"
+
+
+def onepass_train(config, nproc=None, *overrides, check=True):
+    """`onepass train` as a user runs it: one plain process, or torchrun with `nproc` ranks."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launcher, "-m", "onepass", "train", str(config), *overrides], capture_output=True,
+                            text=True, env=env, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def losses(output_dir):
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r]
+
+
+def final_weights(output_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(output_dir / "final" / "model.safetensors"))
+
+
+def test_the_test_data_leaves_an_uneven_last_step(assets, tokenizer):
+    """So the tests below also cover a rank that runs a padding pass."""
+    from onepass.chat_template import load_chat_template
+    from onepass.config import load_config
+    from onepass.dataset import prepare
+    from onepass.trainer import plan_epoch
+
+    root, _ = assets
+    config = load_config(None, [f"model={root / 'model'}", f"data.train=[{root / 'train.jsonl'}]", "max_seq_len=128",
+                                "batch_size=1", "grad_accum=2"])
+    data = prepare(config.data.train, tokenizer, load_chat_template(tokenizer), config.render_options())
+    plan = plan_epoch([len(e) for e in data.examples], config, 0, world_size=2)
+    assert len(plan[-1]) % 2 == 1
+
+
+@pytest.fixture(scope="module")
+def one_process(assets, tmp_path_factory):
+    """The reference: one process, 4 micro-batches per step."""
+    path = tmp_path_factory.mktemp("one")
+    onepass_train(write_config(assets, path, grad_accum=4, save_every=3))
+    return path / "out"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_give_the_loss_curve_and_weights_of_one_process_with_the_same_global_batch(
+        assets, one_process, tmp_path, strategy):
+    onepass_train(write_config(assets, tmp_path, grad_accum=2, strategy=strategy), 2)
+    expected_train, expected_eval = losses(one_process)
+    got_train, got_eval = losses(tmp_path / "out")
+    assert len(got_train) == len(expected_train) >= 4 and len(expected_eval) == 2
+    torch.testing.assert_close(got_train, expected_train, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_eval, expected_eval, rtol=0, atol=1e-5)
+    expected, got = final_weights(one_process), final_weights(tmp_path / "out")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_checkpoint_saved_by_two_ranks_resumes_in_one_process(assets, one_process, tmp_path, strategy):
+    config = write_config(assets, tmp_path, grad_accum=2, strategy=strategy, save_every=3)
+    onepass_train(config, 2)
+    out = tmp_path / "out"
+    shutil.rmtree(out / "final")
+    for checkpoint in (out / "checkpoints").iterdir():  # as if the job had died after step 3
+        if checkpoint.name != "step-00000003":
+            shutil.rmtree(checkpoint)
+    onepass_train(config, None, "grad_accum=4")  # one process, same global batch
+    assert losses(out)[0] == pytest.approx(losses(one_process)[0], abs=1e-5)
+    expected, got = final_weights(one_process), final_weights(out)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5)
+
+
+def test_a_user_error_stops_every_rank_and_is_shown_once(assets, tmp_path):
+    config = write_config(assets, tmp_path, data={"train": [str(tmp_path / "missing.jsonl")]})
+    result = onepass_train(config, 2, check=False)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "missing.jsonl" in ours[0]
+    # torchrun prints its own summary of the failed workers; no traceback comes from onepass's code
+    assert not [line for line in result.stderr.splitlines() if line.strip().startswith("File") and "onepass" in line]
