@@ -9,11 +9,14 @@ step reached, and the resolved config.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,8 +92,9 @@ def save_checkpoint(output_dir: str | Path, model: Any, optimizer: Any, schedule
     temp, error = broadcast((temp, error), cluster)
     if error is None:
         try:
-            dcp.save({"train": ModelAndOptimizer(model, optimizer)}, checkpoint_id=temp / "model_and_optimizer",
-                     no_dist=not cluster.is_distributed)
+            with _single_process_quiet():
+                dcp.save({"train": ModelAndOptimizer(model, optimizer)}, checkpoint_id=temp / "model_and_optimizer",
+                         no_dist=not cluster.is_distributed)
             torch.save(rng_state(), temp / f"rng-rank{cluster.rank}.pt")
         except Exception as failure:  # OSError, or DCP's CheckpointException wrapping one
             error = str(failure)
@@ -116,6 +120,14 @@ def save_checkpoint(output_dir: str | Path, model: Any, optimizer: Any, schedule
     if cluster.is_main:
         prune(root, keep_last)
     return final
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns when it runs without a process group; for one process that is the plan."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _fsync_tree(path: Path) -> None:
@@ -148,8 +160,9 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any,
                     cluster: Cluster = Cluster()) -> TrainerState:
     """Restore model, optimizer, scheduler and RNG in place (on any number of ranks); returns the step
     to continue from. Collective: every rank calls it."""
-    dcp.load({"train": ModelAndOptimizer(model, optimizer)}, checkpoint_id=path / "model_and_optimizer",
-             no_dist=not cluster.is_distributed)
+    with _single_process_quiet():
+        dcp.load({"train": ModelAndOptimizer(model, optimizer)}, checkpoint_id=path / "model_and_optimizer",
+                 no_dist=not cluster.is_distributed)
     scheduler.load_state_dict(torch.load(path / "training_state.pt", weights_only=False)["scheduler"])
     rng_file = path / f"rng-rank{cluster.rank}.pt"
     if rng_file.exists():  # a rank the checkpoint did not have keeps its seeded state

@@ -68,6 +68,7 @@ class PreparedData:
     stats: Stats
     cache_path: Path | None = None
     from_cache: bool = False
+    rejects: list[dict[str, Any]] = field(default_factory=list)  # one row per skipped record, with its reason
 
 
 def _add(counter: dict[str, int], key: str, amount: int = 1) -> None:
@@ -228,7 +229,8 @@ def save_cache(path: Path, data: PreparedData) -> None:
               if data.examples else np.zeros(0))
     np.savez(temp / "examples.npz", lengths=lengths, input_ids=concat("input_ids").astype(np.int32),
              loss_mask=concat("loss_mask").astype(np.int8), turn=concat("turn").astype(np.int32))
-    meta = {"stats": asdict(data.stats), "sources": [[e.source, e.where] for e in data.examples]}
+    meta = {"stats": asdict(data.stats), "sources": [[e.source, e.where] for e in data.examples],
+            "rejects": data.rejects}
     (temp / "meta.json").write_text(json.dumps(meta))
     shutil.rmtree(path, ignore_errors=True)
     os.replace(temp, path)
@@ -241,7 +243,7 @@ def load_cache(path: Path) -> PreparedData:
     input_ids, loss_mask, turn = arrays["input_ids"], arrays["loss_mask"], arrays["turn"]
     examples = [Example(input_ids[a:b], loss_mask[a:b], turn[a:b], source, where)
                 for (a, b), (source, where) in zip(zip(bounds[:-1], bounds[1:]), meta["sources"])]
-    return PreparedData(examples, Stats(**meta["stats"]), path, from_cache=True)
+    return PreparedData(examples, Stats(**meta["stats"]), path, from_cache=True, rejects=meta.get("rejects", []))
 
 
 def prepare(paths: Sequence[str | Path], tokenizer: Any, template: ChatTemplate, options: RenderOptions, *,
@@ -260,13 +262,12 @@ def prepare(paths: Sequence[str | Path], tokenizer: Any, template: ChatTemplate,
         key = _cache_key(paths, tokenizer, template, options, format_name, on_bad_record)
         cache_path = Path(cache_dir or default_cache_dir()) / "prepared" / key
         if (cache_path / "meta.json").exists():
-            return load_cache(cache_path)
+            data = load_cache(cache_path)
+            write_rejects(data.rejects, rejects_file)
+            return data
     stats, rejects = Stats(), []
     conversations = load_conversations(paths, format_name, on_bad_record, stats, rejects)
-    if rejects and rejects_file is not None:
-        Path(rejects_file).parent.mkdir(parents=True, exist_ok=True)
-        with open(rejects_file, "w") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rejects)
+    write_rejects(rejects, rejects_file)
     _openings(conversations, stats)
     examples, render_stats = render_all(conversations, tokenizer, template, options, num_workers)
     stats.unstable, stats.split, stats.truncated = render_stats.unstable, render_stats.split, render_stats.truncated
@@ -275,7 +276,41 @@ def prepare(paths: Sequence[str | Path], tokenizer: Any, template: ChatTemplate,
     stats.lengths = [len(e) for e in examples]
     stats.tokens = sum(stats.lengths)
     stats.trained_tokens = sum(e.num_trained_tokens for e in examples)
-    data = PreparedData(examples, stats, cache_path)
+    data = PreparedData(examples, stats, cache_path, rejects=rejects)
     if cache_path is not None:
         save_cache(cache_path, data)
     return data
+
+
+def write_rejects(rejects: list[dict[str, Any]], path: str | Path | None) -> None:
+    """One JSON line per skipped record (file, line, field, reason), for a user to fix and retry."""
+    if rejects and path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rejects)
+
+
+def summary_line(name: str, stats: Stats) -> str:
+    """One line saying what became of every record: examples, and what was rejected or dropped, and why."""
+    parts = [f"{name}: {stats.records:,} records → {stats.examples:,} examples, {stats.tokens:,} tokens "
+             f"({stats.trained_tokens:,} trained)"]
+    for label, counts in (("rejected", stats.rejected), ("dropped", stats.dropped)):
+        if counts:
+            reasons = ", ".join(f"{reason} ×{count}" for reason, count in sorted(counts.items()))
+            parts.append(f"{label} {sum(counts.values()):,} ({reasons})")
+    if stats.truncated:
+        parts.append(f"truncated {stats.truncated:,}")
+    return "; ".join(parts)
+
+
+def nothing_left(name: str, stats: Stats, max_seq_len: int | None) -> OnepassError:
+    """The error for data that prepared into no example at all, with the fix its reasons point to."""
+    fixes = []
+    if any("max_seq_len" in reason or "truncation" in reason for reason in stats.dropped):
+        fixes.append(f"raise max_seq_len (now {max_seq_len}) or set data.overlong: truncate")
+    if stats.rejected:
+        fixes.append("fix the rejected records (each reason names the file, line and field)")
+    if any(reason in ("no trained turn", "no trained tokens") for reason in stats.dropped):
+        fixes.append("check data.loss_on and per-message train flags: nothing was left to train on")
+    return OnepassError(f"no {name} examples left after preparation. {summary_line(name + ' data', stats)}. "
+                        f"Fix: {'; '.join(fixes) or 'check the data'}.")

@@ -25,7 +25,7 @@ class MetricsLog:
         kept = []
         if resume_step and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                    if (row := _parse(line)) is not None and row.get("step", 0) <= resume_step]
         self.path.write_text("".join(line + "\n" for line in kept))
         if tensorboard:
             try:
@@ -48,11 +48,20 @@ class MetricsLog:
     def rows(self) -> list[dict[str, Any]]:
         if not self.enabled:
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [row for line in self.path.read_text().splitlines() if (row := _parse(line)) is not None]
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    """A metrics row, or None for a blank line or the half-written last line of a killed run."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def plot_loss(rows: list[dict[str, Any]], path: str | Path) -> Path | None:

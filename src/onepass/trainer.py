@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +70,33 @@ class TrainResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     eval_before: dict[str, float] | None = None
     eval_after: dict[str, float] | None = None
+    stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when a signal ended the run early
+
+
+class StopOnSignal:
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) during training asks the loop to
+    finish its step, save a checkpoint and return; a second signal stops at once (the last
+    complete checkpoint stays valid: they are written atomically)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def device_of(model: Any) -> torch.device:
@@ -185,23 +214,24 @@ class Trainer:
     def __init__(self, config: TrainConfig, model: Any = None, tokenizer: Any = None, train_data: PreparedData = None,
                  eval_examples: list[Example] | None = None):
         from onepass.chat_template import load_chat_template
-        from onepass.model import load_tokenizer
+        from onepass.model import check_model_dir, load_tokenizer
 
         self.config = config
         self.cluster = distributed.current()
         self.output_dir = Path(config.output_dir)
         self.device = self.cluster.device
         torch.manual_seed(config.seed)  # the same initial weights (e.g. LoRA adapters) on every rank
+        if model is None:
+            check_model_dir(config.model)  # a bad model dir fails now, not after data preparation
         self.tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
         self.template = load_chat_template(self.tokenizer, config.data.chat_template)
         with distributed.main_first(self.cluster):  # rank 0 prepares and caches; the others load the cache
             self.train_data = train_data or self._prepare(config.data.train, "rejects.jsonl")
-            self.eval_examples = eval_examples if eval_examples is not None else (
-                self._prepare(config.data.eval, "rejects.eval.jsonl").examples if config.data.eval else [])
-        if not self.train_data.examples:
-            raise OnepassError("no training examples left after preparation (see the summary: every record was "
-                               "rejected or dropped). Fix: check the data and max_seq_len.")
+            eval_data = self._prepare(config.data.eval, "rejects.eval.jsonl") \
+                if eval_examples is None and config.data.eval else None
+        self.eval_examples = eval_examples if eval_examples is not None else (eval_data.examples if eval_data else [])
         self.lengths = [len(e) for e in self.train_data.examples]
+        self._check_data(eval_data)
         self.micro_batches_per_step = config.grad_accum * self.cluster.world_size
         self.steps_per_epoch = len(plan_epoch(self.lengths, config, 0, self.cluster.world_size))
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
@@ -212,6 +242,30 @@ class Trainer:
         self.padding = padding_batch(min(self.train_data.examples, key=len))
         self.state = TrainerState(step=0, micro_batches_per_step=self.micro_batches_per_step)
         self._epoch_plan: tuple[int, list] = (-1, [])
+
+    def _check_data(self, eval_data: PreparedData | None) -> None:
+        """Say what became of every record, and stop before any training when the data cannot fill a step."""
+        from onepass.dataset import nothing_left, summary_line
+
+        config = self.config
+        if self.cluster.is_main:
+            print(summary_line("train data", self.train_data.stats), file=sys.stderr)
+            if eval_data is not None:
+                print(summary_line("eval data", eval_data.stats), file=sys.stderr)
+            if self.train_data.rejects or (eval_data is not None and eval_data.rejects):
+                print(f"skipped records and their reasons: {self.output_dir}/rejects*.jsonl", file=sys.stderr)
+        if not self.train_data.examples:
+            raise nothing_left("training", self.train_data.stats, config.max_seq_len)
+        if eval_data is not None and not eval_data.examples:
+            raise nothing_left("eval", eval_data.stats, config.max_seq_len)
+        rows = len(pack(self.lengths, config.max_seq_len))
+        rows_per_step = config.batch_size * config.grad_accum * self.cluster.world_size
+        if rows < rows_per_step:
+            raise OnepassError(
+                f"one optimizer step takes batch_size × grad_accum × ranks = {config.batch_size} × "
+                f"{config.grad_accum} × {self.cluster.world_size} = {rows_per_step} packed rows, but the training "
+                f"data packs into only {rows} rows of max_seq_len={config.max_seq_len} tokens. Fix: lower "
+                "batch_size or grad_accum, or add data.")
 
     def _prepare(self, paths: list[str], rejects_name: str) -> PreparedData:
         return prepare(paths, self.tokenizer, self.template, self.config.render_options(),
@@ -265,15 +319,20 @@ class Trainer:
         if eval_before:
             log.write({"step": 0, **eval_before})
         end = min(stop_at, self.total_steps) if stop_at is not None else self.total_steps
-        with progress_bar(config.progress and main) as progress:
+        with progress_bar(config.progress and main) as progress, StopOnSignal() as stop:
             task = progress.add_task("train", total=self.total_steps, completed=self.state.step, loss=float("nan"),
                                      tokens_per_sec=0.0, trained_tokens_per_sec=0.0)
             while self.state.step < end:
                 self._one_step(log, progress, task)
-        if self.state.step < self.total_steps:  # stopped early on request: leave a checkpoint to resume from
-            self.save()
-            log.close()
-            return TrainResult(self.state.step, None, log.rows(), eval_before)
+                # every rank stops after the same step, even if the signal reached only some of them
+                if distributed.all_reduce_sum([stop.received is not None], self.cluster)[0]:
+                    break
+            stopped_by = stop.received.name if stop.received is not None else (
+                "a signal on another rank" if self.state.step < end else None)
+            if self.state.step < self.total_steps:  # stopped early: leave a checkpoint to resume from
+                self.save()
+                log.close()
+                return TrainResult(self.state.step, None, log.rows(), eval_before, stopped_by=stopped_by)
         eval_after = self.evaluate()
         if eval_after:
             log.write({"step": self.state.step, **eval_after})
@@ -360,6 +419,11 @@ def cmd_train(args: Any) -> int:
     cluster = distributed.init()  # under torchrun: join the process group first, so errors are reported once
     config = load_config(args.config, args.overrides)
     result = train(config)
+    if result.stopped_by is not None:
+        if cluster.is_main:
+            print(f"stopped by {result.stopped_by} after step {result.steps}; checkpoint saved in "
+                  f"{Path(config.output_dir) / 'checkpoints'}. Run the same command to resume.", file=sys.stderr)
+        return 128 + (signal.SIGTERM if result.stopped_by == "SIGTERM" else signal.SIGINT)
     if cluster.is_main:
         print(f"trained {result.steps} steps; final model: {result.final_dir}; metrics: "
               f"{Path(config.output_dir) / 'metrics.jsonl'}; plot: {Path(config.output_dir) / 'loss.png'}")
