@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,16 @@ def chat(*turns: str, system: str | None = None) -> dict:
     for index, text in enumerate(turns):
         messages.append({"role": "user" if index % 2 == 0 else "assistant", "content": text})
     return {"messages": messages}
+
+
+def sums(count: int, seed: int) -> list[dict]:
+    """Short conversations of 1 to 3 turns ("What is 3 + 4?" / "3 + 4 = 7."): quick to train on."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(count):
+        turns = []
+        for _ in range(rng.randint(1, 3)):
+            a, b = rng.randint(0, 20), rng.randint(0, 20)
+            turns += [f"What is {a} + {b}?", f"{a} + {b} = {a + b}."]
+        records.append(chat(*turns))
+    return records

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -17,20 +16,7 @@ import yaml
 from onepass.distributed import Cluster, rank_share
 from onepass.tiny import build_model
 
-from conftest import chat, write_jsonl
-
-
-def sums(count, seed):
-    """Short conversations of 1 to 3 turns (a few packed rows of 128 tokens per step)."""
-    rng = random.Random(seed)
-    records = []
-    for _ in range(count):
-        turns = []
-        for _ in range(rng.randint(1, 3)):
-            a, b = rng.randint(0, 20), rng.randint(0, 20)
-            turns += [f"What is {a} + {b}?", f"{a} + {b} = {a + b}."]
-        records.append(chat(*turns))
-    return records
+from conftest import sums, write_jsonl
 
 
 def test_every_rank_gets_the_same_number_of_passes_when_micro_batches_do_not_divide():

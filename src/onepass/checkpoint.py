@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -43,6 +44,10 @@ class TrainerState:
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
+
+
+def checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    return checkpoint_dir(output_dir) / f"{PREFIX}{step:08d}"
 
 
 def rng_state() -> dict[str, Any]:
@@ -81,7 +86,7 @@ def save_checkpoint(output_dir: str | Path, model: Any, optimizer: Any, schedule
     """Write `checkpoints/step-N` atomically (every rank writes its shard, rank 0 the rest and the
     rename), then prune to the newest `keep_last`. Collective: every rank calls it."""
     root = checkpoint_dir(output_dir)
-    final = root / f"{PREFIX}{state.step:08d}"
+    final = checkpoint_path(output_dir, state.step)
     temp, error = None, None
     if cluster.is_main:
         try:
@@ -96,8 +101,8 @@ def save_checkpoint(output_dir: str | Path, model: Any, optimizer: Any, schedule
                 dcp.save({"train": ModelAndOptimizer(model, optimizer)}, checkpoint_id=temp / "model_and_optimizer",
                          no_dist=not cluster.is_distributed)
             torch.save(rng_state(), temp / f"rng-rank{cluster.rank}.pt")
-        except Exception as failure:  # OSError, or DCP's CheckpointException wrapping one
-            error = str(failure)
+        except (Exception, CheckpointException) as failure:  # OSError, or DCP's wrapper of one (a BaseException)
+            error = _reason(failure)
         error = agree_on_error(error, cluster)
     if error is None and cluster.is_main:
         try:
@@ -110,7 +115,7 @@ def save_checkpoint(output_dir: str | Path, model: Any, optimizer: Any, schedule
                 shutil.rmtree(final)
             os.replace(temp, final)
         except OSError as failure:
-            error = str(failure)
+            error = _reason(failure)
     error = broadcast(error, cluster)
     if error is not None:
         if cluster.is_main and temp is not None:
@@ -120,6 +125,14 @@ def save_checkpoint(output_dir: str | Path, model: Any, optimizer: Any, schedule
     if cluster.is_main:
         prune(root, keep_last)
     return final
+
+
+def _reason(failure: BaseException) -> str:
+    """One line for a failed write: the underlying error, not DCP's per-rank tracebacks."""
+    if isinstance(failure, CheckpointException) and failure.failures:
+        rank, (cause, _) = next(iter(failure.failures.items()))
+        return f"{type(cause).__name__}: {cause} (rank {rank})"
+    return f"{type(failure).__name__}: {failure}"
 
 
 @contextlib.contextmanager

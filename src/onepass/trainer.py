@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from onepass import distributed
-from onepass.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from onepass.checkpoint import TrainerState, checkpoint_path, latest_checkpoint, load_checkpoint, save_checkpoint
 from onepass.collate import Batch, collate, padding_batch
 from onepass.config import TrainConfig, save_config, to_dict
 from onepass.dataset import PreparedData, prepare
@@ -301,6 +301,9 @@ class Trainer:
         return True
 
     def save(self) -> Path:
+        existing = latest_checkpoint(self.output_dir)
+        if existing == checkpoint_path(self.output_dir, self.state.step):
+            return existing  # the same step is the same state: never replace a good checkpoint with itself
         return save_checkpoint(self.output_dir, distributed.unwrap(self.objective), self.optimizer, self.scheduler,
                                self.state, yaml.safe_dump(to_dict(self.config), sort_keys=False),
                                self.config.keep_last, self.cluster)
