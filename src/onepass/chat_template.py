@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from onepass.errors import OnepassError, TemplateError
+from onepass.errors import OnepassError, TemplateError, TemplateRenderError
 
 BUILTIN_TEMPLATES = ("chatml", "llama3", "gemma", "mistral", "qwen3")
 
@@ -34,7 +34,7 @@ class ChatTemplate:
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    tools=None, documents=None, **dict(self.variables))
         except Exception as error:  # jinja raises TemplateError, and templates raise via raise_exception
-            raise TemplateError(f"chat template '{self.name}' failed to render: {error}") from None
+            raise TemplateRenderError(f"chat template '{self.name}' failed to render: {error}") from None
 
 
 def load_chat_template(tokenizer: Any, chat_template: str | None = None) -> ChatTemplate:

@@ -6,6 +6,7 @@ This is the data stage's driver: `records` reads, `formats` validates, `render` 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -22,10 +23,10 @@ import numpy as np
 
 import onepass
 from onepass.chat_template import ChatTemplate
-from onepass.errors import DataError, OnepassError
+from onepass.errors import DataError, OnepassError, TemplateRenderError
 from onepass.formats import FORMATS, Conversation, detect_format, expected_keys, to_conversation
 from onepass.records import read_records
-from onepass.render import (Example, RenderOptions, cut_point, mask_tokens, render_conversation,
+from onepass.render import (Example, RenderedText, RenderOptions, cut_point, mask_tokens, render_conversation,
                             tokenize_rendered)
 
 OnBadRecord = Literal["error", "skip"]
@@ -94,22 +95,21 @@ def load_conversations(paths: Sequence[str | Path], format_name: str | None, on_
                 if file_format is None:
                     if record_format is None:
                         raise DataError(record.source, record.where, None,
-                                        f"unrecognised record with keys {sorted(record.data)[:8]}",
+                                        f"unrecognised record (keys {sorted(record.data)[:8]})",
                                         "give 'messages', 'conversations', 'prompt'+'completion', "
                                         "'instruction'+'output' or 'text'")
                     file_format, detected_at = record_format, record.where
                 elif format_name is None and record_format != file_format:
                     raise DataError(record.source, record.where, None,
-                                    f"record has keys {sorted(record.data)[:8]} but this file is in "
-                                    f"'{file_format}' format (detected from {detected_at})",
+                                    f"record in another format (keys {sorted(record.data)[:8]}; this file is "
+                                    f"in '{file_format}' format, detected from {detected_at})",
                                     f"give every record {expected_keys(file_format)}, or split the file by format")
                 conversations.append(to_conversation(record, file_format))
             except DataError as error:
                 if on_bad_record == "error":
                     raise
                 _add(stats.rejected, error.reason)
-                rejects.append({"source": error.source, "where": error.where, "field": error.field,
-                                "reason": error.reason, "message": str(error)})
+                rejects.append(error.as_row())
         if records_in_file == 0:
             raise OnepassError(f"{path}: no records found (the file is empty). Fix: check the file, or remove it "
                                "from the data list.")
@@ -131,13 +131,23 @@ def _openings(conversations: list[Conversation], stats: Stats) -> None:
                 _add(stats.openings, " ".join(words))
 
 
-def _render_chunk(tokenizer: Any, template: ChatTemplate, options: RenderOptions,
-                  conversations: list[Conversation]) -> tuple[list[Example], Stats]:
-    """Render, tokenize and length-check one chunk; returns its examples and its part of the stats."""
-    stats = Stats()
+def _render_chunk(tokenizer: Any, template: ChatTemplate, options: RenderOptions, on_bad_record: OnBadRecord,
+                  conversations: list[Conversation]) -> tuple[list[Example], Stats, list[dict[str, Any]]]:
+    """Render, tokenize and length-check one chunk; returns its examples, its part of the stats, and
+    the conversations the chat template refused (as rejects rows, when skipping)."""
+    stats, rejects = Stats(), []
     rendered, owners = [], []
     for conversation in conversations:
-        result = render_conversation(conversation, template, options, tokenizer.eos_token)
+        try:
+            result = render_conversation(conversation, template, options, tokenizer.eos_token)
+        except TemplateRenderError as refusal:
+            error = DataError(conversation.source, conversation.where, None, str(refusal),
+                              "fix the record so the chat template accepts it (e.g. roles in the order it expects)")
+            if on_bad_record == "error":
+                raise error from None
+            _add(stats.rejected, error.reason)
+            rejects.append(error.as_row())
+            continue
         stats.unstable += result.unstable
         stats.split += result.split
         if not result.texts:
@@ -145,6 +155,8 @@ def _render_chunk(tokenizer: Any, template: ChatTemplate, options: RenderOptions
         rendered.extend(result.texts)
         owners.extend([conversation] * len(result.texts))
     examples = []
+    if options.max_seq_len is not None and options.overlong != "truncate":
+        rendered, owners = _drop_certainly_overlong(rendered, owners, tokenizer, options, stats)
     for item, conversation, (ids, offsets) in zip(rendered, owners, tokenize_rendered(tokenizer, rendered)):
         keep = len(ids)
         if options.max_seq_len is not None and len(ids) > options.max_seq_len:
@@ -162,34 +174,67 @@ def _render_chunk(tokenizer: Any, template: ChatTemplate, options: RenderOptions
             _add(stats.dropped, "no trained tokens after truncation" if keep < len(ids) else "no trained tokens")
             continue
         examples.append(Example(ids[:keep], loss_mask, turn, conversation.source, conversation.where))
-    return examples, stats
+    return examples, stats, rejects
+
+
+def _drop_certainly_overlong(rendered: list[RenderedText], owners: list[Conversation], tokenizer: Any,
+                             options: RenderOptions, stats: Stats) -> tuple[list[RenderedText], list[Conversation]]:
+    """Texts so long they cannot fit (e.g. a 10 MB line) are dropped (or refused) before tokenizing,
+    which would take seconds each for nothing."""
+    limit = options.max_seq_len * _longest_token_chars(tokenizer) * 4  # margin for normalisers
+    kept_texts, kept_owners = [], []
+    for item, conversation in zip(rendered, owners):
+        if len(item.text) <= limit:
+            kept_texts.append(item)
+            kept_owners.append(conversation)
+        elif options.overlong == "error":
+            raise OnepassError(f"{conversation.source}, {conversation.where}: {len(item.text):,} characters, far "
+                               f"more than max_seq_len={options.max_seq_len} tokens. Fix: shorten the record, or "
+                               "set overlong: truncate or drop.")
+        else:
+            _add(stats.dropped, "longer than max_seq_len")
+    return kept_texts, kept_owners
+
+
+@functools.lru_cache(maxsize=8)
+def _longest_token_chars(tokenizer: Any) -> int:
+    """The most characters one token stands for (a text longer than max_seq_len times this, with
+    margin for normalisers, cannot fit and is dropped without being tokenized)."""
+    return max(1, max((len(token) for token in tokenizer.get_vocab()), default=1))
 
 
 _worker_state: dict[str, Any] = {}
 
 
-def _worker_init(tokenizer: Any, template: ChatTemplate, options: RenderOptions) -> None:
+def _worker_init(tokenizer: Any, template: ChatTemplate, options: RenderOptions, on_bad_record: OnBadRecord) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    _worker_state.update(tokenizer=tokenizer, template=template, options=options)
+    _worker_state.update(tokenizer=tokenizer, template=template, options=options, on_bad_record=on_bad_record)
 
 
-def _worker_render(conversations: list[Conversation]) -> tuple[list[Example], Stats]:
+def _worker_render(conversations: list[Conversation]) -> tuple[list[Example], Stats, list[dict[str, Any]]]:
     return _render_chunk(_worker_state["tokenizer"], _worker_state["template"], _worker_state["options"],
-                         conversations)
+                         _worker_state["on_bad_record"], conversations)
 
 
 def render_all(conversations: list[Conversation], tokenizer: Any, template: ChatTemplate, options: RenderOptions,
-               num_workers: int = 1) -> tuple[list[Example], Stats]:
+               num_workers: int = 1, on_bad_record: OnBadRecord = "error",
+               rejects: list[dict[str, Any]] | None = None) -> tuple[list[Example], Stats]:
+    """Every conversation → examples, with the counts of what was dropped, truncated, split or (when the
+    chat template refuses a conversation and on_bad_record is skip) rejected, appended to `rejects`."""
     chunks = [conversations[i:i + CHUNK_SIZE] for i in range(0, len(conversations), CHUNK_SIZE)]
     if num_workers <= 1 or len(chunks) <= 1:
-        parts = [_render_chunk(tokenizer, template, options, chunk) for chunk in chunks]
+        parts = [_render_chunk(tokenizer, template, options, on_bad_record, chunk) for chunk in chunks]
     else:
         with ProcessPoolExecutor(num_workers, initializer=_worker_init,
-                                 initargs=(tokenizer, template, options)) as pool:
+                                 initargs=(tokenizer, template, options, on_bad_record)) as pool:
             parts = list(pool.map(_worker_render, chunks))
     examples, stats = [], Stats()
-    for part_examples, part_stats in parts:
+    for part_examples, part_stats, part_rejects in parts:
         examples.extend(part_examples)
+        if rejects is not None:
+            rejects.extend(part_rejects)
+        for reason, count in part_stats.rejected.items():
+            _add(stats.rejected, reason, count)
         stats.unstable += part_stats.unstable
         stats.split += part_stats.split
         stats.truncated += part_stats.truncated
@@ -267,9 +312,13 @@ def prepare(paths: Sequence[str | Path], tokenizer: Any, template: ChatTemplate,
             return data
     stats, rejects = Stats(), []
     conversations = load_conversations(paths, format_name, on_bad_record, stats, rejects)
-    write_rejects(rejects, rejects_file)
     _openings(conversations, stats)
-    examples, render_stats = render_all(conversations, tokenizer, template, options, num_workers)
+    examples, render_stats = render_all(conversations, tokenizer, template, options, num_workers, on_bad_record,
+                                        rejects)
+    write_rejects(rejects, rejects_file)
+    for reason, count in render_stats.rejected.items():
+        _add(stats.rejected, reason, count)
+    stats.conversations -= sum(render_stats.rejected.values())
     stats.unstable, stats.split, stats.truncated = render_stats.unstable, render_stats.split, render_stats.truncated
     stats.dropped = render_stats.dropped
     stats.examples = len(examples)

@@ -27,6 +27,14 @@ class DataError(OnepassError):
         location = f"{source}, {where}" + (f", field '{field}'" if field else "")
         super().__init__(f"{location}: {problem}" + (f". Fix: {fix}" if fix else ""))
 
+    def __reduce__(self) -> tuple:  # crosses process boundaries (parallel rendering workers)
+        return (type(self), (self.source, self.where, self.field, self.problem, self.fix))
+
+    def as_row(self) -> dict[str, str | None]:
+        """The line written to rejects.jsonl for a skipped record."""
+        return {"source": self.source, "where": self.where, "field": self.field, "reason": self.reason,
+                "message": str(self)}
+
     @property
     def reason(self) -> str:
         """A short, stable reason used to count skipped records by kind."""
@@ -35,3 +43,8 @@ class DataError(OnepassError):
 
 class TemplateError(OnepassError):
     """The chat template renders a conversation in a way onepass cannot map back to messages."""
+
+
+class TemplateRenderError(TemplateError):
+    """The chat template refused one conversation (its `raise_exception`, or a Jinja error on its
+    content): a problem of that record, skipped like any bad record with on_bad_record: skip."""

@@ -67,7 +67,7 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
                 text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
             except UnicodeDecodeError as error:
                 yield Record(source, where, None, DataError(
-                    source, where, None, f"invalid UTF-8 bytes at byte {error.start}",
+                    source, where, None, f"invalid UTF-8 bytes (at byte {error.start})",
                     "re-save the file as UTF-8"))
                 continue
             if not text.strip():
@@ -129,13 +129,26 @@ def _read_parquet(path: Path) -> Iterator[Record]:
 def _read_csv(path: Path) -> Iterator[Record]:
     source = str(path)
     text = _read_text(path)
-    reader = csv.reader(io.StringIO(text.replace("\x00", "")))
-    header = next(reader, None)
-    if header is None:
-        return
+    csv.field_size_limit(2**31 - 1)  # a cell may hold a long document; length is checked after tokenizing
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        yield from _csv_rows(source, reader, header)
+    except csv.Error as error:
+        raise OnepassError(f"{source}, line {reader.line_num}: unreadable CSV ({error}). Fix: check the quoting "
+                           "around that line.") from None
+
+
+def _csv_rows(source: str, reader: Any, header: list[str]) -> Iterator[Record]:
     for row in reader:
         where = f"line {reader.line_num}"
-        if not any(cell.strip() for cell in row):
+        if not row:
+            continue  # a blank line is not a record (a row of empty cells is, and is checked)
+        if any("\x00" in cell for cell in row):
+            yield Record(source, where, None, DataError(source, where, None, "NUL byte in row",
+                                                        "remove the NUL (\\x00) characters"))
             continue
         if len(row) != len(header):
             yield Record(source, where, None, DataError(
