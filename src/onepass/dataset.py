@@ -278,7 +278,12 @@ def save_cache(path: Path, data: PreparedData) -> None:
             "rejects": data.rejects}
     (temp / "meta.json").write_text(json.dumps(meta))
     shutil.rmtree(path, ignore_errors=True)
-    os.replace(temp, path)
+    try:
+        os.replace(temp, path)
+    except OSError:  # another process (a rank on the same node) just wrote the same cache entry
+        shutil.rmtree(temp, ignore_errors=True)
+        if not (path / "meta.json").exists():
+            raise
 
 
 def load_cache(path: Path) -> PreparedData:

@@ -75,8 +75,9 @@ class TrainResult:
 
 class StopOnSignal:
     """SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) during training asks the loop to
-    finish its step, save a checkpoint and return; a second signal stops at once (the last
-    complete checkpoint stays valid: they are written atomically)."""
+    finish its step, save a checkpoint and return; the same signal again stops at once (the last
+    complete checkpoint stays valid: they are written atomically). Under torchrun, Ctrl-C reaches
+    each rank as SIGINT from the terminal and SIGTERM from torchrun: that is one request, not two."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -90,9 +91,9 @@ class StopOnSignal:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None:
+        if self.received == signum:
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum)
+        self.received = self.received or signal.Signals(signum)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -217,7 +218,7 @@ class Trainer:
         from onepass.model import check_model_dir, load_tokenizer
 
         self.config = config
-        self.cluster = distributed.current()
+        self.cluster = distributed.init()  # joins torchrun's process group if there is one (once)
         self.output_dir = Path(config.output_dir)
         self.device = self.cluster.device
         torch.manual_seed(config.seed)  # the same initial weights (e.g. LoRA adapters) on every rank
