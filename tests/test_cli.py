@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from onepass.cli import main
 
 from conftest import chat, write_jsonl
@@ -64,3 +66,19 @@ def test_score_and_chat_commands_on_a_saved_model(tmp_path, tokenizer_dir, capsy
     assert main(["score", "--model", str(model_dir), "--data", str(ranking)]) == 0
     assert json.loads(capsys.readouterr().out)["ranking_by_sum"] in ([0, 1], [1, 0])
     assert main(["chat", "--model", str(model_dir), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["lrr=1"], "error: unknown config key 'lrr'. Did you mean 'lr'?"),
+    (["model=/nowhere"], "error: model directory not found: /nowhere."),
+])
+def test_train_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path, tokenizer_dir, capsys, overrides,
+                                                                 message):
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model: {tmp_path}\ntokenizer: {tokenizer_dir}\ndata: {{train: [{data}]}}\n")
+    assert main(["train", str(config), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
