@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/prepare_throughput.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/score_speedup.py
+	$(BIN)/python bench/distributed_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
