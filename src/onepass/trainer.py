@@ -157,7 +157,8 @@ def evaluate(objective: Any, examples: list[Example], config: TrainConfig, clust
     device = device_of(objective)
     mine, padding = distributed.rank_share(packed_micro_batches([len(e) for e in examples], config), cluster)
     batches = [collate([examples[i] for i in micro], "token") for micro in mine]
-    batches += [padding_batch(min(examples, key=len))] * padding
+    if padding:  # this rank's share is short: pass on the shortest example with zero weight
+        batches += [padding_batch(min(examples, key=len))] * padding
     nll_sum, count = 0.0, 0
     for batch in batches:
         with autocast(config, device):
