@@ -77,6 +77,9 @@ def test_second_run_with_same_inputs_loads_the_cache(tmp_path, tokenizer):
         np.testing.assert_array_equal(a.input_ids, b.input_ids)
         np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
         np.testing.assert_array_equal(a.turn, b.turn)
+    # memory-mapped: ranks on one machine share the pages and each reads only the rows it trains on
+    assert all(isinstance(e.input_ids.base, np.memmap) or isinstance(e.input_ids, np.memmap)
+               for e in second.examples)
     third = run([path], tokenizer, cache_dir=tmp_path / "c", options=RenderOptions(loss_on="last"))
     assert not third.from_cache  # a different option is a different cache entry
     path.write_text(path.read_text() + json.dumps(chat("new", "data")) + "\n")

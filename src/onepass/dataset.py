@@ -32,6 +32,7 @@ from onepass.render import (Example, RenderedText, RenderOptions, cut_point, mas
 OnBadRecord = Literal["error", "skip"]
 OPENING_WORDS = 2
 CHUNK_SIZE = 512  # conversations per tokenizer batch and per worker task
+ARRAYS = {"input_ids": np.int32, "loss_mask": np.int8, "turn": np.int32}  # an Example's arrays, as cached
 
 
 @dataclass
@@ -269,11 +270,10 @@ def save_cache(path: Path, data: PreparedData) -> None:
     """Write atomically: a temp dir renamed into place, so a killed run never leaves half a cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
-    lengths = np.asarray([len(e) for e in data.examples], dtype=np.int64)
-    concat = (lambda name: np.concatenate([getattr(e, name) for e in data.examples])
-              if data.examples else np.zeros(0))
-    np.savez(temp / "examples.npz", lengths=lengths, input_ids=concat("input_ids").astype(np.int32),
-             loss_mask=concat("loss_mask").astype(np.int8), turn=concat("turn").astype(np.int32))
+    np.save(temp / "lengths.npy", np.asarray([len(e) for e in data.examples], dtype=np.int64))
+    for name, dtype in ARRAYS.items():
+        values = [getattr(e, name) for e in data.examples]
+        np.save(temp / f"{name}.npy", (np.concatenate(values) if values else np.zeros(0)).astype(dtype))
     meta = {"stats": asdict(data.stats), "sources": [[e.source, e.where] for e in data.examples],
             "rejects": data.rejects}
     (temp / "meta.json").write_text(json.dumps(meta))
@@ -286,11 +286,16 @@ def save_cache(path: Path, data: PreparedData) -> None:
             raise
 
 
+def is_cached(path: Path) -> bool:
+    return all((path / name).exists() for name in ("meta.json", "lengths.npy", *(f"{a}.npy" for a in ARRAYS)))
+
+
 def load_cache(path: Path) -> PreparedData:
-    arrays = np.load(path / "examples.npz")
+    """Examples as views into memory-mapped arrays: ranks on one machine share the pages, and each
+    reads only the rows it trains on."""
     meta = json.loads((path / "meta.json").read_text())
-    bounds = np.concatenate([[0], np.cumsum(arrays["lengths"])])
-    input_ids, loss_mask, turn = arrays["input_ids"], arrays["loss_mask"], arrays["turn"]
+    bounds = np.concatenate([[0], np.cumsum(np.load(path / "lengths.npy"))])
+    input_ids, loss_mask, turn = (np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS)
     examples = [Example(input_ids[a:b], loss_mask[a:b], turn[a:b], source, where)
                 for (a, b), (source, where) in zip(zip(bounds[:-1], bounds[1:]), meta["sources"])]
     return PreparedData(examples, Stats(**meta["stats"]), path, from_cache=True, rejects=meta.get("rejects", []))
@@ -311,7 +316,7 @@ def prepare(paths: Sequence[str | Path], tokenizer: Any, template: ChatTemplate,
     if use_cache:
         key = _cache_key(paths, tokenizer, template, options, format_name, on_bad_record)
         cache_path = Path(cache_dir or default_cache_dir()) / "prepared" / key
-        if (cache_path / "meta.json").exists():
+        if is_cached(cache_path):
             data = load_cache(cache_path)
             write_rejects(data.rejects, rejects_file)
             return data
