@@ -126,14 +126,16 @@ def barrier(cluster: Cluster) -> None:
 
 @contextlib.contextmanager
 def main_first(cluster: Cluster) -> Iterator[None]:
-    """Rank 0 runs the block first (e.g. fills the prepared-data cache); the others then run it and
-    find the work done."""
-    if not cluster.is_main:
+    """Run the block in three waves: rank 0, then the first rank of every other machine, then the
+    rest; e.g. rank 0 fills the prepared-data cache, and where machines do not share it, each
+    machine fills its own once. Every rank passes the same two barriers, even when its block raises."""
+    wave = 0 if cluster.rank == 0 else 1 if cluster.local_rank == 0 else 2
+    for _ in range(wave):
         barrier(cluster)
     try:
         yield
     finally:
-        if cluster.is_main:
+        for _ in range(wave, 2):
             barrier(cluster)
 
 
