@@ -147,3 +147,11 @@ def test_checkpoints_keep_the_last_n(run_assets, tmp_path):
     names = sorted(p.name for p in (tmp_path / "ck" / "checkpoints").iterdir())
     assert names == ["step-00000004", "step-00000006"]
     assert (tmp_path / "ck" / "checkpoints" / "step-00000006" / "config.yaml").exists()
+
+
+def test_resuming_with_a_different_global_batch_warns_that_the_data_order_changes(run_assets, tmp_path, capsys):
+    Trainer(make_config(run_assets, tmp_path / "out", "max_steps=6")).fit(stop_at=2)
+    capsys.readouterr()
+    Trainer(make_config(run_assets, tmp_path / "out", "max_steps=6", "grad_accum=1")).fit(stop_at=3)
+    err = capsys.readouterr().err
+    assert "written with 2 micro-batches per step" in err and "set grad_accum=2" in err
