@@ -14,14 +14,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import MODEL, run_trl, setup  # noqa: E402  (same model, data and TRL set-up)
+from train_throughput import MODEL, run_child, run_trl, setup  # noqa: E402  (same model, data and TRL set-up)
 
 
 def run_onepass(work: Path, max_seq_len: int, rows_per_rank: int, strategy: str) -> dict:
@@ -81,15 +80,7 @@ def launch(run: str, nproc: int, args: argparse.Namespace, work: str) -> dict:
     env = {**os.environ, "ONEPASS_CACHE": work}
     if nproc > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    output = subprocess.run([*launcher, *script], capture_output=True, text=True, env=env)
-    line = next((l for l in output.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        print(output.stdout[-3000:], output.stderr[-3000:])
-        raise SystemExit(f"{run} failed")
-    result = json.loads(line[len("RESULT "):])
-    result["tokens_per_sec"] = result["tokens"] / result["seconds"]
-    result["trained_tokens_per_sec"] = result["trained_tokens"] / result["seconds"]
-    return result
+    return run_child(run, [*launcher, *script], env)
 
 
 def main() -> None:

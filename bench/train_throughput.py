@@ -112,6 +112,19 @@ def run_trl(work: Path, max_seq_len: int, rows_per_step: int, packing: bool) -> 
             "padding_tokens": counts["padding"], "steps": result.global_step, "batch": batch}
 
 
+def run_child(name: str, command: list[str], env: dict[str, str]) -> dict:
+    """Run one measured configuration in its own process; its `RESULT {...}` line, with rates added."""
+    output = subprocess.run(command, capture_output=True, text=True, env=env)
+    line = next((l for l in output.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        print(output.stdout[-3000:], output.stderr[-3000:])
+        raise SystemExit(f"{name} failed")
+    result = json.loads(line[len("RESULT "):])
+    result["tokens_per_sec"] = result["tokens"] / result["seconds"]
+    result["trained_tokens_per_sec"] = result["trained_tokens"] / result["seconds"]
+    return result
+
+
 def matmul_peak_flops() -> float:
     import torch
 
@@ -155,14 +168,7 @@ def main() -> None:
         for run in ("onepass", "trl", "trl-packing"):
             command = [sys.executable, __file__, "--run", run, "--work", temp, "--max-seq-len", str(args.max_seq_len),
                        "--rows-per-step", str(args.rows_per_step)]
-            output = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "ONEPASS_CACHE": temp})
-            line = next((l for l in output.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                print(output.stdout[-3000:], output.stderr[-3000:])
-                raise SystemExit(f"{run} failed")
-            result = json.loads(line[len("RESULT "):])
-            result["tokens_per_sec"] = result["tokens"] / result["seconds"]
-            result["trained_tokens_per_sec"] = result["trained_tokens"] / result["seconds"]
+            result = run_child(run, command, {**os.environ, "ONEPASS_CACHE": temp})
             results[run] = result
             print(f"{run:12s} {result['seconds']:7.1f} s  {result['tokens_per_sec']:9,.0f} tok/s  "
                   f"{result['trained_tokens_per_sec']:9,.0f} trained tok/s  padding {result['padding_tokens']:,}  "

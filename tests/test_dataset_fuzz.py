@@ -119,6 +119,15 @@ def assert_one_line_naming(error: Exception, path: Path) -> None:
     assert "\n" not in message and path.name in message, message
 
 
+def prepare_or_error(path: Path, tokenizer, on_bad_record: str):
+    """The prepared data, or the OnepassError it stopped with (checked: one line, naming the file)."""
+    try:
+        return prepare_file(path, tokenizer, on_bad_record)
+    except OnepassError as error:
+        assert_one_line_naming(error, path)
+        return error
+
+
 def assert_every_record_accounted(data) -> None:
     stats = data.stats
     assert stats.conversations + sum(stats.rejected.values()) == stats.records
@@ -137,12 +146,10 @@ def test_any_jsonl_file_prepares_or_fails_in_one_line_and_every_record_is_counte
     data, expected_records = file
     path = tmp_path_factory.mktemp("fuzz") / "data.jsonl"
     path.write_bytes(data)
-    try:
-        prepared = prepare_file(path, tokenizer, on_bad_record)
-    except OnepassError as error:
-        assert_one_line_naming(error, path)
+    prepared = prepare_or_error(path, tokenizer, on_bad_record)
+    if isinstance(prepared, OnepassError):
         if on_bad_record == "skip":
-            assert expected_records == 0 or "no records" not in str(error)
+            assert expected_records == 0 or "no records" not in str(prepared)
         return
     assert prepared.stats.records == expected_records
     assert_every_record_accounted(prepared)
@@ -154,10 +161,8 @@ def test_any_csv_file_prepares_or_fails_in_one_line_and_every_row_is_counted(
         tmp_path_factory, tokenizer, data, on_bad_record):
     path = tmp_path_factory.mktemp("fuzz") / "data.csv"
     path.write_bytes(data)
-    try:
-        prepared = prepare_file(path, tokenizer, on_bad_record)
-    except OnepassError as error:
-        assert_one_line_naming(error, path)
+    prepared = prepare_or_error(path, tokenizer, on_bad_record)
+    if isinstance(prepared, OnepassError):
         return
     assert prepared.stats.records == sum(1 for row in csv.reader(io.StringIO(data.decode())) if row) - 1
     assert_every_record_accounted(prepared)
@@ -168,10 +173,8 @@ def test_any_csv_file_prepares_or_fails_in_one_line_and_every_row_is_counted(
 def test_any_json_file_prepares_or_fails_in_one_line(tmp_path_factory, tokenizer, value, on_bad_record):
     path = tmp_path_factory.mktemp("fuzz") / "data.json"
     path.write_text(json.dumps(value))
-    try:
-        prepared = prepare_file(path, tokenizer, on_bad_record)
-    except OnepassError as error:
-        assert_one_line_naming(error, path)
+    prepared = prepare_or_error(path, tokenizer, on_bad_record)
+    if isinstance(prepared, OnepassError):
         return
     assert_every_record_accounted(prepared)
 
@@ -182,10 +185,8 @@ def test_any_json_file_prepares_or_fails_in_one_line(tmp_path_factory, tokenizer
 def test_empty_and_binary_files_are_one_line_errors_or_counted_skips(tmp_path, tokenizer, content, suffix):
     path = tmp_path / f"data{suffix}"
     path.write_bytes(content)
-    try:
-        prepared = prepare_file(path, tokenizer, "skip")
-    except OnepassError as error:
-        assert_one_line_naming(error, path)
+    prepared = prepare_or_error(path, tokenizer, "skip")
+    if isinstance(prepared, OnepassError):
         return
     assert prepared.stats.records == sum(prepared.stats.rejected.values()) > 0
 

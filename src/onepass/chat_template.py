@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from onepass.errors import OnepassError, TemplateError, TemplateRenderError
+from onepass.errors import OnepassError, TemplateRenderError
 
 BUILTIN_TEMPLATES = ("chatml", "llama3", "gemma", "mistral", "qwen3")
 

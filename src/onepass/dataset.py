@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
