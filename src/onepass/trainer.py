@@ -233,8 +233,8 @@ class Trainer:
                 if eval_examples is None and config.data.eval else None
         self.eval_examples = eval_examples if eval_examples is not None else (eval_data.examples if eval_data else [])
         self.lengths = [len(e) for e in self.train_data.examples]
-        self._check_data(eval_data)
         self.micro_batches_per_step = config.grad_accum * self.cluster.world_size
+        self._check_data(eval_data)
         self.steps_per_epoch = len(plan_epoch(self.lengths, config, 0, self.cluster.world_size))
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.model = model if model is not None else build_model(config, self.device)
@@ -261,7 +261,7 @@ class Trainer:
         if eval_data is not None and not eval_data.examples:
             raise nothing_left("eval", eval_data.stats, config.max_seq_len)
         rows = len(pack(self.lengths, config.max_seq_len))
-        rows_per_step = config.batch_size * config.grad_accum * self.cluster.world_size
+        rows_per_step = config.batch_size * self.micro_batches_per_step
         if rows < rows_per_step:
             raise OnepassError(
                 f"one optimizer step takes batch_size × grad_accum × ranks = {config.batch_size} × "
