@@ -436,7 +436,10 @@ def cmd_train(args: Any) -> int:
 
 
 def register_cli(subparsers: Any) -> None:
-    parser = subparsers.add_parser("train", help="fine-tune a model: onepass train CONFIG.yaml [key=value ...]")
+    parser = subparsers.add_parser(
+        "train", help="fine-tune a model: onepass train CONFIG.yaml [key=value ...]",
+        epilog="Several GPUs: torchrun --nproc_per_node N -m onepass train CONFIG.yaml [strategy=ddp|fsdp]. "
+               "SIGINT/SIGTERM save a checkpoint; the same command resumes.")
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 data.loss_on=last")
     parser.set_defaults(handler=cmd_train)
