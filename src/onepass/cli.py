@@ -60,14 +60,10 @@ def _prepare_from_args(args: argparse.Namespace, use_cache: bool) -> tuple[Any, 
     from onepass.chat_template import load_chat_template
     from onepass.dataset import prepare
     from onepass.model import load_tokenizer
-    from onepass.render import RenderOptions
-
     data_config = _data_config(args)
     tokenizer = load_tokenizer(args.tokenizer)
     template = load_chat_template(tokenizer, data_config.chat_template)
-    options = RenderOptions(loss_on=data_config.loss_on, train_on_eot=data_config.train_on_eot,
-                            max_seq_len=args.max_seq_len, overlong=data_config.overlong,
-                            unstable_history=data_config.unstable_history)
+    options = data_config.render_options(args.max_seq_len)
     rejects = Path(args.data[0]).with_suffix(".rejects.jsonl") if data_config.on_bad_record == "skip" else None
     data = prepare(data_config.train, tokenizer, template, options, format_name=data_config.format,
                    on_bad_record=data_config.on_bad_record, num_workers=data_config.num_workers,

@@ -34,6 +34,10 @@ class DataConfig:
     num_workers: int = 1
     cache_dir: str | None = None
 
+    def render_options(self, max_seq_len: int | None) -> RenderOptions:
+        return RenderOptions(loss_on=self.loss_on, train_on_eot=self.train_on_eot, max_seq_len=max_seq_len,
+                             overlong=self.overlong, unstable_history=self.unstable_history)
+
 
 @dataclass
 class LoraConfig:
@@ -79,9 +83,7 @@ class TrainConfig:
     progress: bool = True
 
     def render_options(self) -> RenderOptions:
-        return RenderOptions(loss_on=self.data.loss_on, train_on_eot=self.data.train_on_eot,
-                             max_seq_len=self.max_seq_len, overlong=self.data.overlong,
-                             unstable_history=self.data.unstable_history)
+        return self.data.render_options(self.max_seq_len)
 
 
 POSITIVE = ("max_seq_len", "batch_size", "grad_accum", "epochs", "loss_chunk_size", "keep_last", "log_every",
