@@ -185,9 +185,11 @@ def test_a_step_with_no_trained_token_never_divides_by_zero(assets, tmp_path):
 
 # --- Interrupted and killed runs (real subprocesses) --------------------------------------------
 
+STEPS = 100  # long enough that a signal sent after step 5 always lands before the end
+
 def write_config(assets, path, **values):
     path.mkdir(parents=True, exist_ok=True)
-    config = config_values(assets, path / "out", max_steps=40, warmup_steps=2, **values)
+    config = config_values(assets, path / "out", max_steps=STEPS, warmup_steps=2, **values)
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     return path / "config.yaml"
 
@@ -241,7 +243,7 @@ def test_a_signal_saves_a_checkpoint_and_exits_cleanly_and_the_resumed_run_match
     assert code == 128 + sig, err
     assert f"stopped by {sig.name} after step" in err and "Traceback" not in err
     step = int(err.split("after step ")[1].split(";")[0])
-    assert 5 <= step < 40 and (tmp_path / "out" / "checkpoints" / f"step-{step:08d}" / "COMPLETE").exists()
+    assert 5 <= step < STEPS and (tmp_path / "out" / "checkpoints" / f"step-{step:08d}" / "COMPLETE").exists()
     code, _, err = finish(start_training(config))
     assert code == 0, err
     got = final_weights(tmp_path / "out")
@@ -265,4 +267,4 @@ def test_kill_9_at_random_moments_never_leaves_a_checkpoint_that_resumes_wrongly
     for name, value in uninterrupted.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6)
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 41))  # one row per step, none twice
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))  # one row per step, none twice
