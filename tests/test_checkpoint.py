@@ -78,3 +78,15 @@ def test_a_checkpoint_restores_model_optimizer_and_scheduler_exactly(tmp_path):
     for index in state_a:
         torch.testing.assert_close(state_a[index]["exp_avg"], state_b[index]["exp_avg"], rtol=0, atol=0)
     assert fresh[2].state_dict() == objects[2].state_dict()
+
+
+def test_a_failure_that_is_not_the_disk_is_not_reported_as_one(tmp_path, monkeypatch):
+    objects = training_objects()
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug in state_dict")
+
+    monkeypatch.setattr(checkpoint, "get_state_dict", bug)
+    with pytest.raises(BaseException) as caught:  # DCP wraps it; it keeps its traceback
+        save(tmp_path, objects, step=1)
+    assert not isinstance(caught.value, OnepassError) and "a bug in state_dict" in str(caught.value)

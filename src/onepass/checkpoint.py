@@ -93,7 +93,7 @@ def save_checkpoint(output_dir: str | Path, model: Any, optimizer: Any, schedule
             root.mkdir(parents=True, exist_ok=True)
             temp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
         except OSError as failure:
-            error = str(failure)
+            error = _reason(failure)
     temp, error = broadcast((temp, error), cluster)
     if error is None:
         try:
@@ -101,7 +101,9 @@ def save_checkpoint(output_dir: str | Path, model: Any, optimizer: Any, schedule
                 dcp.save({"train": ModelAndOptimizer(model, optimizer)}, checkpoint_id=temp / "model_and_optimizer",
                          no_dist=not cluster.is_distributed)
             torch.save(rng_state(), temp / f"rng-rank{cluster.rank}.pt")
-        except (Exception, CheckpointException) as failure:  # OSError, or DCP's wrapper of one (a BaseException)
+        except (OSError, CheckpointException) as failure:  # DCP wraps each rank's error (a BaseException)
+            if not isinstance(_cause(failure), OSError):
+                raise  # not the disk: a bug, which deserves its traceback
             error = _reason(failure)
         error = agree_on_error(error, cluster)
     if error is None and cluster.is_main:
@@ -127,12 +129,17 @@ def save_checkpoint(output_dir: str | Path, model: Any, optimizer: Any, schedule
     return final
 
 
+def _cause(failure: BaseException) -> BaseException:
+    """The error underneath DCP's CheckpointException (the first failing rank's)."""
+    if isinstance(failure, CheckpointException) and failure.failures:
+        return next(iter(failure.failures.values()))[0]
+    return failure
+
+
 def _reason(failure: BaseException) -> str:
     """One line for a failed write: the underlying error, not DCP's per-rank tracebacks."""
-    if isinstance(failure, CheckpointException) and failure.failures:
-        rank, (cause, _) = next(iter(failure.failures.items()))
-        return f"{type(cause).__name__}: {cause} (rank {rank})"
-    return f"{type(failure).__name__}: {failure}"
+    cause = _cause(failure)
+    return f"{type(cause).__name__}: {cause}"
 
 
 @contextlib.contextmanager
