@@ -281,7 +281,7 @@ def save_cache(path: Path, data: PreparedData) -> None:
         os.replace(temp, path)
     except OSError:  # another process (a rank on the same node) just wrote the same cache entry
         shutil.rmtree(temp, ignore_errors=True)
-        if not (path / "meta.json").exists():
+        if not is_cached(path):
             raise
 
 
