@@ -26,22 +26,23 @@ from train_throughput import MODEL, run_child, run_trl, setup  # noqa: E402  (sa
 def run_onepass(work: Path, max_seq_len: int, rows_per_rank: int, strategy: str) -> dict:
     import torch
 
-    from onepass import distributed
+    from onepass.train import distributed
     from onepass.config import load_config
-    from onepass.trainer import Trainer, train_step
+    from onepass.train.run import build_run
+    from onepass.train.step import train_step
 
     cluster = distributed.init()
     config = load_config(None, [f"model={work / 'model'}", f"data.train=[{work / 'train.jsonl'}]",
                                 f"output_dir={work / ('onepass-' + strategy)}", f"max_seq_len={max_seq_len}",
                                 f"batch_size={rows_per_rank}", "grad_accum=1", "lr=1e-4", "progress=false",
                                 "resume=never", f"data.cache_dir={work / 'cache'}", f"strategy={strategy}"])
-    trainer = Trainer(config)
+    run = build_run(config)
     torch.manual_seed(0)
-    batches = [trainer.step_batches(step) for step in range(trainer.steps_per_epoch)]
+    batches = [run.plan.step_batches(step) for step in range(run.plan.steps_per_epoch)]
     distributed.barrier(cluster)
     start = time.perf_counter()
     for micro_batches in batches:
-        train_step(trainer.objective, trainer.optimizer, trainer.scheduler, micro_batches, config, cluster)
+        train_step(run.objective, run.optimizer, run.scheduler, micro_batches, run.step_options, cluster)
     distributed.barrier(cluster)
     seconds = time.perf_counter() - start
     tokens, trained = distributed.all_reduce_sum(

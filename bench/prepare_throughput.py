@@ -28,10 +28,10 @@ TRL_CHATML = ("{% for message in messages %}{% if message['role'] == 'assistant'
 
 
 def time_onepass(records: list[dict], tokenizer_dir: Path, work: Path) -> tuple[float, int, int]:
-    from onepass.chat_template import load_chat_template
-    from onepass.dataset import prepare
-    from onepass.model import load_tokenizer
-    from onepass.render import RenderOptions
+    from onepass.data.chat_template import load_chat_template
+    from onepass.data.prepare import prepare
+    from onepass.data.tokenizer import load_tokenizer
+    from onepass.data.types import RenderOptions
 
     path = work / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -48,7 +48,7 @@ def time_trl(records: list[dict], tokenizer_dir: Path, work: Path) -> tuple[floa
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from onepass.tiny import build_model
+    from onepass.demo.tiny import build_model
 
     datasets.disable_caching()
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/prepare_throughput.json")
     args = parser.parse_args()
 
-    from onepass.tiny import build_tokenizer, random_conversations
+    from onepass.demo.tiny import build_tokenizer, random_conversations
 
     records = random_conversations(args.conversations, seed=0)
     with tempfile.TemporaryDirectory() as temp:

@@ -23,13 +23,13 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/score_speedup.json")
     args = parser.parse_args()
 
-    from onepass.chat_template import load_chat_template
-    from onepass.formats import detect_format, to_conversation
-    from onepass.model import use_packed_attention
-    from onepass.records import Record
-    from onepass.render import RenderOptions
-    from onepass.scoring import k_pass_turn_logprobs, render_for_scoring, token_logprobs, turn_logprobs
-    from onepass.tiny import build_model, build_tokenizer, random_conversations
+    from onepass.data.chat_template import load_chat_template
+    from onepass.data.formats import detect_format, to_conversation
+    from onepass.train.model import use_packed_attention
+    from onepass.data.types import Record
+    from onepass.data.types import RenderOptions
+    from onepass.score.scoring import k_pass_turn_logprobs, render_for_scoring, token_logprobs, turn_logprobs
+    from onepass.demo.tiny import build_model, build_tokenizer, random_conversations
 
     records = random_conversations(args.conversations, seed=0, max_turns=6)
     with tempfile.TemporaryDirectory() as temp:

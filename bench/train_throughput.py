@@ -30,7 +30,7 @@ TRL_CHATML = ("{% for message in messages %}{% if message['role'] == 'assistant'
 
 
 def setup(work: Path, conversations: int) -> None:
-    from onepass.tiny import build_model, build_tokenizer, random_conversations
+    from onepass.demo.tiny import build_model, build_tokenizer, random_conversations
 
     records = random_conversations(conversations, seed=0)
     (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -43,24 +43,25 @@ def run_onepass(work: Path, max_seq_len: int, rows_per_step: int) -> dict:
     import torch
 
     from onepass.config import load_config
-    from onepass.trainer import Trainer, train_step
+    from onepass.train.run import build_run
+    from onepass.train.step import train_step
 
     config = load_config(None, [f"model={work / 'model'}", f"data.train=[{work / 'train.jsonl'}]",
                                 f"output_dir={work / 'onepass'}", f"max_seq_len={max_seq_len}",
                                 f"batch_size={rows_per_step}", "grad_accum=1", "lr=1e-4", "progress=false",
                                 "resume=never", f"data.cache_dir={work / 'cache'}"])
-    trainer = Trainer(config)
+    run = build_run(config)
     torch.manual_seed(0)
-    batches = [trainer.step_batches(step) for step in range(trainer.steps_per_epoch)]
+    batches = [run.plan.step_batches(step) for step in range(run.plan.steps_per_epoch)]
     start = time.perf_counter()
     for micro_batches in batches:
-        train_step(trainer.objective, trainer.optimizer, trainer.scheduler, micro_batches, config)
+        train_step(run.objective, run.optimizer, run.scheduler, micro_batches, run.step_options)
     seconds = time.perf_counter() - start
     tokens = sum(b.num_tokens for step in batches for b in step)
     trained = sum(b.num_trained_tokens for step in batches for b in step)
-    embedding = trainer.model.get_input_embeddings().weight.numel()
-    head = trainer.model.get_output_embeddings().weight.numel()
-    body = sum(p.numel() for p in trainer.model.parameters()) - embedding - head
+    embedding = run.model.get_input_embeddings().weight.numel()
+    head = run.model.get_output_embeddings().weight.numel()
+    body = sum(p.numel() for p in run.model.parameters()) - embedding - head
     # forward + backward matmul FLOPs: 6 per weight per token in the body; the output projection
     # runs on trained positions only (attention scores are left out: short rows)
     flops = 6 * (body * tokens + head * trained)

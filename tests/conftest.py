@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from onepass.tiny import build_tokenizer
+from onepass.demo.tiny import build_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +20,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
-    from onepass.model import load_tokenizer
+    from onepass.data.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
 
@@ -54,3 +54,10 @@ def sums(count: int, seed: int) -> list[dict]:
             turns += [f"What is {a} + {b}?", f"{a} + {b} = {a + b}."]
         records.append(chat(*turns))
     return records
+
+
+def final_weights(output_dir: Path) -> dict:
+    """The weights of a run's exported model (output_dir/final)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(output_dir / "final" / "model.safetensors"))

@@ -7,10 +7,10 @@ import errno
 import pytest
 import torch
 
-from onepass import checkpoint
-from onepass.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from onepass.train import checkpoint
+from onepass.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from onepass.errors import OnepassError
-from onepass.tiny import build_model
+from onepass.demo.tiny import build_model
 
 
 def training_objects(seed=0):

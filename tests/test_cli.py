@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from onepass.cli import main
+from onepass.cli.main import main
 
 from conftest import chat, write_jsonl
 
@@ -52,7 +52,7 @@ def test_user_error_exits_2_with_one_line_and_no_traceback(tmp_path, tokenizer_d
 def test_score_and_chat_commands_on_a_saved_model(tmp_path, tokenizer_dir, capsys):
     import shutil
 
-    from onepass.tiny import build_model
+    from onepass.demo.tiny import build_model
 
     model_dir = tmp_path / "model"
     shutil.copytree(tokenizer_dir, model_dir)

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from onepass.chat_template import load_chat_template
-from onepass.dataset import prepare
+from onepass.data.chat_template import load_chat_template
+from onepass.data.prepare import prepare
 from onepass.errors import DataError, OnepassError
-from onepass.render import RenderOptions
+from onepass.data.types import RenderOptions
 
 from conftest import chat, write_jsonl
 
@@ -87,7 +87,7 @@ def test_second_run_with_same_inputs_loads_the_cache(tmp_path, tokenizer):
 
 
 def test_parallel_workers_give_the_same_examples_as_one(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setattr("onepass.dataset.CHUNK_SIZE", 4)
+    monkeypatch.setattr("onepass.data.prepare.CHUNK_SIZE", 4)
     records = [chat(f"question {i}", f"answer {i}", "and?", f"more {i}") for i in range(20)]
     path = write_jsonl(tmp_path / "d.jsonl", records)
     serial = run([path], tokenizer, use_cache=False)

@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onepass.chat_template import load_chat_template
-from onepass.cli import main
-from onepass.dataset import prepare
+from onepass.data.chat_template import load_chat_template
+from onepass.cli.main import main
+from onepass.data.prepare import prepare
 from onepass.errors import OnepassError
-from onepass.render import RenderOptions
+from onepass.data.types import RenderOptions
 
 TEXT = st.text(alphabet=string.ascii_letters + " .?!\t\n\u00e9\u4e2d", max_size=40)
 ANY_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT,
@@ -217,7 +217,7 @@ def test_a_10_mb_csv_cell_is_read_and_dropped_as_overlong(tmp_path, tokenizer):
 
 
 def test_a_chat_template_that_refuses_a_record_skips_it_with_its_line(tmp_path, tokenizer):
-    from onepass.chat_template import ChatTemplate
+    from onepass.data.chat_template import ChatTemplate
 
     strict = ChatTemplate("strict", "{% for m in messages %}{% if m['role'] == 'system' %}"
                                     "{{ raise_exception('no system messages') }}{% endif %}"

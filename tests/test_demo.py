@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from onepass.demo import make_dialogues, run_demo
+from onepass.demo.run import make_dialogues, run_demo
 
 
 def test_later_answers_depend_on_the_first_turn():

@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-from onepass.distributed import Cluster, rank_share
-from onepass.tiny import build_model
+from onepass.train.distributed import Cluster, rank_share
+from onepass.demo.tiny import build_model
 
-from conftest import sums, write_jsonl
+from conftest import final_weights, sums, write_jsonl
 
 
 def test_every_rank_gets_the_same_number_of_passes_when_micro_batches_do_not_divide():
@@ -64,24 +64,19 @@ def losses(output_dir):
     return [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r]
 
 
-def final_weights(output_dir):
-    from safetensors.torch import load_file
-
-    return load_file(str(output_dir / "final" / "model.safetensors"))
-
-
 def test_the_test_data_leaves_an_uneven_last_step(assets, tokenizer):
     """So the tests below also cover a rank that runs a padding pass."""
-    from onepass.chat_template import load_chat_template
+    from onepass.data.chat_template import load_chat_template
     from onepass.config import load_config
-    from onepass.dataset import prepare
-    from onepass.trainer import plan_epoch
+    from onepass.data.prepare import prepare
+    from onepass.train.plan import plan_epoch
 
     root, _ = assets
     config = load_config(None, [f"model={root / 'model'}", f"data.train=[{root / 'train.jsonl'}]", "max_seq_len=128",
                                 "batch_size=1", "grad_accum=2"])
     data = prepare(config.data.train, tokenizer, load_chat_template(tokenizer), config.render_options())
-    plan = plan_epoch([len(e) for e in data.examples], config, 0, world_size=2)
+    plan = plan_epoch([len(e) for e in data.examples], config.max_seq_len, config.batch_size, config.grad_accum * 2,
+                      config.seed, 0)
     assert len(plan[-1]) % 2 == 1
 
 

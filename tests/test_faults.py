@@ -3,6 +3,7 @@ their step, and runs that are interrupted or killed end with the weights of an u
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -16,15 +17,16 @@ import pytest
 import torch
 import yaml
 
-from onepass import trainer as trainer_module
-from onepass.collate import collate
+from onepass.train.batch import collate
 from onepass.config import load_config
 from onepass.errors import OnepassError
-from onepass.render import Example
-from onepass.tiny import build_model, build_tokenizer
-from onepass.trainer import Trainer, train_step
+from onepass.data.types import Example
+from onepass.demo.tiny import build_model, build_tokenizer
+from onepass.train.run import build_run
+from onepass.train.step import train_step
+from onepass.train.trainer import Trainer
 
-from conftest import sums, write_jsonl
+from conftest import final_weights, sums, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -54,28 +56,27 @@ def must_not_prepare(*args, **kwargs):
 
 # --- Bad configs: a clear error before any expensive work -------------------------------------
 
-def test_a_model_dir_without_weights_fails_before_data_preparation(assets, tmp_path, monkeypatch):
+def test_a_model_dir_without_weights_fails_before_data_preparation(assets, tmp_path):
     (tmp_path / "empty_model").mkdir()
     (tmp_path / "empty_model" / "config.json").write_text((assets[0] / "model" / "config.json").read_text())
-    monkeypatch.setattr(trainer_module, "prepare", must_not_prepare)
     with pytest.raises(OnepassError, match="has no weights.*save_pretrained"):
-        Trainer(make_config(assets, tmp_path / "out", model=str(tmp_path / "empty_model")))
+        build_run(make_config(assets, tmp_path / "out", model=str(tmp_path / "empty_model")),
+                  prepare_data=must_not_prepare)
 
 
-def test_a_tokenizer_without_chat_template_and_none_given_fails_before_data_preparation(assets, tmp_path,
-                                                                                          monkeypatch):
+def test_a_tokenizer_without_chat_template_and_none_given_fails_before_data_preparation(assets, tmp_path):
     tokenizer = build_tokenizer(tmp_path / "plain")
     tokenizer.chat_template = None
     tokenizer.save_pretrained(str(tmp_path / "plain"))
     (tmp_path / "plain" / "chat_template.jinja").unlink(missing_ok=True)
-    monkeypatch.setattr(trainer_module, "prepare", must_not_prepare)
     with pytest.raises(OnepassError, match="chat template"):
-        Trainer(make_config(assets, tmp_path / "out", tokenizer=str(tmp_path / "plain")))
+        build_run(make_config(assets, tmp_path / "out", tokenizer=str(tmp_path / "plain")),
+                  prepare_data=must_not_prepare)
 
 
 def test_max_seq_len_shorter_than_every_example_is_an_error_that_says_which_key_to_change(assets, tmp_path):
     with pytest.raises(OnepassError, match=r"no training examples left.*longer than max_seq_len ×60.*raise max_seq_len"):
-        Trainer(make_config(assets, tmp_path / "out", max_seq_len=8))
+        build_run(make_config(assets, tmp_path / "out", max_seq_len=8))
 
 
 def test_held_out_data_that_prepares_to_nothing_is_an_error_not_a_silent_skip(assets, tmp_path):
@@ -84,19 +85,19 @@ def test_held_out_data_that_prepares_to_nothing_is_an_error_not_a_silent_skip(as
     config = make_config(assets, tmp_path / "out", data={"train": [str(assets[0] / "train.jsonl")],
                                                          "eval": [str(tmp_path / "long_eval.jsonl")]})
     with pytest.raises(OnepassError, match="no eval examples left"):
-        Trainer(config)
+        build_run(config)
 
 
 def test_a_batch_larger_than_the_data_is_an_error(assets, tmp_path):
     with pytest.raises(OnepassError, match=r"batch_size × grad_accum × ranks = 64 × 2 × 1 = 128 packed rows.*only"):
-        Trainer(make_config(assets, tmp_path / "out", batch_size=64))
+        build_run(make_config(assets, tmp_path / "out", batch_size=64))
 
 
 def test_training_reports_what_became_of_every_record(assets, tmp_path, capsys):
     write_jsonl(tmp_path / "mixed.jsonl", sums(20, seed=3) + [{"messages": [{"role": "bot", "content": "x"}]}])
     config = make_config(assets, tmp_path / "out", data={"train": [str(tmp_path / "mixed.jsonl")],
                                                          "on_bad_record": "skip"})
-    Trainer(config)
+    build_run(config)
     err = capsys.readouterr().err
     assert "train data: 21 records → 20 examples" in err and "rejected 1 (unknown role" in err
     rejects = (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()
@@ -118,9 +119,9 @@ class PoisonedObjective(torch.nn.Module):
         return (loss * float("nan"), nll) if self.poison else (loss, nll)
 
 
-def snapshot(trainer):
-    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    moments = {i: {k: v.clone() for k, v in s.items()} for i, s in trainer.optimizer.state_dict()["state"].items()}
+def snapshot(run):
+    weights = {k: v.clone() for k, v in run.model.state_dict().items()}
+    moments = {i: {k: v.clone() for k, v in s.items()} for i, s in run.optimizer.state_dict()["state"].items()}
     return weights, moments
 
 
@@ -132,32 +133,37 @@ def assert_same(a, b):
             torch.testing.assert_close(a[1][index][key], b[1][index][key], rtol=0, atol=0)
 
 
+def poisoned_run(config):
+    """A built run whose objective gives a NaN loss on request."""
+    run = build_run(config)
+    return dataclasses.replace(run, objective=PoisonedObjective(run.objective))
+
+
+def step(run, index):
+    return train_step(run.objective, run.optimizer, run.scheduler, run.plan.step_batches(index), run.step_options)
+
+
 def test_skip_step_leaves_weights_and_optimizer_state_unchanged_and_is_counted(assets, tmp_path):
-    trainer = Trainer(make_config(assets, tmp_path / "out", on_nonfinite="skip_step", max_steps=6))
-    poisoned = PoisonedObjective(trainer.objective)
-    trainer.objective = poisoned
-    for step in range(2):
-        train_step(poisoned, trainer.optimizer, trainer.scheduler, trainer.step_batches(step), trainer.config)
-    before, lr_steps = snapshot(trainer), trainer.scheduler.last_epoch
-    poisoned.poison = True
-    result = train_step(poisoned, trainer.optimizer, trainer.scheduler, trainer.step_batches(2), trainer.config)
+    run = poisoned_run(make_config(assets, tmp_path / "out", on_nonfinite="skip_step", max_steps=6))
+    for index in range(2):
+        step(run, index)
+    before, lr_steps = snapshot(run), run.scheduler.last_epoch
+    run.objective.poison = True
+    result = step(run, 2)
     assert result.skipped and not np.isfinite(result.loss)
-    assert_same(before, snapshot(trainer))
-    assert trainer.scheduler.last_epoch == lr_steps + 1  # the step is spent: the schedule stays on the data
-    assert all(p.grad is None for p in trainer.model.parameters())  # nothing leaks into the next step
+    assert_same(before, snapshot(run))
+    assert run.scheduler.last_epoch == lr_steps + 1  # the step is spent: the schedule stays on the data
+    assert all(p.grad is None for p in run.model.parameters())  # nothing leaks into the next step
 
 
-def test_a_skipped_step_shows_in_the_metrics_and_training_goes_on(assets, tmp_path, monkeypatch):
-    trainer = Trainer(make_config(assets, tmp_path / "out", on_nonfinite="skip_step", max_steps=5))
-    poisoned = PoisonedObjective(trainer.objective)
-    trainer.objective = poisoned
-    real_step = trainer_module.train_step
+def test_a_skipped_step_shows_in_the_metrics_and_training_goes_on(assets, tmp_path):
+    run = poisoned_run(make_config(assets, tmp_path / "out", on_nonfinite="skip_step", max_steps=5))
 
     def step_with_fault(objective, *args, **kwargs):
-        poisoned.poison = trainer.state.step == 2  # the third step
-        return real_step(objective, *args, **kwargs)
+        objective.poison = trainer.state.step == 2  # the third step
+        return train_step(objective, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "train_step", step_with_fault)
+    trainer = Trainer(run, step=step_with_fault)
     result = trainer.fit()
     rows = [r for r in result.metrics if "loss" in r]
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1]
@@ -165,22 +171,21 @@ def test_a_skipped_step_shows_in_the_metrics_and_training_goes_on(assets, tmp_pa
 
 
 def test_on_nonfinite_error_stops_at_the_step_where_it_happens(assets, tmp_path):
-    trainer = Trainer(make_config(assets, tmp_path / "out", max_steps=4))
-    poisoned = PoisonedObjective(trainer.objective)
-    poisoned.poison = True
+    run = poisoned_run(make_config(assets, tmp_path / "out", max_steps=4))
+    run.objective.poison = True
     with pytest.raises(OnepassError, match=r"non-finite loss .* at step 1\b.*on_nonfinite: skip_step"):
-        train_step(poisoned, trainer.optimizer, trainer.scheduler, trainer.step_batches(0), trainer.config)
+        step(run, 0)
 
 
 def test_a_step_with_no_trained_token_never_divides_by_zero(assets, tmp_path):
-    trainer = Trainer(make_config(assets, tmp_path / "out", max_steps=2, max_grad_norm=0.0))
+    run = build_run(make_config(assets, tmp_path / "out", max_steps=2, max_grad_norm=0.0))
     untrained = Example(np.arange(3, 20, dtype=np.int32), np.zeros(17, dtype=np.int8), np.full(17, -1, np.int32))
     batch = collate([untrained], "token")
     assert batch.units == 0
-    before = snapshot(trainer)
-    result = train_step(trainer.objective, trainer.optimizer, trainer.scheduler, [batch], trainer.config)
+    before = snapshot(run)
+    result = train_step(run.objective, run.optimizer, run.scheduler, [batch], run.step_options)
     assert result.loss == 0.0 and result.grad_norm == 0.0 and not result.skipped
-    assert_same(before, (snapshot(trainer)[0], before[1]))  # zero gradients: the weights do not move
+    assert_same(before, (snapshot(run)[0], before[1]))  # zero gradients: the weights do not move
 
 
 # --- Interrupted and killed runs (real subprocesses) --------------------------------------------
@@ -216,12 +221,6 @@ def wait_for_steps(process, output_dir, count, timeout=120):
         if process.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"training ended or stalled before step {count}: {finish(process)}")
         time.sleep(0.02)
-
-
-def final_weights(output_dir):
-    from safetensors.torch import load_file
-
-    return load_file(str(output_dir / "final" / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from onepass.errors import DataError
-from onepass.formats import detect_format, to_conversation
-from onepass.records import Record
+from onepass.data.formats import detect_format, to_conversation
+from onepass.data.types import ChatConversation, RawConversation, Record
 
 
 def convert(data: dict, format_name: str | None = None):
@@ -41,10 +41,10 @@ def test_alpaca_joins_instruction_and_input():
 
 def test_prompt_completion_strings_are_raw_segments_and_lists_are_chats():
     raw = convert({"prompt": "2+2=", "completion": "4"})
-    assert raw.kind == "raw" and raw.segments == (("2+2=", False), ("4", True))
+    assert isinstance(raw, RawConversation) and raw.segments == (("2+2=", False), ("4", True))
     chat = convert({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant",
                                                                                   "content": "a"}]})
-    assert chat.kind == "chat" and [m.role for m in chat.messages] == ["user", "assistant"]
+    assert isinstance(chat, ChatConversation) and [m.role for m in chat.messages] == ["user", "assistant"]
 
 
 def test_text_format_trains_every_token():

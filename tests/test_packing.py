@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from onepass.collate import collate
-from onepass.loss import hidden_states, sft_loss
-from onepass.model import use_packed_attention
-from onepass.packing import pack
-from onepass.render import Example
-from onepass.tiny import build_model
+from onepass.train.batch import collate
+from onepass.train.loss import hidden_states, sft_loss
+from onepass.train.model import use_packed_attention
+from onepass.train.plan import pack
+from onepass.data.types import Example
+from onepass.demo.tiny import build_model
 
 
 def random_example(rng: np.random.Generator, length: int, vocab: int = 100) -> Example:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from onepass.errors import OnepassError
-from onepass.records import read_records
+from onepass.data.records import read_records
 
 
 def test_jsonl_records_carry_their_line_numbers(tmp_path):

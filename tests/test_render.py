@@ -7,12 +7,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from onepass.chat_template import ChatTemplate, load_chat_template
-from onepass.dataset import render_all
+from onepass.data.chat_template import ChatTemplate, load_chat_template
+from onepass.data.prepare import render_all
 from onepass.errors import OnepassError, TemplateError
-from onepass.formats import detect_format, to_conversation
-from onepass.records import Record
-from onepass.render import RenderOptions
+from onepass.data.formats import detect_format, to_conversation
+from onepass.data.types import Record
+from onepass.data.types import RenderOptions
 
 from conftest import chat
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from onepass.chat_template import load_chat_template
-from onepass.collate import collate
-from onepass.formats import detect_format, to_conversation
-from onepass.loss import sft_loss
-from onepass.model import use_packed_attention
-from onepass.records import Record
-from onepass.render import RenderOptions
-from onepass.scoring import (k_pass_turn_logprobs, render_for_scoring, score_conversations, token_logprobs,
+from onepass.data.chat_template import load_chat_template
+from onepass.train.batch import collate
+from onepass.data.formats import detect_format, to_conversation
+from onepass.train.loss import sft_loss
+from onepass.train.model import use_packed_attention
+from onepass.data.types import Record
+from onepass.data.types import RenderOptions
+from onepass.score.scoring import (k_pass_turn_logprobs, render_for_scoring, score_conversations, token_logprobs,
                              turn_logprobs)
-from onepass.tiny import build_model, random_conversations
+from onepass.demo.tiny import build_model, random_conversations
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,8 @@ def test_raw_prompt_completion_is_scored_as_log_pr_completion_given_prompt(model
 
 
 def test_candidates_are_ranked_by_log_pr_completion_given_prompt(model, tokenizer):
-    from onepass.records import Record as Row
-    from onepass.scoring import rank_candidates
+    from onepass.data.types import Record as Row
+    from onepass.score.scoring import rank_candidates
 
     record = Row("d.jsonl", "line 1", {"prompt": [{"role": "user", "content": "Pick one"}],
                                        "completions": ["red", "blue and green", "yellow"]})

@@ -8,15 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from onepass.collate import collate
+from onepass.train.batch import collate
 from onepass.config import load_config
-from onepass.loss import sft_loss
-from onepass.model import use_packed_attention
-from onepass.render import Example
-from onepass.tiny import build_model, random_conversations
-from onepass.trainer import Trainer, plan_epoch
+from onepass.train.loss import sft_loss
+from onepass.train.model import use_packed_attention
+from onepass.data.types import Example
+from onepass.demo.tiny import build_model, random_conversations
+from onepass.train.plan import plan_epoch
+from onepass.train.run import build_run
+from onepass.train.trainer import Trainer
 
-from conftest import write_jsonl
+from conftest import final_weights, write_jsonl
 
 
 def random_example(rng, length, turns=3, vocab=100):
@@ -70,10 +72,12 @@ def test_turn_normalisation_weighs_each_response_the_same():
 def test_epoch_plan_covers_every_example_once_and_is_reproducible():
     config = load_config(None, ["model=m", "data.train=[d]", "max_seq_len=64", "batch_size=2", "grad_accum=2"])
     lengths = list(np.random.default_rng(0).integers(5, 60, size=40))
-    plan = plan_epoch(lengths, config, epoch=0)
-    seen = sorted(i for step in plan for micro in step for i in micro)
+    def plan(epoch):
+        return plan_epoch(lengths, config.max_seq_len, config.batch_size, config.grad_accum, config.seed, epoch)
+
+    seen = sorted(i for step in plan(0) for micro in step for i in micro)
     assert seen == list(range(40))
-    assert plan == plan_epoch(lengths, config, epoch=0) and plan != plan_epoch(lengths, config, epoch=1)
+    assert plan(0) == plan(0) and plan(0) != plan(1)
 
 
 @pytest.fixture(scope="module")
@@ -93,19 +97,17 @@ def make_config(run_assets, output_dir, *overrides):
                               *overrides])
 
 
-def final_weights(output_dir):
-    from safetensors.torch import load_file
-
-    return load_file(str(output_dir / "final" / "model.safetensors"))
+def trained(config):
+    return Trainer(build_run(config))
 
 
 def test_resumed_run_equals_an_uninterrupted_run(run_assets, tmp_path):
     straight = make_config(run_assets, tmp_path / "straight", "max_steps=20")
-    Trainer(straight).fit()
+    trained(straight).fit()
     interrupted = make_config(run_assets, tmp_path / "resumed", "max_steps=20")
-    first = Trainer(interrupted).fit(stop_at=10)
+    first = trained(interrupted).fit(stop_at=10)
     assert first.steps == 10 and first.final_dir is None
-    second = Trainer(interrupted).fit()  # a new process would do the same: everything comes from disk
+    second = trained(interrupted).fit()  # a new process would do the same: everything comes from disk
     assert second.steps == 20
     a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
     for name in a:
@@ -117,7 +119,7 @@ def test_resumed_run_equals_an_uninterrupted_run(run_assets, tmp_path):
 def test_training_writes_metrics_plot_and_a_model_transformers_loads(run_assets, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    result = Trainer(make_config(run_assets, tmp_path / "out", "max_steps=6", "eval_every=3")).fit()
+    result = trained(make_config(run_assets, tmp_path / "out", "max_steps=6", "eval_every=3")).fit()
     assert result.eval_after["eval_loss"] < result.eval_before["eval_loss"]
     rows = result.metrics
     step_rows = [r for r in rows if "loss" in r]
@@ -133,25 +135,25 @@ def test_lora_trains_adapters_and_exports_a_merged_model(run_assets, tmp_path):
     from transformers import AutoModelForCausalLM
 
     config = make_config(run_assets, tmp_path / "lora", "max_steps=3", "lora.enabled=true", "lora.r=4")
-    trainer = Trainer(config)
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in trainer.model.parameters())
+    run = build_run(config)
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in run.model.parameters())
     assert 0 < trainable < total / 4
-    trainer.fit()
+    Trainer(run).fit()
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "lora" / "final"))
     assert not any("lora" in name for name, _ in merged.named_parameters())
 
 
 def test_checkpoints_keep_the_last_n(run_assets, tmp_path):
-    Trainer(make_config(run_assets, tmp_path / "ck", "max_steps=6", "save_every=2", "keep_last=2")).fit()
+    trained(make_config(run_assets, tmp_path / "ck", "max_steps=6", "save_every=2", "keep_last=2")).fit()
     names = sorted(p.name for p in (tmp_path / "ck" / "checkpoints").iterdir())
     assert names == ["step-00000004", "step-00000006"]
     assert (tmp_path / "ck" / "checkpoints" / "step-00000006" / "config.yaml").exists()
 
 
 def test_resuming_with_a_different_global_batch_warns_that_the_data_order_changes(run_assets, tmp_path, capsys):
-    Trainer(make_config(run_assets, tmp_path / "out", "max_steps=6")).fit(stop_at=2)
+    trained(make_config(run_assets, tmp_path / "out", "max_steps=6")).fit(stop_at=2)
     capsys.readouterr()
-    Trainer(make_config(run_assets, tmp_path / "out", "max_steps=6", "grad_accum=1")).fit(stop_at=3)
+    trained(make_config(run_assets, tmp_path / "out", "max_steps=6", "grad_accum=1")).fit(stop_at=3)
     err = capsys.readouterr().err
     assert "written with 2 micro-batches per step" in err and "set grad_accum=2" in err

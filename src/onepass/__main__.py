@@ -1,3 +1,3 @@
-from onepass.cli import main
+from onepass.cli.main import main
 
 raise SystemExit(main())

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from onepass.errors import ConfigError
-from onepass.render import RenderOptions
+from onepass.data.types import RenderOptions
 
 
 @dataclass

@@ -15,9 +15,11 @@ from onepass.errors import OnepassError
 class MetricsLog:
     """Appends one JSON line per step; on resume, lines past the checkpoint's step are dropped."""
 
-    def __init__(self, output_dir: str | Path, resume_step: int = 0, tensorboard: bool = False, enabled: bool = True):
+    def __init__(self, output_dir: str | Path, resume_step: int = 0, tensorboard: bool = False, enabled: bool = True,
+                 log_every: int = 1):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.enabled = enabled  # off on every rank but 0
+        self.log_every = log_every
         self.writer = None
         if not enabled:
             return
@@ -34,6 +36,10 @@ class MetricsLog:
                 raise OnepassError("tensorboard: true needs the tensorboard package. Fix: .venv/bin/pip install "
                                    "tensorboard, or set tensorboard: false.") from None
             self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+    def should_log(self, row: dict[str, Any]) -> bool:
+        """Every `log_every` steps, and every row with a held-out result."""
+        return row["step"] % self.log_every == 0 or "eval_loss" in row
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from onepass.collate import IGNORE_INDEX, Batch
-from onepass.model import backbone_and_head
+from onepass.train.batch import IGNORE_INDEX, Batch
+from onepass.train.model import backbone_and_head
 
 
 def hidden_states(model: Any, batch: Batch) -> torch.Tensor:

@@ -1,34 +1,28 @@
-"""Loading models and tokenizers from local Hugging Face directories, with errors a user can act on."""
+"""The model: loading a local Hugging Face causal LM with packed attention, wrapping it for training
+(LoRA, activation checkpointing, compile), and reaching its trunk and output layer."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
+
+from onepass.compat import enable_activation_checkpointing
 from onepass.errors import OnepassError
+
+if TYPE_CHECKING:
+    from onepass.config import TrainConfig
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
 
-def load_tokenizer(path: str | Path) -> Any:
-    """A fast tokenizer (needed for character offsets) from a local directory."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if not path.is_dir():
-        raise OnepassError(f"tokenizer directory not found: {path}. Fix: give a local Hugging Face model or "
-                           "tokenizer directory (nothing is downloaded).")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except Exception as error:  # transformers raises OSError/ValueError/KeyError depending on what is missing
-        raise OnepassError(f"{path}: could not load a tokenizer ({error}). Fix: the directory needs "
-                           "tokenizer.json (or the files of a fast tokenizer).") from None
-    if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
-        raise OnepassError(f"{path}: the tokenizer is not a fast (Rust) tokenizer, so it gives no character "
-                           "offsets. Fix: save it with tokenizer.json (AutoTokenizer.from_pretrained(..., "
-                           "use_fast=True).save_pretrained(...)).")
-    return tokenizer
+def default_device() -> torch.device:
+    """The device one process computes on: CUDA when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -51,10 +45,9 @@ def check_model_dir(path: str | Path) -> Path:
 PACKED_ATTENTION = "onepass_packed"
 
 
-def packed_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None = None,
-                          dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
+def packed_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                          scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
     """Causal attention within each segment given by `cu_seq_lens_q` (query/key/value: B, H, T, D)."""
-    import torch
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -93,18 +86,20 @@ def choose_attention(device_type: str) -> str:
     return PACKED_ATTENTION
 
 
-def load_model(path: str | Path, device_type: str = "cpu", dtype: Any = None) -> Any:
-    """AutoModelForCausalLM from a local directory, with packed attention."""
-    import torch
+def load_model(path: str | Path, device: torch.device | str | None = None, dtype: Any = None) -> Any:
+    """AutoModelForCausalLM from a local directory, with packed attention, on `device` (default: the
+    process's device)."""
     from transformers import AutoModelForCausalLM
 
     path = check_model_dir(path)
-    attention = choose_attention(device_type)
+    device = torch.device(device) if device is not None else default_device()
+    attention = choose_attention(device.type)
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=attention,
-                                                    dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=attention,
+                                                     dtype=dtype or torch.float32)
     except (OSError, ValueError) as error:
         raise OnepassError(f"{path}: could not load the model ({error}).") from None
+    return model.to(device)
 
 
 def use_packed_attention(model: Any) -> Any:
@@ -114,9 +109,48 @@ def use_packed_attention(model: Any) -> Any:
     return model
 
 
+def build_model(config: TrainConfig, device: torch.device) -> Any:
+    """The model to train: loaded, with LoRA adapters, activation checkpointing and compile as configured."""
+    model = load_model(config.model, device)
+    if config.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                          target_modules=config.lora.targets, task_type="CAUSAL_LM")
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as error:
+            raise OnepassError(f"lora.targets {config.lora.targets}: {error}") from None
+    if config.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+        if config.lora.enabled:
+            model.enable_input_require_grads()
+    if config.compile:
+        backbone_and_head(model)[0].compile()
+    model.train()
+    return model
+
+
 def backbone_and_head(model: Any) -> tuple[Any, Any]:
     """The transformer trunk (input ids → hidden states) and the output projection of a causal LM,
     through a peft wrapper if there is one (LoRA layers live inside the trunk's modules)."""
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return getattr(model, model.base_model_prefix), model.get_output_embeddings()
+
+
+def device_of(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def evaluating(model: Any) -> Iterator[Any]:
+    """The model in eval mode and without gradients for the block, then back in the mode it was in,
+    even when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)

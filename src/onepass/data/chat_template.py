@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from onepass.compat import compile_jinja_template
 from onepass.errors import OnepassError, TemplateRenderError
 
 BUILTIN_TEMPLATES = ("chatml", "llama3", "gemma", "mistral", "qwen3")
@@ -27,9 +28,7 @@ class ChatTemplate:
     variables: tuple[tuple[str, str], ...]  # special tokens visible to the template (bos_token, eos_token, ...)
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-
-        template = _compile_jinja_template(self.source)  # cached by transformers
+        template = compile_jinja_template(self.source)
         try:
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    tools=None, documents=None, **dict(self.variables))

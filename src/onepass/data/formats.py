@@ -12,11 +12,11 @@ Supported formats (detected per file from the keys of its records, or forced wit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
 from typing import Any, Literal
 
-from onepass.errors import DataError
-from onepass.records import Record
+from onepass.data.types import ChatConversation, Conversation, Message, RawConversation, Record
+from onepass.errors import DataError, ReasonCode
 
 FormatName = Literal["messages", "prompt_completion", "sharegpt", "alpaca", "text"]
 FORMATS: tuple[str, ...] = ("messages", "prompt_completion", "sharegpt", "alpaca", "text")
@@ -24,38 +24,6 @@ ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "tool": "tool"}
 # Message keys handed to the chat template as they are (besides role/content).
 PASSTHROUGH_KEYS = ("name", "tool_call_id", "reasoning_content", "thinking")
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str
-    content: str
-    train: bool | None = None  # per-message override of the loss_on policy (assistant messages only)
-    tool_calls: list[dict[str, Any]] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_template(self) -> dict[str, Any]:
-        """The dict a Jinja chat template sees."""
-        message: dict[str, Any] = {"role": self.role, "content": self.content, **self.extra}
-        if self.tool_calls is not None:
-            message["tool_calls"] = self.tool_calls
-        return message
-
-
-@dataclass(frozen=True)
-class Conversation:
-    """One record, ready to render. `kind` says how: with the chat template, or as raw segments."""
-
-    source: str
-    where: str
-    kind: Literal["chat", "raw"]
-    messages: tuple[Message, ...] = ()
-    # For kind == "raw": (text, trained) pieces concatenated as they are (prompt/completion strings, text).
-    segments: tuple[tuple[str, bool], ...] = ()
-
-    @property
-    def assistant_indices(self) -> list[int]:
-        return [i for i, message in enumerate(self.messages) if message.role == "assistant"]
 
 
 def detect_format(data: dict[str, Any]) -> str | None:
@@ -97,24 +65,26 @@ class _Check:
     def __init__(self, record: Record):
         self.record = record
 
-    def fail(self, field_name: str | None, problem: str, fix: str = "") -> DataError:
-        return DataError(self.record.source, self.record.where, field_name, problem, fix)
+    def fail(self, field_name: str | None, problem: str, fix: str, code: ReasonCode) -> DataError:
+        return DataError(self.record.source, self.record.where, field_name, problem, fix, code=code)
 
     def string(self, value: Any, field_name: str, *, allow_empty: bool = False) -> str:
         if value is None:
-            raise self.fail(field_name, "missing value", "give a non-empty string")
+            raise self.fail(field_name, "missing value", "give a non-empty string", "missing_value")
         if not isinstance(value, str):
-            raise self.fail(field_name, f"expected a string, got {type(value).__name__}", "give a string")
+            raise self.fail(field_name, f"expected a string, got {type(value).__name__}", "give a string",
+                            "wrong_type")
         if not allow_empty and not value.strip():
-            raise self.fail(field_name, "empty content", "remove the message or give it text")
+            raise self.fail(field_name, "empty content", "remove the message or give it text", "empty_content")
         return value
 
     def message_list(self, value: Any, field_name: str) -> list[Any]:
         if not isinstance(value, list):
             raise self.fail(field_name, f"expected a list of messages, got {type(value).__name__}",
-                            'give a list like [{"role": "user", "content": "..."}, ...]')
+                            'give a list like [{"role": "user", "content": "..."}, ...]', "wrong_type")
         if not value:
-            raise self.fail(field_name, "empty message list", "give at least one user and one assistant message")
+            raise self.fail(field_name, "empty message list", "give at least one user and one assistant message",
+                            "empty_message_list")
         return value
 
 
@@ -124,14 +94,15 @@ def _parse_messages(check: _Check, items: list[Any], field_name: str) -> list[Me
         where = f"{field_name}[{index}]"
         if not isinstance(item, dict):
             raise check.fail(where, f"expected an object, got {type(item).__name__}",
-                             'write each message as {"role": ..., "content": ...}')
+                             'write each message as {"role": ..., "content": ...}', "wrong_type")
         role = item.get("role")
         if role not in ROLES:
-            raise check.fail(f"{where}.role", f"unknown role {role!r}", f"use one of {', '.join(ROLES)}")
+            raise check.fail(f"{where}.role", f"unknown role {role!r}", f"use one of {', '.join(ROLES)}",
+                             "unknown_role")
         tool_calls = item.get("tool_calls")
         if tool_calls is not None and (role != "assistant" or not isinstance(tool_calls, list)):
             raise check.fail(f"{where}.tool_calls", "tool_calls must be a list on an assistant message",
-                             "move tool calls to an assistant message as a list")
+                             "move tool calls to an assistant message as a list", "misplaced_tool_calls")
         content = item.get("content")
         if content is None and tool_calls:
             content = ""
@@ -139,20 +110,21 @@ def _parse_messages(check: _Check, items: list[Any], field_name: str) -> list[Me
         train = item.get("train")
         if train is not None:
             if not isinstance(train, bool):
-                raise check.fail(f"{where}.train", f"expected true or false, got {train!r}", "use true or false")
+                raise check.fail(f"{where}.train", f"expected true or false, got {train!r}", "use true or false",
+                                 "invalid_train_flag")
             if role != "assistant":
                 raise check.fail(f"{where}.train", f"'train' is set on a {role} message",
-                                 "only assistant messages can be trained; remove the key")
+                                 "only assistant messages can be trained; remove the key", "invalid_train_flag")
         extra = {key: item[key] for key in PASSTHROUGH_KEYS if key in item}
         messages.append(Message(role, content, train, tool_calls, extra))
     return messages
 
 
-def _chat(check: _Check, messages: list[Message], field_name: str) -> Conversation:
+def _chat(check: _Check, messages: list[Message], field_name: str) -> ChatConversation:
     if not any(message.role == "assistant" for message in messages):
         raise check.fail(field_name, "no assistant message, so nothing would be trained",
-                         "add an assistant reply, or use the 'text' format to train on every token")
-    return Conversation(check.record.source, check.record.where, "chat", tuple(messages))
+                         "add an assistant reply, or use the 'text' format to train on every token", "no_assistant")
+    return ChatConversation(check.record.source, check.record.where, tuple(messages))
 
 
 def _from_messages(record: Record) -> Conversation:
@@ -169,18 +141,18 @@ def _from_sharegpt(record: Record) -> Conversation:
         where = f"conversations[{index}]"
         if not isinstance(item, dict):
             raise check.fail(where, f"expected an object, got {type(item).__name__}",
-                             'write each turn as {"from": "human", "value": "..."}')
+                             'write each turn as {"from": "human", "value": "..."}', "wrong_type")
         speaker = item.get("from")
         if speaker not in SHAREGPT_ROLES:
             raise check.fail(f"{where}.from", f"unknown role {speaker!r}",
-                             f"use one of {', '.join(SHAREGPT_ROLES)}")
+                             f"use one of {', '.join(SHAREGPT_ROLES)}", "unknown_role")
         converted.append({"role": SHAREGPT_ROLES[speaker], "content": item.get("value"),
                           **({"train": item["train"]} if "train" in item else {})})
     try:
         messages = _parse_messages(check, converted, "conversations")
     except DataError as error:  # point at the ShareGPT field names the user wrote
         field_name = (error.field or "").replace(".content", ".value").replace(".role", ".from")
-        raise check.fail(field_name, error.problem, error.fix) from None
+        raise check.fail(field_name, error.problem, error.fix, error.code) from None
     return _chat(check, messages, "conversations")
 
 
@@ -190,19 +162,19 @@ def _from_prompt_completion(record: Record) -> Conversation:
     if isinstance(prompt, str) and isinstance(completion, str):
         check.string(prompt, "prompt", allow_empty=True)
         check.string(completion, "completion")
-        return Conversation(record.source, record.where, "raw", segments=((prompt, False), (completion, True)))
+        return RawConversation(record.source, record.where, ((prompt, False), (completion, True)))
     if isinstance(prompt, list) and isinstance(completion, list):
         prompt_messages = _parse_messages(check, check.message_list(prompt, "prompt"), "prompt")
         completion_messages = _parse_messages(check, check.message_list(completion, "completion"), "completion")
         if any(message.role == "assistant" and message.train is None for message in prompt_messages):
             # Assistant turns inside the prompt are context, not targets.
-            prompt_messages = [Message(m.role, m.content, False if m.role == "assistant" and m.train is None
-                                       else m.train, m.tool_calls, m.extra) for m in prompt_messages]
+            prompt_messages = [dataclasses.replace(m, train=False) if m.role == "assistant" and m.train is None
+                               else m for m in prompt_messages]
         return _chat(check, prompt_messages + completion_messages, "completion")
     bad = "prompt" if not isinstance(prompt, (str, list)) else "completion"
     value = record.data.get(bad)
     raise check.fail(bad, f"expected a string or a list of messages, got {type(value).__name__}",
-                     "give prompt and completion both as strings or both as message lists")
+                     "give prompt and completion both as strings or both as message lists", "wrong_type")
 
 
 def _from_alpaca(record: Record) -> Conversation:
@@ -216,10 +188,10 @@ def _from_alpaca(record: Record) -> Conversation:
         messages.append(Message("system", check.string(record.data["system"], "system")))
     user = instruction if not extra_input.strip() else f"{instruction}\n\n{extra_input}"
     messages += [Message("user", user), Message("assistant", output)]
-    return Conversation(record.source, record.where, "chat", tuple(messages))
+    return ChatConversation(record.source, record.where, tuple(messages))
 
 
 def _from_text(record: Record) -> Conversation:
     check = _Check(record)
     text = check.string(record.data.get("text"), "text")
-    return Conversation(record.source, record.where, "raw", segments=((text, True),))
+    return RawConversation(record.source, record.where, ((text, True),))

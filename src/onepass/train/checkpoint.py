@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -28,8 +29,8 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from onepass.distributed import Cluster, agree_on_error, broadcast
 from onepass.errors import OnepassError
+from onepass.train.distributed import Cluster, agree_on_error, broadcast
 
 COMPLETE = "COMPLETE"  # written last; a directory without it is ignored (and cleaned up)
 PREFIX = "step-"
@@ -188,3 +189,37 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any,
     if rng_file.exists():  # a rank the checkpoint did not have keeps its seeded state
         set_rng_state(torch.load(rng_file, weights_only=False))
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+
+
+class Checkpointer:
+    """A run's checkpoints: when to save (every `save_every` steps, and when stopped early), saving,
+    and resuming from the newest complete one. Collective: every rank calls each method."""
+
+    def __init__(self, output_dir: str | Path, save_every: int, keep_last: int, config_yaml: str,
+                 cluster: Cluster = Cluster()):
+        self.output_dir = Path(output_dir)
+        self.save_every, self.keep_last, self.config_yaml, self.cluster = save_every, keep_last, config_yaml, cluster
+
+    def should_save(self, step: int) -> bool:
+        return bool(self.save_every) and step % self.save_every == 0
+
+    def save(self, state: TrainerState, model: Any, optimizer: Any, scheduler: Any) -> Path:
+        existing = latest_checkpoint(self.output_dir)
+        if existing == checkpoint_path(self.output_dir, state.step):
+            return existing  # the same step is the same state: never replace a good checkpoint with itself
+        return save_checkpoint(self.output_dir, model, optimizer, scheduler, state, self.config_yaml,
+                               self.keep_last, self.cluster)
+
+    def resume(self, model: Any, optimizer: Any, scheduler: Any, micro_batches_per_step: int) -> TrainerState | None:
+        """Restore the newest complete checkpoint in place and return its state (None when there is none).
+        Warns when it was written with another number of micro-batches per step (the data order differs)."""
+        checkpoint = latest_checkpoint(self.output_dir)
+        if checkpoint is None:
+            return None
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, self.cluster)
+        if state.micro_batches_per_step not in (0, micro_batches_per_step) and self.cluster.is_main:
+            print(f"warning: {checkpoint} was written with {state.micro_batches_per_step} micro-batches per step "
+                  f"(grad_accum × ranks); this run has {micro_batches_per_step}, so the data order and batch "
+                  "size differ from the run that wrote it. To continue it exactly, set grad_accum="
+                  f"{state.micro_batches_per_step / self.cluster.world_size:g}.", file=sys.stderr)
+        return TrainerState(state.step, state.skipped_steps, micro_batches_per_step)

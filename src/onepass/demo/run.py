@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from onepass.chat import reply as chat_reply
+from onepass.score.chat import reply as chat_reply
 
 NAMES = ("ada alan grace linus barbara edsger donald ken dennis bjarne guido james john margaret radia sophie "
          "tim vint whitfield leslie niklaus frances kathleen hedy claude alonzo kurt emmy rosalind marie").split()
@@ -40,8 +40,6 @@ def make_dialogues(count: int, seed: int) -> list[dict[str, Any]]:
 
 def turn_accuracy(model: Any, tokenizer: Any, template: Any, dialogues: list[dict[str, Any]]) -> dict[str, Any]:
     """Exact match of the greedy reply for every assistant turn, given the reference history."""
-    was_training = model.training
-    model.eval()
     hits: list[list[int]] = []
     for dialogue in dialogues:
         messages = dialogue["messages"]
@@ -50,7 +48,6 @@ def turn_accuracy(model: Any, tokenizer: Any, template: Any, dialogues: list[dic
             while len(hits) <= turn:
                 hits.append([])
             hits[turn].append(int(reply == messages[index]["content"]))
-    model.train(was_training)
     per_turn = [sum(h) / len(h) for h in hits]
     total = sum(sum(h) for h in hits) / sum(len(h) for h in hits)
     return {"accuracy": total, "per_turn": per_turn}
@@ -60,10 +57,10 @@ def run_demo(output_dir: str | Path, steps: int = 400, num_train: int = 3000, nu
              progress: bool = True) -> dict[str, Any]:
     from rich.console import Console
 
-    from onepass.chat_template import load_chat_template
     from onepass.config import load_config
-    from onepass.tiny import build_model, build_tokenizer
-    from onepass.trainer import Trainer
+    from onepass.demo.tiny import build_model, build_tokenizer
+    from onepass.train.run import build_run
+    from onepass.train.trainer import Trainer
 
     console = Console()
     output = Path(output_dir)
@@ -83,11 +80,10 @@ def run_demo(output_dir: str | Path, steps: int = 400, num_train: int = 3000, nu
         "seed=0", f"progress={str(progress).lower()}", "resume=never"])
     console.print(f"[bold]onepass demo[/bold]: {num_train} three-turn dialogues, tiny Llama "
                   "(4 layers, 128 wide), CPU")
-    trainer = Trainer(config)
-    template = load_chat_template(trainer.tokenizer, None)
-    before = turn_accuracy(trainer.model, trainer.tokenizer, template, held_out)
-    result = trainer.fit()
-    after = turn_accuracy(trainer.model, trainer.tokenizer, template, held_out)
+    run = build_run(config)
+    before = turn_accuracy(run.model, run.tokenizer, run.template, held_out)
+    result = Trainer(run).fit()
+    after = turn_accuracy(run.model, run.tokenizer, run.template, held_out)
     report = {"before": before, "after": after, "steps": result.steps,
               "eval_loss_before": (result.eval_before or {}).get("eval_loss"),
               "eval_loss_after": (result.eval_after or {}).get("eval_loss"),
@@ -114,15 +110,3 @@ def _print_report(console: Any, report: dict[str, Any], output: Path) -> None:
                   f"in {report['steps']} steps, {report['seconds']} s")
     console.print(f"model:   {output / 'final'}\nmetrics: {output / 'metrics.jsonl'}\n"
                   f"plot:    {output / 'loss.png'}\nreport:  {output / 'eval.json'}")
-
-
-def cmd_demo(args: Any) -> int:
-    run_demo(args.output, steps=args.steps)
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    parser = subparsers.add_parser("demo", help="train a tiny model on CPU and show accuracy before/after")
-    parser.add_argument("--output", default="runs/demo", help="where the model, metrics and plot go")
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps")
-    parser.set_defaults(handler=cmd_demo)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from onepass.chat_template import builtin_template
+from onepass.data.chat_template import builtin_template
 
 # Every control token of the built-in templates, so any of them can be tried with the tiny tokenizer.
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",

@@ -26,7 +26,9 @@ from typing import Literal, TypeVar
 import torch
 import torch.distributed as dist
 
+from onepass.compat import ddp_without_buffer_sync, distributed_store
 from onepass.errors import OnepassError
+from onepass.train.model import default_device
 
 Strategy = Literal["ddp", "fsdp"]
 T = TypeVar("T")
@@ -71,7 +73,7 @@ def init(timeout_minutes: float = 30.0) -> Cluster:
 def current() -> Cluster:
     """The Cluster of this process (one rank unless a process group is initialised)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return Cluster(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        return Cluster(device=default_device())
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     return Cluster(dist.get_rank(), dist.get_world_size(), local_rank, device)
@@ -150,10 +152,7 @@ def parallelize(module: torch.nn.Module, cluster: Cluster, strategy: Strategy) -
 
         # Buffers (rotary tables) are identical everywhere; not syncing them in forward keeps forward free
         # of collectives, so evaluation can run on each rank's own share.
-        import inspect
-
-        newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-        return DistributedDataParallel(module, **{"forward_sync_buffers" if newer else "broadcast_buffers": False})
+        return DistributedDataParallel(module, **ddp_without_buffer_sync())
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -220,9 +219,7 @@ def report_error(message: str, cluster: Cluster) -> None:
     first = True
     if cluster.is_distributed:
         try:
-            from torch.distributed.distributed_c10d import _get_default_store
-
-            first = _get_default_store().add("onepass/errors_reported", 1) == 1
+            first = distributed_store().add("onepass/errors_reported", 1) == 1
         except Exception:  # the store went away with rank 0: better twice than never
             first = True
     if first:

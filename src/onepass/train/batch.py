@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from onepass.render import Example
+from onepass.data.types import Example
 
 IGNORE_INDEX = -100
 Normalization = Literal["token", "sequence", "turn"]

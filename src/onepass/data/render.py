@@ -18,66 +18,14 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from onepass.chat_template import ChatTemplate
+from onepass.data.chat_template import ChatTemplate
+from onepass.data.types import (ChatConversation, Conversation, RawConversation, RenderedText, RenderOptions,
+                                Span)
 from onepass.errors import TemplateError
-from onepass.formats import Conversation
-
-LossOn = Literal["assistant", "last", "all"]
-Overlong = Literal["drop", "truncate", "error"]
-UnstableHistory = Literal["error", "warn", "split"]
-
-
-@dataclass(frozen=True)
-class RenderOptions:
-    loss_on: LossOn = "assistant"
-    train_on_eot: bool = True
-    max_seq_len: int | None = None
-    overlong: Overlong = "drop"
-    unstable_history: UnstableHistory = "error"
-
-
-@dataclass(frozen=True)
-class Example:
-    """One training sequence. `loss_mask[t] == 1` means token t is trained; `turn[t]` is the index of
-    the assistant message (0, 1, ...) that token t belongs to, or -1."""
-
-    input_ids: np.ndarray  # int32
-    loss_mask: np.ndarray  # int8, 1 = trained
-    turn: np.ndarray  # int32
-    source: str = ""
-    where: str = ""
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def num_trained_tokens(self) -> int:
-        return int(self.loss_mask.sum())
-
-
-@dataclass(frozen=True)
-class Span:
-    """Characters [start, end) of one assistant turn in a rendered text; `boundary` is where the turn
-    ends (after its end-of-turn text): the only places a too-long example may be cut."""
-
-    start: int
-    end: int
-    turn: int
-    trained: bool
-    boundary: int
-
-
-@dataclass(frozen=True)
-class RenderedText:
-    text: str
-    spans: tuple[Span, ...]
-    train_all: bool = False  # loss_on == "all": every token is trained
-    add_special_tokens: bool = False  # raw text: the tokenizer adds its own BOS; templates write theirs
-    cut_anywhere: bool = False  # plain text may be truncated at any token
 
 
 @dataclass(frozen=True)
@@ -87,15 +35,28 @@ class RenderResult:
     split: bool = False
 
 
+@dataclass(frozen=True)
+class TurnRender:
+    """How the template renders one assistant turn: its inference-time context (messages before it
+    with the generation prompt), the conversation up to and including it, and its span in the latter."""
+
+    turn: int  # 0, 1, ... among the assistant messages
+    message_index: int
+    context: str
+    as_last: str
+    span: Span
+    stable: bool  # the full conversation starts with both renders: history is not rewritten
+
+
 def render_conversation(conversation: Conversation, template: ChatTemplate, options: RenderOptions,
                         eos_token: str | None) -> RenderResult:
     """The text(s) to tokenize for one conversation, with their trained character spans."""
-    if conversation.kind == "raw":
+    if isinstance(conversation, RawConversation):
         return RenderResult((_render_raw(conversation, eos_token),))
     return _render_chat(conversation, template, options)
 
 
-def _render_raw(conversation: Conversation, eos_token: str | None) -> RenderedText:
+def _render_raw(conversation: RawConversation, eos_token: str | None) -> RenderedText:
     text, spans = "", []
     for piece, trained in conversation.segments:
         if trained:
@@ -109,7 +70,7 @@ def _render_raw(conversation: Conversation, eos_token: str | None) -> RenderedTe
     return RenderedText(text, tuple(spans), add_special_tokens=True, cut_anywhere=plain_text)
 
 
-def _is_trained(conversation: Conversation, message_index: int, options: RenderOptions) -> bool:
+def _is_trained(conversation: ChatConversation, message_index: int, options: RenderOptions) -> bool:
     message = conversation.messages[message_index]
     if message.train is not None:
         return message.train
@@ -118,11 +79,11 @@ def _is_trained(conversation: Conversation, message_index: int, options: RenderO
     return True
 
 
-def _render_chat(conversation: Conversation, template: ChatTemplate, options: RenderOptions) -> RenderResult:
+def _render_chat(conversation: ChatConversation, template: ChatTemplate, options: RenderOptions) -> RenderResult:
     messages = [message.to_template() for message in conversation.messages]
     ends_with_response = conversation.messages[-1].role == "assistant"
     full = None if ends_with_response else template.render(messages)  # else it is the last Q_k
-    turns = []  # (turn index, message index, P_k, Q_k, span in Q_k, stable)
+    turns: list[TurnRender] = []
     for turn_index, message_index in reversed(list(enumerate(conversation.assistant_indices))):
         context = _render_context(template, messages[:message_index])
         as_last = template.render(messages[:message_index + 1])
@@ -130,20 +91,20 @@ def _render_chat(conversation: Conversation, template: ChatTemplate, options: Re
         span = _locate_turn(conversation, message_index, turn_index, as_last, _common_prefix(context, as_last),
                             template, options)
         stable = full.startswith(context) and full.startswith(as_last.rstrip())
-        turns.insert(0, (turn_index, message_index, context, as_last, span, stable))
+        turns.insert(0, TurnRender(turn_index, message_index, context, as_last, span, stable))
 
-    if all(stable for *_, stable in turns):
-        spans = tuple(span for *_, span, _ in turns)
+    if all(turn.stable for turn in turns):
+        spans = tuple(turn.span for turn in turns)
         return RenderResult((RenderedText(full, spans, train_all=options.loss_on == "all"),))
     if options.unstable_history == "error":
-        bad = next(message_index for _, message_index, *_, stable in turns if not stable)
+        bad = next(turn.message_index for turn in turns if not turn.stable)
         raise TemplateError(
             f"{conversation.source}, {conversation.where}: chat template '{template.name}' renders earlier turns "
             f"differently once later turns exist (message {bad}), so the context trained on is not what the model "
             "sees at inference. Fix: set unstable_history: split (one example per turn, exact contexts) or warn.")
     if options.unstable_history == "split":
-        texts = tuple(RenderedText(as_last, (span,), train_all=options.loss_on == "all")
-                      for _, _, _, as_last, span, _ in turns if span.trained or options.loss_on == "all")
+        texts = tuple(RenderedText(turn.as_last, (turn.span,), train_all=options.loss_on == "all")
+                      for turn in turns if turn.span.trained or options.loss_on == "all")
         return RenderResult(texts, unstable=True, split=True)
     return RenderResult((_relocate_in_full(conversation, full, turns, template, options),), unstable=True)
 
@@ -187,7 +148,7 @@ def _skip_space(text: str, position: int) -> int:
     return position
 
 
-def _locate_turn(conversation: Conversation, message_index: int, turn_index: int, text: str, start: int,
+def _locate_turn(conversation: ChatConversation, message_index: int, turn_index: int, text: str, start: int,
                  template: ChatTemplate, options: RenderOptions) -> Span:
     """Turn k's trained span in `text`, which renders messages[:k+1] and whose first `start` chars are context."""
     message = conversation.messages[message_index]
@@ -211,25 +172,25 @@ def _locate_turn(conversation: Conversation, message_index: int, turn_index: int
     return Span(content_start, end, turn_index, _is_trained(conversation, message_index, options), turn_end)
 
 
-def _relocate_in_full(conversation: Conversation, full: str, turns: list[Any], template: ChatTemplate,
+def _relocate_in_full(conversation: ChatConversation, full: str, turns: list[TurnRender], template: ChatTemplate,
                       options: RenderOptions) -> RenderedText:
     """`warn` policy: find each turn in the full text as rendered there (history rewritten)."""
     spans, cursor = [], 0
-    for turn_index, message_index, context, as_last, span, _ in turns:
-        start = max(cursor, _common_prefix(context, full))
-        message = conversation.messages[message_index]
+    for turn in turns:
+        start = max(cursor, _common_prefix(turn.context, full))
+        message = conversation.messages[turn.message_index]
         content_start, content_end = _find(full, message.content, start)
         if content_start < 0:
             raise TemplateError(
                 f"{conversation.source}, {conversation.where}: chat template '{template.name}' rewrites message "
-                f"{message_index} in the full conversation, so it cannot be trained in one pass. "
+                f"{turn.message_index} in the full conversation, so it cannot be trained in one pass. "
                 "Fix: set unstable_history: split.")
-        _, content_end_as_last = _find(as_last, message.content, span.start)
-        eot_text = as_last[max(content_end_as_last, span.start):span.boundary].strip()
+        _, content_end_as_last = _find(turn.as_last, message.content, turn.span.start)
+        eot_text = turn.as_last[max(content_end_as_last, turn.span.start):turn.span.boundary].strip()
         eot_start = _skip_space(full, content_end)
         turn_end = eot_start + len(eot_text) if eot_text and full.startswith(eot_text, eot_start) else content_end
         end = turn_end if options.train_on_eot else content_end
-        spans.append(Span(content_start, end, turn_index, span.trained, turn_end))
+        spans.append(Span(content_start, end, turn.turn, turn.span.trained, turn_end))
         cursor = turn_end
     return RenderedText(full, tuple(spans), train_all=options.loss_on == "all")
 

@@ -9,8 +9,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from onepass.dataset import PreparedData, Stats
-from onepass.render import Example
+from onepass.data.cache import PreparedData
+from onepass.data.stats import Stats
+from onepass.data.types import Example
+from onepass.errors import OnepassError
 
 TURN_COLOURS = ("green", "cyan", "magenta", "yellow", "blue")
 
@@ -75,3 +77,29 @@ def write_json_lines(data: PreparedData, stream: TextIO) -> None:
     for example in data.examples:
         stream.write(json.dumps({"input_ids": example.input_ids.tolist(), "loss_mask": example.loss_mask.tolist(),
                                  "turn": example.turn.tolist()}) + "\n")
+
+
+def summary_line(name: str, stats: Stats) -> str:
+    """One line saying what became of every record: examples, and what was rejected or dropped, and why."""
+    parts = [f"{name}: {stats.records:,} records → {stats.examples:,} examples, {stats.tokens:,} tokens "
+             f"({stats.trained_tokens:,} trained)"]
+    for label, counts in (("rejected", stats.rejected), ("dropped", stats.dropped)):
+        if counts:
+            reasons = ", ".join(f"{reason} ×{count}" for reason, count in sorted(counts.items()))
+            parts.append(f"{label} {sum(counts.values()):,} ({reasons})")
+    if stats.truncated:
+        parts.append(f"truncated {stats.truncated:,}")
+    return "; ".join(parts)
+
+
+def nothing_left(name: str, stats: Stats, max_seq_len: int | None) -> OnepassError:
+    """The error for data that prepared into no example at all, with the fix its reasons point to."""
+    fixes = []
+    if any("max_seq_len" in reason or "truncation" in reason for reason in stats.dropped):
+        fixes.append(f"raise max_seq_len (now {max_seq_len}) or set data.overlong: truncate")
+    if stats.rejected:
+        fixes.append("fix the rejected records (each reason names the file, line and field)")
+    if any(reason in ("no trained turn", "no trained tokens") for reason in stats.dropped):
+        fixes.append("check data.loss_on and per-message train flags: nothing was left to train on")
+    return OnepassError(f"no {name} examples left after preparation. {summary_line(name + ' data', stats)}. "
+                        f"Fix: {'; '.join(fixes) or 'check the data'}.")

@@ -11,29 +11,27 @@ import csv
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from onepass.data.types import Record
 from onepass.errors import DataError, OnepassError
 
 JSON_LIST_COLUMNS = ("messages", "conversations", "prompt", "completion", "completions")
 SUFFIXES = ".jsonl, .json, .parquet, .csv or a `datasets` directory saved with save_to_disk"
 
 
-@dataclass(frozen=True)
-class Record:
-    source: str
-    where: str  # "line 12", "record 3", "row 7": what a user searches for in the file
-    data: dict[str, Any] | None
-    error: DataError | None = None
+def check_data_path(path: str | Path) -> Path:
+    """The path, or the one error for a data path that does not exist."""
+    path = Path(path)
+    if not path.exists():
+        raise OnepassError(f"data path not found: {path}. Fix: check the path (relative paths start at {Path.cwd()}).")
+    return path
 
 
 def read_records(path: str | Path) -> Iterator[Record]:
     """Yield every record of one data file (or `datasets` directory), in file order."""
-    path = Path(path)
-    if not path.exists():
-        raise OnepassError(f"data path not found: {path}. Fix: check the path (relative paths start at {Path.cwd()}).")
+    path = check_data_path(path)
     if path.is_dir():
         yield from _read_datasets_dir(path)
         return
@@ -54,7 +52,7 @@ def _object_or_error(source: str, where: str, value: Any) -> Record:
     if isinstance(value, dict):
         return Record(source, where, value)
     error = DataError(source, where, None, f"record is a JSON {type(value).__name__}, expected an object",
-                      'write each record as {"messages": [...]} or another supported format')
+                      'write each record as {"messages": [...]} or another supported format', code="not_an_object")
     return Record(source, where, None, error)
 
 
@@ -68,20 +66,20 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
             except UnicodeDecodeError as error:
                 yield Record(source, where, None, DataError(
                     source, where, None, f"invalid UTF-8 bytes (at byte {error.start})",
-                    "re-save the file as UTF-8"))
+                    "re-save the file as UTF-8", code="invalid_utf8"))
                 continue
             if not text.strip():
                 continue  # blank lines separate nothing in JSONL; they are not records
             if "\x00" in text:
                 yield Record(source, where, None, DataError(
-                    source, where, None, "NUL byte in line", "remove the NUL (\\x00) characters"))
+                    source, where, None, "NUL byte in line", "remove the NUL (\\x00) characters", code="nul_byte"))
                 continue
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as error:
                 yield Record(source, where, None, DataError(
                     source, where, None, f"invalid JSON: {error.msg} at column {error.colno}",
-                    "each line must be one complete JSON object"))
+                    "each line must be one complete JSON object", code="invalid_json"))
                 continue
             yield _object_or_error(source, where, value)
 
@@ -148,12 +146,12 @@ def _csv_rows(source: str, reader: Any, header: list[str]) -> Iterator[Record]:
             continue  # a blank line is not a record (a row of empty cells is, and is checked)
         if any("\x00" in cell for cell in row):
             yield Record(source, where, None, DataError(source, where, None, "NUL byte in row",
-                                                        "remove the NUL (\\x00) characters"))
+                                                        "remove the NUL (\\x00) characters", code="nul_byte"))
             continue
         if len(row) != len(header):
             yield Record(source, where, None, DataError(
                 source, where, None, f"row has {len(row)} fields but the header has {len(header)}",
-                "quote fields that contain commas, and give every row the header's columns"))
+                "quote fields that contain commas, and give every row the header's columns", code="ragged_row"))
             continue
         record: dict[str, Any] = dict(zip(header, row))
         for column in JSON_LIST_COLUMNS:
@@ -164,7 +162,7 @@ def _csv_rows(source: str, reader: Any, header: list[str]) -> Iterator[Record]:
                 except json.JSONDecodeError as error:
                     yield Record(source, where, None, DataError(
                         source, where, column, f"invalid JSON in CSV cell: {error.msg}",
-                        "a list-valued CSV cell must hold valid JSON"))
+                        "a list-valued CSV cell must hold valid JSON", code="invalid_json_cell"))
                     break
         else:
             yield Record(source, where, record)

@@ -7,20 +7,22 @@ token's log-probability given everything before it, so each message's term, the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from onepass.chat_template import ChatTemplate
-from onepass.collate import collate
-from onepass.errors import OnepassError
-from onepass.formats import Conversation, Message
-from onepass.loss import label_nll
-from onepass.render import Example, RenderOptions, mask_tokens, render_conversation, tokenize_rendered
+from onepass.data.chat_template import ChatTemplate
+from onepass.data.formats import to_conversation
+from onepass.data.render import mask_tokens, render_conversation, tokenize_rendered
+from onepass.data.types import ChatConversation, Conversation, Example, RawConversation, Record, RenderOptions
+from onepass.errors import DataError, OnepassError
+from onepass.train.batch import collate
+from onepass.train.loss import label_nll
+from onepass.train.model import device_of, evaluating
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class ScoredText:
 
 def _message_ends(conversation: Conversation, template: ChatTemplate, text: str) -> list[int]:
     """Character where each message's part of `text` ends (template tokens go with the message they follow)."""
-    if conversation.kind == "raw":
+    if isinstance(conversation, RawConversation):
         ends, position = [], 0
         for piece, _ in conversation.segments:
             position += len(piece)
@@ -65,42 +67,43 @@ def render_for_scoring(conversations: list[Conversation], tokenizer: Any, templa
         loss_mask, turn = mask_tokens(item, offsets)
         ends = np.asarray(_message_ends(conversation, template, item.text))
         message_of_token = np.minimum(np.searchsorted(ends, offsets[:, 0], side="right"), len(ends) - 1)
-        if conversation.kind == "raw":
-            roles = ("prompt", "completion") if len(conversation.segments) == 2 else ("text",)
+        roles = conversation.roles
+        if isinstance(conversation, RawConversation):  # a raw text's pieces say themselves what is trained
             trained = tuple(t for _, t in conversation.segments)
         else:
-            roles = tuple(m.role for m in conversation.messages)
             trained = tuple(bool(loss_mask[message_of_token == i].any()) for i in range(len(roles)))
         scored.append(ScoredText(Example(ids, loss_mask, turn, conversation.source, conversation.where),
                                  message_of_token, roles, trained))
     return scored
 
 
-@torch.no_grad()
 def token_logprobs(model: Any, examples: list[Example], batch_tokens: int = 4096) -> list[np.ndarray]:
     """log Pr(token t | tokens < t) for t >= 1 of every example, packed into forward passes of
     about `batch_tokens` tokens (each conversation attends only to itself)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     results: list[np.ndarray] = [None] * len(examples)  # type: ignore[list-item]
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
-    group: list[int] = []
-    for position, index in enumerate(order):
-        group.append(index)
-        size = sum(len(examples[i]) for i in group)
-        if size >= batch_tokens or position == len(order) - 1:
+    with evaluating(model):
+        for group in _groups_of_tokens([len(e) for e in examples], batch_tokens):
             everything = [Example(examples[i].input_ids, np.ones(len(examples[i]), np.int8), examples[i].turn)
                           for i in group]
-            nll, _ = label_nll(model, collate(everything).to(device))
+            nll, _ = label_nll(model, collate(everything).to(device_of(model)))
             values = (-nll.double()).cpu().numpy()
             start = 0
             for i in group:
                 results[i] = values[start:start + len(examples[i]) - 1]
                 start += len(examples[i]) - 1
-            group = []
-    model.train(was_training)
     return results
+
+
+def _groups_of_tokens(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices, longest first, in groups of about `batch_tokens` tokens (one forward pass each)."""
+    groups, group, size = [], [], 0
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        group.append(index)
+        size += lengths[index]
+        if size >= batch_tokens:
+            groups.append(group)
+            group, size = [], 0
+    return groups + ([group] if group else [])
 
 
 def summarise(scored: ScoredText, logprobs: np.ndarray, index: int) -> dict[str, Any]:
@@ -130,15 +133,14 @@ def score_conversations(model: Any, tokenizer: Any, template: ChatTemplate, conv
     return [summarise(s, lp, i) for i, (s, lp) in enumerate(zip(scored, logprobs))]
 
 
-def k_pass_turn_logprobs(model: Any, tokenizer: Any, template: ChatTemplate, conversation: Conversation,
+def k_pass_turn_logprobs(model: Any, tokenizer: Any, template: ChatTemplate, conversation: ChatConversation,
                          options: RenderOptions = RenderOptions(unstable_history="warn")) -> list[float]:
     """The slow way, for checking: log Pr(response k | its prefix) from a separate pass per turn."""
     values = []
     for turn, index in enumerate(conversation.assistant_indices):
-        prefix = Conversation(conversation.source, conversation.where, "chat",
-                              tuple(Message(m.role, m.content, (i == index) if m.role == "assistant" else None,
-                                            m.tool_calls, m.extra)
-                                    for i, m in enumerate(conversation.messages[:index + 1])))
+        prefix = ChatConversation(conversation.source, conversation.where, tuple(
+            dataclasses.replace(m, train=(i == index) if m.role == "assistant" else None)
+            for i, m in enumerate(conversation.messages[:index + 1])))
         [scored] = render_for_scoring([prefix], tokenizer, template, options)
         [logprobs] = token_logprobs(model, [scored.example])
         values.append(float(logprobs[scored.example.loss_mask[1:] == 1].sum()))
@@ -162,14 +164,10 @@ def write_jsonl(rows: list[dict[str, Any]], path: str | Path | None) -> None:
 
 def candidate_conversations(record: dict[str, Any], source: str, where: str) -> list[Conversation]:
     """One conversation per candidate of a {prompt, completions: [...]} row."""
-    from onepass.errors import DataError
-    from onepass.formats import to_conversation
-    from onepass.records import Record
-
     completions = record.get("completions")
     if not isinstance(completions, list) or not completions or not all(isinstance(c, str) for c in completions):
         raise DataError(source, where, "completions", "expected a non-empty list of strings",
-                        'give "completions": ["candidate 1", "candidate 2", ...]')
+                        'give "completions": ["candidate 1", "candidate 2", ...]', code="wrong_type")
     prompt = record.get("prompt")
     if isinstance(prompt, list):
         rows = [{"prompt": prompt, "completion": [{"role": "assistant", "content": c}]} for c in completions]
@@ -198,52 +196,30 @@ def rank_candidates(model: Any, tokenizer: Any, template: ChatTemplate, records:
     return results
 
 
-def cmd_score(args: Any) -> int:
-    import sys
+def score_file(model: Any, tokenizer: Any, template: ChatTemplate, path: str, loss_on: str = "assistant",
+               format_name: str | None = None, batch_tokens: int = 4096
+               ) -> tuple[list[dict[str, Any]], list[Conversation]]:
+    """Every conversation of a data file scored from one pass each, with its per-turn values."""
+    from onepass.data.prepare import load_conversations
+    from onepass.data.stats import Stats
 
-    from onepass.chat_template import load_chat_template
-    from onepass.dataset import Stats, load_conversations
-    from onepass.model import load_model, load_tokenizer
-    from onepass.records import read_records
-
-    tokenizer = load_tokenizer(args.model)
-    template = load_chat_template(tokenizer, args.chat_template)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(args.model, device).to(device)
-    records = [r for r in read_records(args.data)]
-    if records and records[0].data is not None and "completions" in records[0].data:
-        bad = next((r for r in records if r.error is not None), None)
-        if bad is not None:
-            raise bad.error
-        write_jsonl(rank_candidates(model, tokenizer, template, records, args.batch_tokens), args.out)
-        return 0
-    conversations = load_conversations([args.data], args.format, "error", Stats(), [])
-    options = RenderOptions(loss_on=args.loss_on, unstable_history="warn")
+    conversations = load_conversations([path], format_name, "error", Stats(), [])
+    options = RenderOptions(loss_on=loss_on, unstable_history="warn")
     scored = render_for_scoring(conversations, tokenizer, template, options)
-    logprobs = token_logprobs(model, [s.example for s in scored], args.batch_tokens)
+    logprobs = token_logprobs(model, [s.example for s in scored], batch_tokens)
     rows = [summarise(s, lp, i) for i, (s, lp) in enumerate(zip(scored, logprobs))]
     for row, item, values in zip(rows, scored, logprobs):
         row["turn_logprobs"] = turn_logprobs(item, values)
-    write_jsonl(rows, args.out)
-    if args.check:
-        worst = 0.0
-        for conversation, row in list(zip(conversations, rows))[:args.check]:
-            if conversation.kind == "chat":
-                slow = k_pass_turn_logprobs(model, tokenizer, template, conversation, options)
-                worst = max([worst] + [abs(a - b) for a, b in zip(slow, row["turn_logprobs"])])
-        print(f"check: {min(args.check, len(rows))} conversations re-scored with one pass per turn; "
-              f"largest difference {worst:.2e} nats", file=sys.stderr)
-    return 0
+    return rows, conversations
 
 
-def register_cli(subparsers: Any) -> None:
-    parser = subparsers.add_parser("score", help="log Pr(response | context) per message from one forward pass")
-    parser.add_argument("--model", required=True, help="local Hugging Face model directory")
-    parser.add_argument("--data", required=True, help="conversations, or rows of {prompt, completions: [...]}")
-    parser.add_argument("--out", default=None, help="output JSONL (default: stdout)")
-    parser.add_argument("--batch-tokens", type=int, default=4096, help="tokens per packed forward pass")
-    parser.add_argument("--check", type=int, default=0, help="re-score N conversations the slow K-pass way")
-    parser.add_argument("--chat-template", default=None)
-    parser.add_argument("--loss-on", default="assistant", choices=["assistant", "last", "all"])
-    parser.add_argument("--format", default=None)
-    parser.set_defaults(handler=cmd_score)
+def largest_k_pass_difference(model: Any, tokenizer: Any, template: ChatTemplate, conversations: list[Conversation],
+                              rows: list[dict[str, Any]], loss_on: str = "assistant") -> float:
+    """Re-score conversations the slow way (one pass per turn); the largest difference in nats."""
+    options = RenderOptions(loss_on=loss_on, unstable_history="warn")
+    worst = 0.0
+    for conversation, row in zip(conversations, rows):
+        if isinstance(conversation, ChatConversation):
+            slow = k_pass_turn_logprobs(model, tokenizer, template, conversation, options)
+            worst = max([worst] + [abs(a - b) for a, b in zip(slow, row["turn_logprobs"])])
+    return worst

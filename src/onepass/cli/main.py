@@ -1,0 +1,55 @@
+"""`onepass` command line: train | prepare | inspect | score | chat | demo.
+
+Each command lives in its own module here and imports the library only when it runs, so `--help`
+is instant. User errors end with one line on stderr and exit status 2; tracebacks only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from onepass.cli import chat, data, demo, score, train
+from onepass.errors import OnepassError
+
+COMMANDS = (train, data, score, chat, demo)  # each has add_parsers(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onepass", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parsers(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except OnepassError as error:
+        if args.debug:
+            raise
+        _report(error)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `onepass inspect --json | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        return 0
+    finally:
+        if "torch.distributed" in sys.modules:
+            from onepass.train.distributed import shutdown
+
+            shutdown()
+
+
+def _report(error: OnepassError) -> None:
+    if "torch.distributed" in sys.modules:  # under torchrun: the first failing rank prints, once
+        from onepass.train.distributed import current, report_error
+
+        report_error(str(error), current())
+    else:
+        print(f"error: {error}", file=sys.stderr)

@@ -1,0 +1,38 @@
+"""`onepass train CONFIG.yaml [key=value ...]`: fine-tune a model (also under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_parsers(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train", help="fine-tune a model: onepass train CONFIG.yaml [key=value ...]",
+        epilog="Several GPUs: torchrun --nproc_per_node N -m onepass train CONFIG.yaml [strategy=ddp|fsdp]. "
+               "SIGINT/SIGTERM save a checkpoint; the same command resumes.")
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 data.loss_on=last")
+    parser.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from onepass.config import load_config
+    from onepass.train import distributed
+    from onepass.train.trainer import train
+
+    cluster = distributed.init()  # under torchrun: join the process group first, so errors are reported once
+    config = load_config(args.config, args.overrides)
+    result = train(config)
+    if result.stopped_by is not None:
+        if cluster.is_main:
+            print(f"stopped by {result.stopped_by} after step {result.steps}; checkpoint saved in "
+                  f"{Path(config.output_dir) / 'checkpoints'}. Run the same command to resume.", file=sys.stderr)
+        return 128 + (signal.SIGTERM if result.stopped_by == "SIGTERM" else signal.SIGINT)
+    if cluster.is_main:
+        print(f"trained {result.steps} steps; final model: {result.final_dir}; metrics: "
+              f"{Path(config.output_dir) / 'metrics.jsonl'}; plot: {Path(config.output_dir) / 'loss.png'}")
+    return 0

@@ -1,0 +1,58 @@
+"""`Stats`: what happened to every record. Nothing is lost without being counted here."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Stats:
+    records: int = 0
+    conversations: int = 0
+    examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)  # bad records skipped, by reason
+    dropped: Counter[str] = field(default_factory=Counter)  # valid records not trained, by reason
+    truncated: int = 0
+    unstable: int = 0  # conversations whose template rewrites history
+    split: int = 0  # ... that became one example per assistant turn
+    lengths: list[int] = field(default_factory=list)
+    openings: Counter[str] = field(default_factory=Counter)  # first words of responses → count
+    formats: dict[str, str] = field(default_factory=dict)  # file → detected format
+
+    def merge(self, other: Stats) -> Stats:
+        """Add `other`'s counts to these (e.g. a worker's chunk), in place."""
+        for name, value in vars(other).items():
+            mine = getattr(self, name)
+            if isinstance(mine, dict) and not isinstance(mine, Counter):
+                mine.update(value)
+            else:
+                setattr(self, name, mine + value)
+        return self
+
+    @property
+    def trained_fraction(self) -> float:
+        return self.trained_tokens / self.tokens if self.tokens else 0.0
+
+    def length_percentiles(self) -> dict[str, int]:
+        if not self.lengths:
+            return {}
+        values = np.percentile(np.asarray(self.lengths), [50, 90, 99, 100])
+        return {name: int(value) for name, value in zip(("p50", "p90", "p99", "max"), values)}
+
+    def to_dict(self) -> dict[str, Any]:
+        # not dataclasses.asdict: it would rebuild each Counter from (key, count) pairs and count the pairs
+        return {name: dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else value
+                for name, value in vars(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Stats:
+        stats = cls(**values)
+        for name in ("rejected", "dropped", "openings"):
+            setattr(stats, name, Counter(getattr(stats, name)))
+        return stats

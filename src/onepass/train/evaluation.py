@@ -1,0 +1,56 @@
+"""Held-out evaluation: response-only loss and perplexity, every `eval_every` steps and at both ends."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from onepass.data.types import Example
+from onepass.train import distributed
+from onepass.train.batch import collate, padding_batch
+from onepass.train.distributed import Cluster
+from onepass.train.model import device_of, evaluating
+from onepass.train.plan import packed_micro_batches
+from onepass.train.step import Precision, autocast
+
+
+def evaluate(objective: Any, examples: list[Example], max_seq_len: int, batch_size: int,
+             precision: Precision = "fp32", cluster: Cluster = Cluster()) -> dict[str, float]:
+    """Held-out response-only loss (mean NLL per trained token) and perplexity; each rank scores its
+    share of the micro-batches."""
+    if not examples:
+        return {}
+    micro_batches = packed_micro_batches([len(e) for e in examples], max_seq_len, batch_size)
+    mine, padding = distributed.rank_share(micro_batches, cluster)
+    batches = [collate([examples[i] for i in micro], "token") for micro in mine]
+    if padding:  # this rank's share is short: pass on the shortest example with zero weight
+        batches += [padding_batch(min(examples, key=len))] * padding
+    nll_sum, count = 0.0, 0
+    with evaluating(objective):
+        device = device_of(objective)
+        for batch in batches:
+            with autocast(precision, device):
+                _, batch_nll = objective(batch.to(device), 1.0)
+            nll_sum += batch_nll
+            count += batch.num_trained_tokens
+    nll_sum, count = distributed.all_reduce_sum([nll_sum, count], cluster)
+    loss = nll_sum / max(count, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+class Evaluator:
+    """Evaluates the held-out examples when it is time to: before training, every `eval_every` steps,
+    and at the end. Without held-out examples it never does."""
+
+    def __init__(self, examples: list[Example], max_seq_len: int, batch_size: int, eval_every: int,
+                 precision: Precision = "fp32", cluster: Cluster = Cluster()):
+        self.examples, self.eval_every = examples, eval_every
+        self.max_seq_len, self.batch_size, self.precision, self.cluster = max_seq_len, batch_size, precision, cluster
+
+    def should_evaluate(self, step: int, total_steps: int) -> bool:
+        """During training: every `eval_every` steps, but not at the last step (the final evaluation is)."""
+        return bool(self.examples) and bool(self.eval_every) and step % self.eval_every == 0 and step < total_steps
+
+    def evaluate(self, objective: Any) -> dict[str, float]:
+        return evaluate(distributed.unwrap(objective), self.examples, self.max_seq_len, self.batch_size,
+                        self.precision, self.cluster)

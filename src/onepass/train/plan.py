@@ -1,0 +1,106 @@
+"""The data order of a run: examples → packed rows → micro-batches → optimizer steps.
+
+The order is a pure function of (seed, epoch): each epoch shuffles the examples, packs them into
+rows of at most `max_seq_len` tokens (best-fit decreasing), shuffles the rows and cuts them into
+micro-batches of `batch_size` rows and steps of `grad_accum × ranks` micro-batches. So resuming at
+step N only needs N, every run with the same seed sees the same data, and under torchrun each rank
+takes its share of each step: N ranks make the same updates as one process with the same global batch.
+
+A row is just a list of example indices: the conversations in it stay whole, keep their own
+position ids and never attend to each other (see `batch.collate` and `model.packed_sdpa_attention`).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+import numpy as np
+
+from onepass.data.types import Example
+from onepass.errors import OnepassError
+from onepass.train.batch import Batch, Normalization, collate, padding_batch
+from onepass.train.distributed import Cluster, rank_share
+
+
+def pack(lengths: Sequence[int], max_seq_len: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing: each example goes to the fullest row it still fits in.
+
+    Ties keep the input order, so a shuffled input gives a shuffled, reproducible packing.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep input order
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row index), sorted
+    for index in order:
+        length = lengths[index]
+        if length > max_seq_len:
+            raise ValueError(f"example {index} has {length} tokens > max_seq_len {max_seq_len}")  # our bug
+        slot = bisect.bisect_left(free, (length, -1))
+        if slot < len(free):
+            space, row = free.pop(slot)
+        else:
+            space, row = max_seq_len, len(rows)
+            rows.append([])
+        rows[row].append(index)
+        if space - length > 0:
+            bisect.insort(free, (space - length, row))
+    return rows
+
+
+def packed_micro_batches(lengths: Sequence[int], max_seq_len: int, batch_size: int,
+                         rng: np.random.Generator | None = None) -> list[list[int]]:
+    """Example indices per micro-batch: packed rows (shuffled first when `rng` is given), `batch_size` rows each."""
+    order = rng.permutation(len(lengths)) if rng is not None else np.arange(len(lengths))
+    rows = [[int(order[i]) for i in row] for row in pack([lengths[i] for i in order], max_seq_len)]
+    if rng is not None:
+        rows = [rows[i] for i in rng.permutation(len(rows))]
+    return [sum(rows[i:i + batch_size], []) for i in range(0, len(rows), batch_size)]
+
+
+def plan_epoch(lengths: Sequence[int], max_seq_len: int, batch_size: int, micro_batches_per_step: int, seed: int,
+               epoch: int) -> list[list[list[int]]]:
+    """Steps → micro-batches (of all ranks) → example indices, for one epoch (deterministic in seed and epoch)."""
+    micro_batches = packed_micro_batches(lengths, max_seq_len, batch_size, np.random.default_rng([seed, epoch]))
+    per_step = micro_batches_per_step
+    return [micro_batches[i:i + per_step] for i in range(0, len(micro_batches), per_step)]
+
+
+class StepPlan:
+    """The micro-batches of every optimizer step of a run, for this rank."""
+
+    def __init__(self, examples: list[Example], max_seq_len: int, batch_size: int, grad_accum: int, seed: int,
+                 normalization: Normalization, cluster: Cluster = Cluster()):
+        self.examples = examples
+        self.lengths = [len(e) for e in examples]
+        self.max_seq_len, self.batch_size, self.seed = max_seq_len, batch_size, seed
+        self.normalization = normalization
+        self.cluster = cluster
+        self.micro_batches_per_step = grad_accum * cluster.world_size
+        self.rows = len(pack(self.lengths, max_seq_len))
+        self._check_fills_a_step(grad_accum)
+        self.steps_per_epoch = len(self.epoch(0))
+        self.padding = padding_batch(min(examples, key=len))
+        self._cached: tuple[int, list] = (-1, [])
+
+    def _check_fills_a_step(self, grad_accum: int) -> None:
+        rows_per_step = self.batch_size * self.micro_batches_per_step
+        if self.rows < rows_per_step:
+            raise OnepassError(
+                f"one optimizer step takes batch_size × grad_accum × ranks = {self.batch_size} × "
+                f"{grad_accum} × {self.cluster.world_size} = {rows_per_step} packed rows, but the training "
+                f"data packs into only {self.rows} rows of max_seq_len={self.max_seq_len} tokens. Fix: lower "
+                "batch_size or grad_accum, or add data.")
+
+    def epoch(self, epoch: int) -> list[list[list[int]]]:
+        return plan_epoch(self.lengths, self.max_seq_len, self.batch_size, self.micro_batches_per_step, self.seed,
+                          epoch)
+
+    def step_batches(self, step: int) -> list[Batch]:
+        """This rank's micro-batches of optimizer step `step` (0-based), padded so that every rank makes
+        the same number of passes."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if self._cached[0] != epoch:
+            self._cached = (epoch, self.epoch(epoch))
+        mine, padding = rank_share(self._cached[1][index], self.cluster)
+        return [collate([self.examples[i] for i in micro], self.normalization) for micro in mine] + \
+            [self.padding] * padding

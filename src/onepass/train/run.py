@@ -1,0 +1,129 @@
+"""Assembling a training run from its config: process group, tokenizer and template, prepared data,
+the step plan, model and objective, optimizer and schedule, checkpointer and evaluator. The
+`Trainer` then only loops over what is built here."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from onepass.config import TrainConfig, to_dict
+from onepass.data.cache import PreparedData
+from onepass.data.chat_template import ChatTemplate, load_chat_template
+from onepass.data.prepare import prepare
+from onepass.data.report import nothing_left, summary_line
+from onepass.data.tokenizer import load_tokenizer
+from onepass.data.types import Example
+from onepass.train import distributed
+from onepass.train.checkpoint import Checkpointer
+from onepass.train.distributed import Cluster
+from onepass.train.evaluation import Evaluator
+from onepass.train.loss import SFTObjective
+from onepass.train.model import build_model, check_model_dir
+from onepass.train.plan import StepPlan
+from onepass.train.step import StepOptions
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything a training loop needs, built and checked."""
+
+    config: TrainConfig
+    cluster: Cluster
+    tokenizer: Any
+    template: ChatTemplate
+    train_data: PreparedData
+    plan: StepPlan
+    total_steps: int
+    model: Any
+    objective: torch.nn.Module  # the model with the SFT loss as its forward, wrapped for data parallelism
+    optimizer: Any
+    scheduler: Any
+    step_options: StepOptions
+    checkpointer: Checkpointer
+    evaluator: Evaluator
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+
+def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, train_data: PreparedData | None = None,
+              eval_examples: list[Example] | None = None, prepare_data: Callable[..., PreparedData] = prepare) -> Run:
+    """Build a run. Cheap checks (model directory, tokenizer, chat template) come before data
+    preparation, and data checks before the model is loaded. Given pieces are used as they are."""
+    cluster = distributed.init()  # joins torchrun's process group if there is one (once)
+    torch.manual_seed(config.seed)  # the same initial weights (e.g. LoRA adapters) on every rank
+    if model is None:
+        check_model_dir(config.model)  # a bad model dir fails now, not after data preparation
+    tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
+    template = load_chat_template(tokenizer, config.data.chat_template)
+    train_data, eval_examples = _prepare_data(config, cluster, tokenizer, template, train_data, eval_examples,
+                                              prepare_data)
+    plan = StepPlan(train_data.examples, config.max_seq_len, config.batch_size, config.grad_accum, config.seed,
+                    config.loss_normalization, cluster)
+    total_steps = config.max_steps or config.epochs * plan.steps_per_epoch
+    model = model if model is not None else build_model(config, cluster.device)
+    objective = distributed.parallelize(SFTObjective(model, config.loss_chunk_size), cluster, config.strategy)
+    optimizer, scheduler = build_optimizer(distributed.unwrap(objective), config, total_steps)
+    checkpointer = Checkpointer(config.output_dir, config.save_every, config.keep_last,
+                                yaml.safe_dump(to_dict(config), sort_keys=False), cluster)
+    evaluator = Evaluator(eval_examples, config.max_seq_len, config.batch_size, config.eval_every, config.precision,
+                          cluster)
+    step_options = StepOptions(config.precision, config.max_grad_norm, config.on_nonfinite)
+    return Run(config, cluster, tokenizer, template, train_data, plan, total_steps, model, objective, optimizer,
+               scheduler, step_options, checkpointer, evaluator)
+
+
+def _prepare_data(config: TrainConfig, cluster: Cluster, tokenizer: Any, template: ChatTemplate,
+                  train_data: PreparedData | None, eval_examples: list[Example] | None,
+                  prepare_data: Callable[..., PreparedData]) -> tuple[PreparedData, list[Example]]:
+    """Train and held-out data, prepared by rank 0 first (the others load its cache), and checked."""
+    output_dir = Path(config.output_dir)
+
+    def prepare_split(paths: list[str], rejects_name: str) -> PreparedData:
+        return prepare_data(paths, tokenizer, template, config.render_options(), format_name=config.data.format,
+                            on_bad_record=config.data.on_bad_record, num_workers=config.data.num_workers,
+                            cache_dir=config.data.cache_dir,
+                            rejects_file=output_dir / rejects_name if cluster.is_main else None)
+
+    with distributed.main_first(cluster):
+        train_data = train_data or prepare_split(config.data.train, "rejects.jsonl")
+        eval_data = prepare_split(config.data.eval, "rejects.eval.jsonl") \
+            if eval_examples is None and config.data.eval else None
+    _report_data(config, cluster, train_data, eval_data)
+    if eval_examples is None:
+        eval_examples = eval_data.examples if eval_data is not None else []
+    return train_data, eval_examples
+
+
+def _report_data(config: TrainConfig, cluster: Cluster, train_data: PreparedData, eval_data: PreparedData | None
+                 ) -> None:
+    """Say what became of every record, and stop when a split prepared into nothing."""
+    if cluster.is_main:
+        print(summary_line("train data", train_data.stats), file=sys.stderr)
+        if eval_data is not None:
+            print(summary_line("eval data", eval_data.stats), file=sys.stderr)
+        if train_data.rejects or (eval_data is not None and eval_data.rejects):
+            print(f"skipped records and their reasons: {config.output_dir}/rejects*.jsonl", file=sys.stderr)
+    if not train_data.examples:
+        raise nothing_left("training", train_data.stats, config.max_seq_len)
+    if eval_data is not None and not eval_data.examples:
+        raise nothing_left("eval", eval_data.stats, config.max_seq_len)
+
+
+def build_optimizer(model: Any, config: TrainConfig, total_steps: int) -> tuple[Any, Any]:
+    """AdamW over the trainable parameters, with warmup and the configured schedule."""
+    from transformers import get_scheduler
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[config.schedule]
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
+    return optimizer, scheduler

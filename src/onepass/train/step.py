@@ -1,0 +1,83 @@
+"""One optimizer step: forward and backward over its micro-batches, clip, update (or skip a non-finite step)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from onepass.errors import OnepassError
+from onepass.train import distributed
+from onepass.train.batch import Batch
+from onepass.train.distributed import Cluster
+from onepass.train.model import device_of
+
+Precision = Literal["auto", "fp32", "bf16"]
+OnNonfinite = Literal["error", "skip_step"]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    grad_norm: float
+    tokens: int
+    trained_tokens: int
+    skipped: bool = False
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    precision: Precision = "fp32"
+    max_grad_norm: float = 0.0  # 0: no clipping
+    on_nonfinite: OnNonfinite = "error"
+
+
+def autocast(precision: Precision, device: torch.device) -> Any:
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def train_step(objective: Any, optimizer: Any, scheduler: Any, micro_batches: list[Batch],
+               options: StepOptions = StepOptions(), cluster: Cluster = Cluster(),
+               denominator: float | None = None) -> StepResult:
+    """One optimizer step over this rank's micro-batches of it. The loss normaliser is the whole
+    step's count, summed over micro-batches and ranks before any backward pass."""
+    if denominator is None:
+        denominator = distributed.all_reduce_sum([sum(b.units for b in micro_batches)], cluster)[0]
+    total_loss = _accumulate_gradients(objective, micro_batches, denominator, options.precision, cluster)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    max_norm = options.max_grad_norm if options.max_grad_norm > 0 else float("inf")
+    grad_norm = distributed.full_value(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    total_loss, tokens, trained = distributed.all_reduce_sum(
+        [total_loss, sum(b.num_tokens for b in micro_batches), sum(b.num_trained_tokens for b in micro_batches)],
+        cluster)
+    tokens, trained = int(tokens), int(trained)
+    if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        if options.on_nonfinite == "error":
+            raise OnepassError(f"non-finite loss ({total_loss}) or gradient norm ({grad_norm}) at step "
+                               f"{scheduler.last_epoch + 1}. Fix: lower lr, check the data, or set "
+                               "on_nonfinite: skip_step.")
+        scheduler.step()  # the step is spent, so the schedule stays aligned with the data
+        return StepResult(total_loss, grad_norm, tokens, trained, skipped=True)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(total_loss, grad_norm, tokens, trained)
+
+
+def _accumulate_gradients(objective: Any, micro_batches: list[Batch], denominator: float, precision: Precision,
+                          cluster: Cluster) -> float:
+    """Forward and backward over the micro-batches, syncing gradients across ranks only on the last."""
+    device = device_of(objective)
+    scale = distributed.gradient_scale(cluster)
+    total_loss = 0.0
+    for index, batch in enumerate(micro_batches):
+        with distributed.gradient_sync(objective, enabled=index == len(micro_batches) - 1):
+            with autocast(precision, device):
+                loss, _ = objective(batch.to(device), denominator)
+            (loss * scale).backward()
+        total_loss += float(loss.detach())
+    return total_loss
