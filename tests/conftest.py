@@ -61,3 +61,29 @@ def final_weights(output_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(output_dir / "final" / "model.safetensors"))
+
+
+def constant_model(model_dir: Path, tokenizer, word: str) -> str:
+    """Save a Llama-style model to `model_dir` that predicts the first token of `word` after any
+    context, with near certainty: every token embeds to the same vector, the blocks add nothing, and
+    only that token's output row points along it. Returns the token's text. Its greedy replies and
+    its rankings are known in advance."""
+    import shutil
+
+    import torch
+
+    from onepass.demo.tiny import build_model
+
+    token = tokenizer.backend_tokenizer.encode(word, add_special_tokens=False).ids[0]
+    model = build_model(None, vocab_size=len(tokenizer))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.fill_(1.0)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        head = model.get_output_embeddings().weight
+        head.zero_()
+        head[token] = 1.0  # logit = hidden size (64) for this token, 0 for every other
+    shutil.copytree(Path(tokenizer.name_or_path), model_dir, dirs_exist_ok=True)
+    model.save_pretrained(str(model_dir))
+    return tokenizer.decode([token])

@@ -10,7 +10,7 @@ import pytest
 
 from onepass.cli.main import main
 
-from conftest import chat, write_jsonl
+from conftest import chat, constant_model, write_jsonl
 
 
 def test_inspect_prints_summary_and_coloured_examples(tmp_path, tokenizer_dir, capsys):
@@ -62,10 +62,20 @@ def test_score_and_chat_commands_on_a_saved_model(tmp_path, tokenizer_dir, capsy
     assert main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--check", "1"]) == 0
     [row] = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(row["turn_logprobs"]) == 2 and "largest difference" in capsys.readouterr().err
-    ranking = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "q", "completions": ["a", "bb"]}])
-    assert main(["score", "--model", str(model_dir), "--data", str(ranking)]) == 0
-    assert json.loads(capsys.readouterr().out)["ranking_by_sum"] in ([0, 1], [1, 0])
-    assert main(["chat", "--model", str(model_dir), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
+
+
+def test_score_ranks_the_completion_a_model_is_certain_of_first(tmp_path, tokenizer, capsys):
+    certain = constant_model(tmp_path / "model", tokenizer, "Paris")
+    ranking = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "q", "completions": ["no", certain, "blue sky"]}])
+    assert main(["score", "--model", str(tmp_path / "model"), "--data", str(ranking)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ranking_by_sum"][0] == 1 and result["best_by_sum"] == 1 and result["best_by_mean"] == 1
+
+
+def test_chat_prints_the_model_reply(tmp_path, tokenizer, capsys):
+    certain = constant_model(tmp_path / "model", tokenizer, "Paris")
+    assert main(["chat", "--model", str(tmp_path / "model"), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out == (certain * 3).strip() + "\n"
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -82,3 +92,12 @@ def test_train_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path, token
     assert main(["train", str(config), *overrides]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["inspect", "--help"], ["train", "--help"]])
+def test_help_does_not_import_torch(argv):
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "onepass", *argv], capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and "usage: onepass" in result.stdout
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert "torch" not in imported and "transformers" not in imported

@@ -1,0 +1,47 @@
+"""Each shim over another library's private API or version difference still does its job."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from onepass import compat
+
+
+def test_jinja_templates_compile_in_transformers_environment_with_its_helpers():
+    template = compat.compile_jinja_template(
+        "{{ messages[0]['content'] | tojson }}{% if x %}{{ raise_exception('refused') }}{% endif %}")
+    assert template.render(messages=[{"content": "hi"}]) == '"hi"'
+    with pytest.raises(Exception, match="refused"):
+        template.render(messages=[{"content": "hi"}], x=True)
+
+
+def test_ddp_buffer_sync_keyword_is_one_distributed_data_parallel_accepts():
+    from torch.nn.parallel import DistributedDataParallel
+
+    [(keyword, value)] = compat.ddp_without_buffer_sync().items()
+    assert keyword in inspect.signature(DistributedDataParallel).parameters and value is False
+
+
+def test_the_default_store_is_reachable_under_a_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        store = compat.distributed_store()
+        assert store.add("onepass/test", 1) == 1 and store.add("onepass/test", 1) == 2
+    finally:
+        dist.destroy_process_group()
+
+
+def test_activation_checkpointing_is_switched_on_without_reentrant_checkpoints():
+    from onepass.demo.tiny import build_model
+
+    model = build_model(None, vocab_size=64)
+    compat.enable_activation_checkpointing(model)
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    loss = model(input_ids=torch.arange(8)[None], labels=torch.arange(8)[None]).loss
+    loss.backward()  # runs through the checkpointed layers
+    assert model.model.layers[0].mlp.up_proj.weight.grad is not None
