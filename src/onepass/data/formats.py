@@ -13,6 +13,7 @@ Supported formats (detected per file from the keys of its records, or forced wit
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from onepass.data.types import ChatConversation, Conversation, Message, RawConversation, Record
@@ -88,36 +89,51 @@ class _Check:
         return value
 
 
-def _parse_messages(check: _Check, items: list[Any], field_name: str) -> list[Message]:
-    messages = []
-    for index, item in enumerate(items):
-        where = f"{field_name}[{index}]"
-        if not isinstance(item, dict):
-            raise check.fail(where, f"expected an object, got {type(item).__name__}",
-                             'write each message as {"role": ..., "content": ...}', "wrong_type")
-        role = item.get("role")
-        if role not in ROLES:
-            raise check.fail(f"{where}.role", f"unknown role {role!r}", f"use one of {', '.join(ROLES)}",
-                             "unknown_role")
-        tool_calls = item.get("tool_calls")
-        if tool_calls is not None and (role != "assistant" or not isinstance(tool_calls, list)):
-            raise check.fail(f"{where}.tool_calls", "tool_calls must be a list on an assistant message",
-                             "move tool calls to an assistant message as a list", "misplaced_tool_calls")
-        content = item.get("content")
-        if content is None and tool_calls:
-            content = ""
-        content = check.string(content, f"{where}.content", allow_empty=bool(tool_calls))
-        train = item.get("train")
-        if train is not None:
-            if not isinstance(train, bool):
-                raise check.fail(f"{where}.train", f"expected true or false, got {train!r}", "use true or false",
-                                 "invalid_train_flag")
-            if role != "assistant":
-                raise check.fail(f"{where}.train", f"'train' is set on a {role} message",
-                                 "only assistant messages can be trained; remove the key", "invalid_train_flag")
-        extra = {key: item[key] for key in PASSTHROUGH_KEYS if key in item}
-        messages.append(Message(role, content, train, tool_calls, extra))
-    return messages
+@dataclass(frozen=True)
+class Dialect:
+    """How a format writes a message: its key names and role names (mapped to ours)."""
+
+    role_key: str
+    content_key: str
+    roles: dict[str, str]
+    example: str
+
+
+OPENAI = Dialect("role", "content", {role: role for role in ROLES}, '{"role": "user", "content": "..."}')
+SHAREGPT = Dialect("from", "value", SHAREGPT_ROLES, '{"from": "human", "value": "..."}')
+
+
+def _parse_messages(check: _Check, items: list[Any], field_name: str, dialect: Dialect = OPENAI) -> list[Message]:
+    return [_parse_message(check, item, f"{field_name}[{index}]", dialect) for index, item in enumerate(items)]
+
+
+def _parse_message(check: _Check, item: Any, where: str, dialect: Dialect) -> Message:
+    if not isinstance(item, dict):
+        raise check.fail(where, f"expected an object, got {type(item).__name__}",
+                         f"write each message as {dialect.example}", "wrong_type")
+    spoken = item.get(dialect.role_key)
+    if spoken not in dialect.roles:
+        raise check.fail(f"{where}.{dialect.role_key}", f"unknown role {spoken!r}",
+                         f"use one of {', '.join(dialect.roles)}", "unknown_role")
+    role = dialect.roles[spoken]
+    tool_calls = item.get("tool_calls")
+    if tool_calls is not None and (role != "assistant" or not isinstance(tool_calls, list)):
+        raise check.fail(f"{where}.tool_calls", "tool_calls must be a list on an assistant message",
+                         "move tool calls to an assistant message as a list", "misplaced_tool_calls")
+    content = item.get(dialect.content_key)
+    if content is None and tool_calls:
+        content = ""
+    content = check.string(content, f"{where}.{dialect.content_key}", allow_empty=bool(tool_calls))
+    train = item.get("train")
+    if train is not None:
+        if not isinstance(train, bool):
+            raise check.fail(f"{where}.train", f"expected true or false, got {train!r}", "use true or false",
+                             "invalid_train_flag")
+        if role != "assistant":
+            raise check.fail(f"{where}.train", f"'train' is set on a {role} message",
+                             "only assistant messages can be trained; remove the key", "invalid_train_flag")
+    extra = {key: item[key] for key in PASSTHROUGH_KEYS if key in item}
+    return Message(role, content, train, tool_calls, extra)
 
 
 def _chat(check: _Check, messages: list[Message], field_name: str) -> ChatConversation:
@@ -136,24 +152,7 @@ def _from_messages(record: Record) -> Conversation:
 def _from_sharegpt(record: Record) -> Conversation:
     check = _Check(record)
     items = check.message_list(record.data.get("conversations"), "conversations")
-    converted = []
-    for index, item in enumerate(items):
-        where = f"conversations[{index}]"
-        if not isinstance(item, dict):
-            raise check.fail(where, f"expected an object, got {type(item).__name__}",
-                             'write each turn as {"from": "human", "value": "..."}', "wrong_type")
-        speaker = item.get("from")
-        if speaker not in SHAREGPT_ROLES:
-            raise check.fail(f"{where}.from", f"unknown role {speaker!r}",
-                             f"use one of {', '.join(SHAREGPT_ROLES)}", "unknown_role")
-        converted.append({"role": SHAREGPT_ROLES[speaker], "content": item.get("value"),
-                          **({"train": item["train"]} if "train" in item else {})})
-    try:
-        messages = _parse_messages(check, converted, "conversations")
-    except DataError as error:  # point at the ShareGPT field names the user wrote
-        field_name = (error.field or "").replace(".content", ".value").replace(".role", ".from")
-        raise check.fail(field_name, error.problem, error.fix, error.code) from None
-    return _chat(check, messages, "conversations")
+    return _chat(check, _parse_messages(check, items, "conversations", SHAREGPT), "conversations")
 
 
 def _from_prompt_completion(record: Record) -> Conversation:
