@@ -101,3 +101,13 @@ def test_help_does_not_import_torch(argv):
     assert result.returncode == 0 and "usage: onepass" in result.stdout
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     assert "torch" not in imported and "transformers" not in imported
+
+
+def test_the_console_script_points_at_a_callable_main():
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    module_name, function_name = project["scripts"]["onepass"].split(":")
+    assert callable(getattr(importlib.import_module(module_name), function_name))
