@@ -111,3 +111,14 @@ def test_the_console_script_points_at_a_callable_main():
     project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
     module_name, function_name = project["scripts"]["onepass"].split(":")
     assert callable(getattr(importlib.import_module(module_name), function_name))
+
+
+def test_inspect_json_with_skips_says_on_stderr_how_many_were_skipped_and_why(tmp_path, tokenizer_dir, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(chat("q", "a")) + "\n{broken\n" + json.dumps({"messages": [
+        {"role": "bot", "content": "x"}]}) + "\n")
+    assert main(["inspect", str(path), "--tokenizer", str(tokenizer_dir), "--json", "--on-bad-record", "skip"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 1
+    assert "rejected 2 (invalid JSON ×1, unknown role ×1)" in captured.err
+    assert str(tmp_path / "d.rejects.jsonl") in captured.err

@@ -62,6 +62,9 @@ def _prepare_from_args(args: argparse.Namespace, use_cache: bool) -> tuple[Any, 
                    on_bad_record=data_config.on_bad_record, num_workers=data_config.num_workers,
                    cache_dir=data_config.cache_dir, use_cache=use_cache, rejects_file=rejects)
     if rejects is not None and data.stats.rejected:
+        from onepass.data.report import summary_line
+
+        print(summary_line("data", data.stats), file=sys.stderr)
         print(f"skipped records and their reasons: {rejects}", file=sys.stderr)
     return data, tokenizer
 
