@@ -112,7 +112,7 @@ def _parse_message(check: _Check, item: Any, where: str, dialect: Dialect) -> Me
         raise check.fail(where, f"expected an object, got {type(item).__name__}",
                          f"write each message as {dialect.example}", "wrong_type")
     spoken = item.get(dialect.role_key)
-    if spoken not in dialect.roles:
+    if not isinstance(spoken, str) or spoken not in dialect.roles:
         raise check.fail(f"{where}.{dialect.role_key}", f"unknown role {spoken!r}",
                          f"use one of {', '.join(dialect.roles)}", "unknown_role")
     role = dialect.roles[spoken]
