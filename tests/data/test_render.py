@@ -106,7 +106,8 @@ def test_reasoning_content_is_trained_with_the_answer(tokenizer):
     data = chat("q", "a")
     data["messages"][1]["reasoning_content"] = "because"
     examples, _ = render_all([conversation(data)], tokenizer, ChatTemplate("think", template, ()), RenderOptions())
-    assert trained_text_per_turn(tokenizer, examples[0]) == {0: "because</think>a<|im_end|>"}
+    # the generation prompt ends at "assistant\n": the model writes "<think>" itself, so it is trained too
+    assert trained_text_per_turn(tokenizer, examples[0]) == {0: "<think>because</think>a<|im_end|>"}
 
 
 REASONING_TWO_TURNS = chat("q1", "<think>r1</think>a1", "q2", "<think>r2</think>a2")

@@ -27,6 +27,10 @@ class ChatTemplate:
     source: str
     variables: tuple[tuple[str, str], ...]  # special tokens visible to the template (bos_token, eos_token, ...)
 
+    def variable(self, name: str) -> str | None:
+        """A special token the template sees (eos_token, bos_token, ...), or None."""
+        return dict(self.variables).get(name)
+
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         template = compile_jinja_template(self.source)
         try:

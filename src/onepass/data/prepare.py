@@ -98,6 +98,7 @@ def _render_chunk(tokenizer: Any, template: ChatTemplate, options: RenderOptions
             continue
         stats.unstable += result.unstable
         stats.split += result.split
+        stats.template_notes.update(result.notes)
         if not result.texts:
             stats.dropped["no trained turn"] += 1
         rendered.extend(result.texts)

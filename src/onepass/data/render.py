@@ -16,6 +16,7 @@ How trained spans are found, without `{% generation %}` markers or marker token 
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ class RenderResult:
     texts: tuple[RenderedText, ...]
     unstable: bool = False
     split: bool = False
+    notes: tuple[str, ...] = ()  # what onepass did about a property of the template, for the summary
 
 
 @dataclass(frozen=True)
@@ -85,17 +87,19 @@ def _render_chat(conversation: ChatConversation, template: ChatTemplate, options
     full = None if ends_with_response else template.render(messages)  # else it is the last Q_k
     turns: list[TurnRender] = []
     for turn_index, message_index in reversed(list(enumerate(conversation.assistant_indices))):
-        context = _render_context(template, messages[:message_index])
         as_last = template.render(messages[:message_index + 1])
         full = as_last if full is None else full
+        context = _history_context(template, messages[:message_index], full)
+        as_last = _without_final_eos(template, as_last, full)
         span = _locate_turn(conversation, message_index, turn_index, as_last, _common_prefix(context, as_last),
                             template, options)
         stable = full.startswith(context) and full.startswith(as_last.rstrip())
         turns.insert(0, TurnRender(turn_index, message_index, context, as_last, span, stable))
 
+    notes = _template_notes(template)
     if all(turn.stable for turn in turns):
         spans = tuple(turn.span for turn in turns)
-        return RenderResult((RenderedText(full, spans, train_all=options.loss_on == "all"),))
+        return RenderResult((RenderedText(full, spans, train_all=options.loss_on == "all"),), notes=notes)
     if options.unstable_history == "error":
         bad = next(turn.message_index for turn in turns if not turn.stable)
         raise TemplateError(
@@ -105,8 +109,57 @@ def _render_chat(conversation: ChatConversation, template: ChatTemplate, options
     if options.unstable_history == "split":
         texts = tuple(RenderedText(turn.as_last, (turn.span,), train_all=options.loss_on == "all")
                       for turn in turns if turn.span.trained or options.loss_on == "all")
-        return RenderResult(texts, unstable=True, split=True)
-    return RenderResult((_relocate_in_full(conversation, full, turns, template, options),), unstable=True)
+        return RenderResult(texts, unstable=True, split=True, notes=notes)
+    return RenderResult((_relocate_in_full(conversation, full, turns, template, options),), unstable=True,
+                        notes=notes)
+
+
+def _history_context(template: ChatTemplate, messages: list[dict[str, Any]], full: str) -> str:
+    """Turn k's context: the messages before it with the generation prompt, less the text the
+    generation prompt adds that past turns never show (e.g. `<think>\n`; see `prompt_only_text`)."""
+    context = _render_context(template, messages)
+    extra = prompt_only_text(template)
+    if extra and context.endswith(extra) and not full.startswith(context):
+        return context[:-len(extra)]
+    return context
+
+
+def _without_final_eos(template: ChatTemplate, as_last: str, full: str) -> str:
+    """Turn k rendered last, less the EOS some templates (Phi-3) append only after a conversation's
+    final message: an earlier turn is not rewritten because the conversation did not end there."""
+    eos = template.variable("eos_token")
+    trimmed = as_last.rstrip()
+    if eos and trimmed.endswith(eos) and not full.startswith(trimmed) and full.startswith(trimmed[:-len(eos)].rstrip()):
+        return trimmed[:-len(eos)].rstrip()
+    return as_last
+
+
+def prompt_only_text(template: ChatTemplate) -> str:
+    """Text at the end of the template's generation prompt that it does not write before a past
+    assistant message (DeepSeek-R1's `<think>\n`, Nemotron's `<think></think>`): a property of the
+    template, found once by rendering a probe conversation. Empty for most templates."""
+    return _prompt_only_text(template.source, template.variables)
+
+
+@functools.lru_cache(maxsize=64)
+def _prompt_only_text(source: str, variables: tuple[tuple[str, str], ...]) -> str:
+    template = ChatTemplate("probe", source, variables)
+    probe = [{"role": "user", "content": "onepass probe question"}]
+    try:
+        prompt = template.render(probe, add_generation_prompt=True)
+        answered = template.render(probe + [{"role": "assistant", "content": "onepass probe answer"}])
+    except TemplateError:
+        return ""
+    common = _common_prefix(prompt, answered)
+    return prompt[common:] if common >= len(template.render(probe)) else ""
+
+
+def _template_notes(template: ChatTemplate) -> tuple[str, ...]:
+    extra = prompt_only_text(template)
+    if not extra:
+        return ()
+    return (f"the generation prompt ends with {extra!r}, which past assistant turns do not show: each turn is "
+            "trained as the template renders it in the conversation",)
 
 
 def _render_context(template: ChatTemplate, messages: list[dict[str, Any]]) -> str:
@@ -116,6 +169,22 @@ def _render_context(template: ChatTemplate, messages: list[dict[str, Any]]) -> s
         except TemplateError:  # templates may index messages[0]; an opening assistant turn has no context
             return ""
     return template.render(messages, add_generation_prompt=True)
+
+
+def _has_generation_prompt(template: ChatTemplate) -> bool:
+    """Whether the template writes anything for add_generation_prompt (some ignore it: then where the
+    model's own text starts is not known, and training starts at the message content)."""
+    return _generation_prompt_length(template.source, template.variables) > 0
+
+
+@functools.lru_cache(maxsize=64)
+def _generation_prompt_length(source: str, variables: tuple[tuple[str, str], ...]) -> int:
+    template = ChatTemplate("probe", source, variables)
+    probe = [{"role": "user", "content": "onepass probe question"}]
+    try:
+        return len(template.render(probe, add_generation_prompt=True)) - len(template.render(probe))
+    except TemplateError:
+        return 1
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -152,6 +221,7 @@ def _locate_turn(conversation: ChatConversation, message_index: int, turn_index:
                  template: ChatTemplate, options: RenderOptions) -> Span:
     """Turn k's trained span in `text`, which renders messages[:k+1] and whose first `start` chars are context."""
     message = conversation.messages[message_index]
+    generated_from = _skip_space(text, start)  # all the model writes after the generation prompt
     content_start, content_end = _find(text, message.content, start)
     if content_start < 0:
         if message.content.strip():
@@ -161,6 +231,8 @@ def _locate_turn(conversation: ChatConversation, message_index: int, turn_index:
                 "Fix: use a template that renders message content verbatim (--chat-template chatml), or "
                 "correct the template.")
         content_start = content_end = _skip_space(text, start)  # tool calls only: trained as rendered
+    if _has_generation_prompt(template):  # the model is given the header and writes the rest (`<think>`, ...)
+        content_start = min(content_start, generated_from)
     for key in ("reasoning_content", "thinking"):
         reasoning = message.extra.get(key)
         if isinstance(reasoning, str) and reasoning.strip():

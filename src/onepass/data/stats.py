@@ -24,6 +24,7 @@ class Stats:
     lengths: list[int] = field(default_factory=list)
     openings: Counter[str] = field(default_factory=Counter)  # first words of responses → count
     formats: dict[str, str] = field(default_factory=dict)  # file → detected format
+    template_notes: Counter[str] = field(default_factory=Counter)  # what was done about the template → count
 
     def merge(self, other: Stats) -> Stats:
         """Add `other`'s counts to these (e.g. a worker's chunk), in place."""
@@ -52,7 +53,7 @@ class Stats:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Stats:
-        stats = cls(**values)
-        for name in ("rejected", "dropped", "openings"):
+        stats = cls(**{"template_notes": {}, **values})
+        for name in ("rejected", "dropped", "openings", "template_notes"):
             setattr(stats, name, Counter(getattr(stats, name)))
         return stats
