@@ -33,11 +33,12 @@ REASONS: dict[str, str] = {
     "unrecognised_record": "unrecognised record",
     "other_format": "record in another format",
     "template_refused": "chat template refused the record",
+    "unsupported_part": "image, audio or video content",
 }
 ReasonCode = Literal["invalid_utf8", "nul_byte", "invalid_json", "not_an_object", "ragged_row", "invalid_json_cell",
                      "missing_value", "wrong_type", "empty_content", "empty_message_list", "unknown_role",
                      "misplaced_tool_calls", "invalid_train_flag", "no_assistant", "unrecognised_record",
-                     "other_format", "template_refused"]
+                     "other_format", "template_refused", "unsupported_part"]
 
 
 class DataError(OnepassError):

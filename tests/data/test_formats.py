@@ -80,3 +80,30 @@ def test_bad_record_error_names_file_line_field_and_fix(data, field, message):
     assert text.startswith(f"data.jsonl, line 7, field '{field}': ")
     assert message in text
     assert "Fix: " in text
+
+
+def test_content_given_as_text_parts_is_the_same_message_as_a_string():
+    parts = convert({"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi "},
+                                                                {"type": "text", "text": "there"}]},
+                                  {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]}]})
+    plain = convert({"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"}]})
+    assert parts == plain
+
+
+def test_an_image_part_is_a_clear_error_naming_the_part():
+    with pytest.raises(DataError, match=r"field 'messages\[0\]\.content\[1\]': a content part of type 'image_url'") \
+            as error:
+        convert({"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                           {"type": "image_url", "image_url": {"url": "x.png"}}]},
+                              {"role": "assistant", "content": "A cat."}]})
+    assert error.value.code == "unsupported_part"
+
+
+def test_tool_call_arguments_as_a_json_string_or_a_dict_are_the_same_call():
+    def with_arguments(arguments):
+        return convert({"messages": [{"role": "user", "content": "Weather?"}, {
+            "role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+            {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]})
+
+    assert with_arguments('{"city": "Paris"}') == with_arguments({"city": "Paris"})

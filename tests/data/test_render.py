@@ -212,3 +212,30 @@ def test_no_user_system_or_tool_token_is_ever_trained_and_every_response_token_i
             assert not trained, f"token {text[start:end]!r} of a {roles} message is trained"
         if "assistant" in roles:
             assert trained, f"assistant token {text[start:end]!r} is not trained"
+
+
+R1_STYLE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+
+
+def test_a_generation_prompt_with_text_past_turns_lack_is_reported_once_and_trained_as_rendered(tokenizer):
+    template = ChatTemplate("r1-style", R1_STYLE, ())
+    conversations = [conversation(TWO_TURNS), conversation(chat("q", "a"))]
+    examples, stats = render_all(conversations, tokenizer, template, RenderOptions())
+    assert len(examples) == 2 and stats.unstable == 0
+    [(note, count)] = stats.template_notes.items()
+    assert count == 2 and "'<think>\\n'" in note
+    assert {k: t.strip() for k, t in trained_text_per_turn(tokenizer, examples[0]).items()} == {
+        0: "Hello, Ada.<|im_end|>", 1: "Your name is Ada.<|im_end|>"}
+
+
+PHI3_STYLE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}")
+
+
+def test_a_conversation_final_eos_is_not_history_rewriting_and_is_trained_after_the_last_response(tokenizer):
+    template = ChatTemplate("phi3-style", PHI3_STYLE, (("eos_token", "</s>"),))
+    [example], stats = render_all([conversation(TWO_TURNS)], tokenizer, template, RenderOptions())
+    assert stats.unstable == 0
+    assert {k: t.strip() for k, t in trained_text_per_turn(tokenizer, example).items()} == {
+        0: "Hello, Ada.<|end|>", 1: "Your name is Ada.<|end|>\n</s>"}

@@ -6,6 +6,8 @@ Rendering uses transformers' own Jinja environment (the same filters, `raise_exc
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -32,12 +34,62 @@ class ChatTemplate:
         return dict(self.variables).get(name)
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-        template = compile_jinja_template(self.source)
+        """The template's text for `messages`, given in the shape it renders (see `adapt`)."""
+        return _render(self.source, self.variables, self.name, self.adapt(messages), add_generation_prompt)
+
+    def adapt(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Messages in the shape this template renders: string contents as a list of text parts for a
+        template that renders only that (vision-language templates), tool-call arguments as a JSON
+        string for one that fails on a dict (DeepSeek-V3). Each is found once per template by a probe."""
+        if _wants_text_parts(self.source, self.variables):
+            messages = [as_text_parts(message) for message in messages]
+        if _wants_json_arguments(self.source, self.variables):
+            messages = [with_json_arguments(message) for message in messages]
+        return messages
+
+
+def as_text_parts(message: dict[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    return {**message, "content": [{"type": "text", "text": content}]} if isinstance(content, str) else message
+
+
+def with_json_arguments(message: dict[str, Any]) -> dict[str, Any]:
+    """Tool-call arguments as a JSON string (data holds them as a dict, the Hugging Face convention)."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    converted = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), dict):
+            call = {**call, "function": {**function, "arguments": json.dumps(function["arguments"])}}
+        converted.append(call)
+    return {**message, "tool_calls": converted}
+
+
+def _render(source: str, variables: tuple[tuple[str, str], ...], name: str, messages: list[dict[str, Any]],
+            add_generation_prompt: bool) -> str:
+    try:
+        return compile_jinja_template(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                     tools=None, documents=None, **dict(variables))
+    except Exception as error:  # jinja raises TemplateError, and templates raise via raise_exception
+        raise TemplateRenderError(f"chat template '{name}' failed to render: {error}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _wants_text_parts(source: str, variables: tuple[tuple[str, str], ...]) -> bool:
+    """Whether the template renders message text only when content is a list of parts (found once,
+    by rendering a probe both ways)."""
+    probe = "onepass probe text"
+
+    def renders_probe(message: dict[str, Any]) -> bool:
         try:
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   tools=None, documents=None, **dict(self.variables))
-        except Exception as error:  # jinja raises TemplateError, and templates raise via raise_exception
-            raise TemplateRenderError(f"chat template '{self.name}' failed to render: {error}") from None
+            return probe in _render(source, variables, "probe", [message], False)
+        except TemplateRenderError:
+            return False
+
+    plain = {"role": "user", "content": probe}
+    return not renders_probe(plain) and renders_probe(as_text_parts(plain))
 
 
 def load_chat_template(tokenizer: Any, chat_template: str | None = None) -> ChatTemplate:
@@ -58,3 +110,22 @@ def load_chat_template(tokenizer: Any, chat_template: str | None = None) -> Chat
                            f"one ({', '.join(BUILTIN_TEMPLATES)}), e.g. --chat-template chatml.")
     variables = {key: value for key, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
     return ChatTemplate(name, source, tuple(sorted(variables.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _wants_json_arguments(source: str, variables: tuple[tuple[str, str], ...]) -> bool:
+    """Whether the template fails on tool-call arguments given as a dict but renders them as a JSON
+    string (DeepSeek-V3 concatenates them as text); found once with a probe call."""
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "probe", "arguments": {"x": 1}}}]}
+    probe = [{"role": "user", "content": "q"}, call]
+    try:
+        _render(source, variables, "probe", probe, False)
+        return False
+    except TemplateRenderError:
+        pass
+    try:
+        _render(source, variables, "probe", [probe[0], with_json_arguments(call)], False)
+        return True
+    except TemplateRenderError:
+        return False

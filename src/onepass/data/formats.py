@@ -13,6 +13,7 @@ Supported formats (detected per file from the keys of its records, or forced wit
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -79,6 +80,23 @@ class _Check:
             raise self.fail(field_name, "empty content", "remove the message or give it text", "empty_content")
         return value
 
+    def content(self, value: Any, field_name: str, *, allow_empty: bool = False) -> str:
+        """A message's text: a string, or OpenAI-style parts [{"type": "text", "text": ...}, ...] joined."""
+        if isinstance(value, list):
+            texts = []
+            for index, part in enumerate(value):
+                where = f"{field_name}[{index}]"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind in ("image", "image_url", "input_image", "audio", "input_audio", "video"):
+                    raise self.fail(where, f"a content part of type {kind!r}: only text is supported so far",
+                                    "remove the record, or train it with text parts only", "unsupported_part")
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise self.fail(where, "expected a text part", 'write parts as {"type": "text", "text": "..."}',
+                                    "wrong_type")
+                texts.append(part["text"])
+            value = "".join(texts)
+        return self.string(value, field_name, allow_empty=allow_empty)
+
     def message_list(self, value: Any, field_name: str) -> list[Any]:
         if not isinstance(value, list):
             raise self.fail(field_name, f"expected a list of messages, got {type(value).__name__}",
@@ -123,7 +141,7 @@ def _parse_message(check: _Check, item: Any, where: str, dialect: Dialect) -> Me
     content = item.get(dialect.content_key)
     if content is None and tool_calls:
         content = ""
-    content = check.string(content, f"{where}.{dialect.content_key}", allow_empty=bool(tool_calls))
+    content = check.content(content, f"{where}.{dialect.content_key}", allow_empty=bool(tool_calls))
     train = item.get("train")
     if train is not None:
         if not isinstance(train, bool):
@@ -133,7 +151,26 @@ def _parse_message(check: _Check, item: Any, where: str, dialect: Dialect) -> Me
             raise check.fail(f"{where}.train", f"'train' is set on a {role} message",
                              "only assistant messages can be trained; remove the key", "invalid_train_flag")
     extra = {key: item[key] for key in PASSTHROUGH_KEYS if key in item}
-    return Message(role, content, train, tool_calls, extra)
+    return Message(role, content, train, _arguments_as_dicts(tool_calls), extra)
+
+
+def _arguments_as_dicts(tool_calls: list[Any] | None) -> list[Any] | None:
+    """Tool-call arguments given as a JSON string become the dict templates expect (the Hugging Face
+    convention); a template that wants a string gets it back (`chat_template.with_json_arguments`)."""
+    if not tool_calls:
+        return tool_calls
+    converted = []
+    for call in tool_calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            try:
+                arguments = json.loads(function["arguments"])
+            except json.JSONDecodeError:
+                arguments = None
+            if isinstance(arguments, dict):
+                call = {**call, "function": {**function, "arguments": arguments}}
+        converted.append(call)
+    return converted
 
 
 def _chat(check: _Check, messages: list[Message], field_name: str) -> ChatConversation:

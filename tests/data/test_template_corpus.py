@@ -1,0 +1,119 @@
+"""Every real chat template TRL ships (its `chat_templates` folder: the original beside a
+`{% generation %}`-tagged training variant): onepass's masks on the original, with default options,
+against the assistant masks transformers computes from the training variant.
+
+A turn agrees when onepass trains the same text, or the same text less template text just before
+it that the training variant also trains (the role header or `<think>` the generation prompt
+already gives the model). Templates that truly rewrite history must be detected instead, and a
+record a template refuses must be an error naming the record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from onepass.data.chat_template import ChatTemplate
+from onepass.data.formats import to_conversation
+from onepass.data.prepare import render_all
+from onepass.data.types import Record, RenderOptions
+from onepass.errors import DataError, TemplateError
+
+trl = pytest.importorskip("trl")  # installed with onepass[test]
+CORPUS = Path(trl.__file__).parent / "chat_templates"
+FAMILIES = sorted(p.stem for p in CORPUS.glob("*.jinja") if (CORPUS / f"{p.stem}_training.jinja").exists())
+
+# Templates that render a past assistant turn differently from the turn as generated: detected.
+REWRITES_HISTORY = {"qwen3", "qwen3_5_nothink", "qwen3_5_think", "qwen3_6", "gptoss"}
+KNOWN_GAPS = {  # (family, conversation): what onepass does not do yet
+    ("glm4moe", "plain"): "the end of a turn is the next role token (<|user|>), which onepass does not train yet",
+    ("glm4moe", "system"): "the end of a turn is the next role token (<|user|>), which onepass does not train yet",
+    ("glm4moe", "tool"): "the end of a turn is the next role token (<|observation|>), not trained yet",
+    ("diffusion_gemma", "tool"): "the tool-response header after a call is trained as the call's end of turn",
+}
+
+CONVERSATIONS = {
+    "plain": [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hello, Ada."},
+              {"role": "user", "content": "What is my name?"}, {"role": "assistant", "content": "Your name is Ada."}],
+    "system": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "My name is Ada."},
+               {"role": "assistant", "content": "Hello, Ada."}, {"role": "user", "content": "What is my name?"},
+               {"role": "assistant", "content": "Your name is Ada."}],
+    "tool": [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": "", "tool_calls": [
+                 {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+             {"role": "tool", "name": "get_weather", "content": "sunny"},
+             {"role": "assistant", "content": "It is sunny."}],
+}
+
+
+def variables(tokenizer) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)))
+
+
+def trained_runs(tokenizer, ids, mask) -> list[str]:
+    runs, current = [], []
+    for token, trained in zip(ids, mask):
+        if trained:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return [tokenizer.decode(run).strip() for run in runs + ([current] if current else [])]
+
+
+def training_variant_runs(tokenizer, family: str, messages: list[dict]) -> list[str]:
+    """What transformers marks as assistant tokens with the training variant (given messages in the
+    shape that template renders, as onepass would give them)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    source = (CORPUS / f"{family}_training.jinja").read_text()
+    messages = ChatTemplate(f"{family}_training", source, variables(tokenizer)).adapt(messages)
+    rendered, generation = render_jinja_template(conversations=[messages], chat_template=source,
+                                                 return_assistant_tokens_mask=True, **dict(variables(tokenizer)))
+    encoding = tokenizer.backend_tokenizer.encode(rendered[0], add_special_tokens=False)
+    mask = [any(s < span_end and e > span_start for span_start, span_end in generation[0])
+            for s, e in encoding.offsets]
+    return trained_runs(tokenizer, encoding.ids, mask)
+
+
+def original(tokenizer, family: str) -> ChatTemplate:
+    return ChatTemplate(family, (CORPUS / f"{family}.jinja").read_text(), variables(tokenizer))
+
+
+def onepass_runs(tokenizer, family: str, messages: list[dict]) -> list[str]:
+    template = original(tokenizer, family)
+    conversation = to_conversation(Record("d.jsonl", "line 1", {"messages": messages}), "messages")
+    [example], _ = render_all([conversation], tokenizer, template, RenderOptions())
+    return trained_runs(tokenizer, example.input_ids.tolist(), example.loss_mask.tolist())
+
+
+def agrees(ours: str, theirs: str, messages: list[dict]) -> bool:
+    if ours == theirs:
+        return True
+    extra = theirs[:-len(ours)] if ours and theirs.endswith(ours) else None
+    contents = [m["content"] for m in messages if m["content"]]
+    return extra is not None and not any(content in extra for content in contents)
+
+
+@pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_real_template_masks_match_its_training_variant_or_rewriting_is_detected(tokenizer, family, conversation):
+    if (family, conversation) in KNOWN_GAPS:
+        pytest.xfail(KNOWN_GAPS[family, conversation])
+    messages = CONVERSATIONS[conversation]
+    try:
+        expected = training_variant_runs(tokenizer, family, messages)
+    except Exception as refusal:  # the template refuses this conversation (roles it does not support)
+        with pytest.raises(DataError, match=f"chat template '{family}' failed to render") as error:
+            onepass_runs(tokenizer, family, messages)
+        assert error.value.code == "template_refused" and "line 1" in str(error.value), refusal
+        return
+    try:
+        got = onepass_runs(tokenizer, family, messages)
+    except TemplateError as error:
+        assert family in REWRITES_HISTORY, f"{family} is not known to rewrite history: {error}"
+        assert "renders earlier turns differently" in str(error)
+        return
+    assert len(got) == len(expected), (got, expected)
+    for ours, theirs in zip(got, expected):
+        assert agrees(ours, theirs, messages), (got, expected)
