@@ -8,6 +8,7 @@ grow with the number of prompt tokens.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,29 +25,50 @@ def hidden_states(model: Any, batch: Batch) -> torch.Tensor:
     return trunk(**batch.model_kwargs(), use_cache=False).last_hidden_state
 
 
-def _logits(head: Any, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    logits = head(hidden)
-    if logits.dtype in (torch.bfloat16, torch.float16):  # the softmax always runs in at least fp32
-        logits = logits.float()
-    if softcap:  # Gemma-2 style final logit soft-capping
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
+@dataclass(frozen=True)
+class OutputTransform:
+    """What a model's own CausalLM.forward does to the output layer's logits, which onepass applies
+    too (it calls the output layer directly): Cohere's `logit_scale`, Granite's `logits_scaling`,
+    Gemma-2/3's final soft-capping."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, model: Any) -> OutputTransform:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        config, scale = model.config, 1.0
+        if getattr(model, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+            scale *= float(model.logit_scale)
+        if getattr(config, "logits_scaling", None):  # Granite: logits / logits_scaling
+            scale /= float(config.logits_scaling)
+        return cls(scale, getattr(config, "final_logit_softcapping", None))
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if logits.dtype in (torch.bfloat16, torch.float16):  # the softmax always runs in at least fp32
+            logits = logits.float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
-def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, head: Any, softcap: float | None) -> torch.Tensor:
-    return F.cross_entropy(_logits(head, hidden, softcap), targets, reduction="none")
+def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, head: Any, transform: OutputTransform) -> torch.Tensor:
+    return F.cross_entropy(transform(head(hidden)), targets, reduction="none")
 
 
 def label_nll(model: Any, batch: Batch, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-label NLL (in label order) and the flat positions they belong to."""
     hidden = hidden_states(model, batch)[0]
     _, head = backbone_and_head(model)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    transform = OutputTransform.of(model)
     positions = (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1)
     selected, targets = hidden[positions], batch.labels[0, positions]
     pieces = []
     for start in range(0, len(positions), chunk_size):
-        args = (selected[start:start + chunk_size], targets[start:start + chunk_size], head, softcap)
+        args = (selected[start:start + chunk_size], targets[start:start + chunk_size], head, transform)
         if torch.is_grad_enabled():
             pieces.append(checkpoint(_chunk_nll, *args, use_reentrant=False))
         else:

@@ -47,24 +47,67 @@ PACKED_ATTENTION = "onepass_packed"
 
 def packed_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
                           scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
-    """Causal attention within each segment given by `cu_seq_lens_q` (query/key/value: B, H, T, D)."""
-    import torch.nn.functional as F
+    """Attention within each segment given by `cu_seq_lens_q` (query/key/value: B, H, T, D), as the
+    model computes it: causal, with its sliding window and its attention-logit soft-capping."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
-    if cu_seq_lens is None:  # generation and unpacked inputs: ordinary SDPA
+    extras = {k: v for k, v in kwargs.items() if k in MODEL_EAGER_ONLY and v is not None}
+    if cu_seq_lens is None:  # generation and unpacked inputs: the mask transformers built
+        if extras:
+            return _model_eager(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                        **extras)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **{k: v for k, v in kwargs.items() if k in ("is_causal",)})
-    gqa = query.shape[1] != key.shape[1]
+                                      **{k: v for k, v in kwargs.items() if k in ("is_causal", "sliding_window")})
     dropout = dropout if module.training else 0.0
+    window = kwargs.get("sliding_window")
     outputs = []
     bounds = cu_seq_lens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
-        outputs.append(F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], dropout_p=dropout,
-            is_causal=True, scale=scaling, enable_gqa=gqa))
+        segment = (query[:, :, start:end], key[:, :, start:end], value[:, :, start:end])
+        outputs.append(_segment_attention(module, *segment, scaling, dropout, window, extras))
     output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
     return output.transpose(1, 2).contiguous(), None
+
+
+# Attention features SDPA cannot compute; where a model passes one, its own eager attention runs.
+MODEL_EAGER_ONLY = ("softcap", "s_aux")
+
+
+def _segment_attention(module: Any, query: Any, key: Any, value: Any, scaling: float | None, dropout: float,
+                       window: int | None, extras: dict[str, Any]) -> Any:
+    """One conversation's attention (B, H, L, D): SDPA when it can, else the model's own eager attention."""
+    import torch.nn.functional as F
+
+    length = query.shape[2]
+    mask = None
+    if window is not None and window < length:  # key j is seen from query i when i - window < j <= i
+        positions = torch.arange(length, device=query.device)
+        distance = positions[:, None] - positions[None, :]
+        mask = (distance >= 0) & (distance < window)
+    if extras:
+        allowed = mask if mask is not None else torch.ones(length, length, dtype=torch.bool,
+                                                           device=query.device).tril()
+        additive = torch.zeros(length, length, dtype=query.dtype, device=query.device)
+        additive = additive.masked_fill(~allowed, torch.finfo(query.dtype).min)[None, None]
+        output, _ = _model_eager(module)(module, query, key, value, additive, dropout=dropout, scaling=scaling,
+                                         **extras)
+        return output.transpose(1, 2)
+    gqa = query.shape[1] != key.shape[1]
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
+                                          is_causal=mask is None, scale=scaling, enable_gqa=gqa)
+
+
+def _model_eager(module: Any) -> Any:
+    """The eager attention function of the module's own modeling file (it handles the model's extras)."""
+    import sys
+
+    function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if function is None:
+        raise OnepassError(f"{type(module).__name__} uses an attention feature onepass's packed attention cannot "
+                           "compute, and its modeling file has no eager_attention_forward to fall back on. Fix: "
+                           "report it; such a model cannot be trained with packing yet.")
+    return function
 
 
 def register_packed_attention() -> None:
