@@ -12,8 +12,8 @@ from onepass.train.loss import sft_loss
 from onepass.train.model import use_packed_attention
 from onepass.data.types import Record
 from onepass.data.types import RenderOptions
-from onepass.score.scoring import (k_pass_turn_logprobs, render_for_scoring, score_conversations, token_logprobs,
-                             turn_logprobs)
+from onepass.score.scoring import (k_pass_turn_logprobs, render_for_scoring, score_conversations, summarise,
+                                   token_logprobs, turn_logprobs)
 from onepass.demo.tiny import build_model, random_conversations
 
 
@@ -44,9 +44,26 @@ def test_joint_is_prompt_plus_response_and_the_sum_of_message_terms(model, token
     rows = score_conversations(model, tokenizer, load_chat_template(tokenizer, "chatml"), conversations())
     for row in rows:
         assert row["logprob_joint"] == pytest.approx(row["logprob_prompt"] + row["logprob_response"], abs=1e-9)
-        assert row["logprob_joint"] == pytest.approx(sum(m["logprob"] for m in row["messages"]), abs=1e-6)
+        every_entry = sum(m["logprob"] + m["template_logprob"] for m in row["messages"])
+        assert row["logprob_joint"] == pytest.approx(every_entry, abs=1e-6)
         assert [m["trained"] for m in row["messages"]] == [m["role"] == "assistant" for m in row["messages"]]
         assert row["logprob_response"] < 0 and row["logprob_prompt"] < 0
+
+
+@pytest.mark.parametrize("template_name", ["chatml", "llama3", "gemma", "mistral"])
+def test_a_trained_message_logprob_is_log_pr_of_its_response_and_they_sum_to_the_response_total(
+        model, tokenizer, template_name):
+    template = load_chat_template(tokenizer, template_name)
+    items = [c for c in conversations(8) if c.messages[0].role != "system" or template_name != "gemma"]
+    scored = render_for_scoring(items, tokenizer, template, RenderOptions())
+    for item, values in zip(scored, token_logprobs(model, [s.example for s in scored])):
+        row = summarise(item, values, 0)
+        trained = [m for m in row["messages"] if m["trained"]]
+        assert [m["logprob"] for m in trained] == pytest.approx(turn_logprobs(item, values), abs=1e-9)
+        assert sum(m["logprob"] for m in trained) == pytest.approx(row["logprob_response"], abs=1e-9)
+        assert sum(m["num_tokens"] for m in trained) == row["num_response_tokens"]
+        if template_name != "mistral":  # Mistral writes no header before a response
+            assert all(m["template_tokens"] > 0 for m in row["messages"][1:])  # each has its role header
 
 
 def test_response_score_equals_the_trainers_token_normalised_loss(model, tokenizer):

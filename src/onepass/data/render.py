@@ -200,7 +200,7 @@ def _common_prefix(a: str, b: str) -> int:
     return low
 
 
-def _find(text: str, needle: str, start: int) -> tuple[int, int]:
+def find_rendered(text: str, needle: str, start: int) -> tuple[int, int]:
     """Where `needle` is rendered in text[start:]: as is, or trimmed as templates often do."""
     if not needle.strip():
         return -1, -1
@@ -222,7 +222,7 @@ def _locate_turn(conversation: ChatConversation, message_index: int, turn_index:
     """Turn k's trained span in `text`, which renders messages[:k+1] and whose first `start` chars are context."""
     message = conversation.messages[message_index]
     generated_from = _skip_space(text, start)  # all the model writes after the generation prompt
-    content_start, content_end = _find(text, message.content, start)
+    content_start, content_end = find_rendered(text, message.content, start)
     if content_start < 0:
         if message.content.strip():
             raise TemplateError(
@@ -236,7 +236,7 @@ def _locate_turn(conversation: ChatConversation, message_index: int, turn_index:
     for key in ("reasoning_content", "thinking"):
         reasoning = message.extra.get(key)
         if isinstance(reasoning, str) and reasoning.strip():
-            reasoning_start, _ = _find(text, reasoning, start)
+            reasoning_start, _ = find_rendered(text, reasoning, start)
             if 0 <= reasoning_start < content_start:
                 content_start = reasoning_start
     turn_end = len(text.rstrip())
@@ -251,13 +251,13 @@ def _relocate_in_full(conversation: ChatConversation, full: str, turns: list[Tur
     for turn in turns:
         start = max(cursor, _common_prefix(turn.context, full))
         message = conversation.messages[turn.message_index]
-        content_start, content_end = _find(full, message.content, start)
+        content_start, content_end = find_rendered(full, message.content, start)
         if content_start < 0:
             raise TemplateError(
                 f"{conversation.source}, {conversation.where}: chat template '{template.name}' rewrites message "
                 f"{turn.message_index} in the full conversation, so it cannot be trained in one pass. "
                 "Fix: set unstable_history: split.")
-        _, content_end_as_last = _find(turn.as_last, message.content, turn.span.start)
+        _, content_end_as_last = find_rendered(turn.as_last, message.content, turn.span.start)
         eot_text = turn.as_last[max(content_end_as_last, turn.span.start):turn.span.boundary].strip()
         eot_start = _skip_space(full, content_end)
         turn_end = eot_start + len(eot_text) if eot_text and full.startswith(eot_text, eot_start) else content_end

@@ -17,7 +17,7 @@ import numpy as np
 
 from onepass.data.chat_template import ChatTemplate
 from onepass.data.formats import to_conversation
-from onepass.data.render import mask_tokens, render_conversation, tokenize_rendered
+from onepass.data.render import find_rendered, mask_tokens, render_conversation, tokenize_rendered
 from onepass.data.types import ChatConversation, Conversation, Example, RawConversation, Record, RenderOptions
 from onepass.errors import DataError, OnepassError
 from onepass.train.batch import collate
@@ -27,10 +27,13 @@ from onepass.train.model import device_of, evaluating
 
 @dataclass(frozen=True)
 class ScoredText:
-    """One rendered conversation: tokens, which are trained, and which message each token belongs to."""
+    """One rendered conversation: tokens, which are trained, which message each token belongs to, and
+    whether it is that message's own text (`body`) or the template's around it (role header,
+    generation prompt, untrained end-of-turn). A trained message's body is exactly its trained tokens."""
 
     example: Example
     message_of_token: np.ndarray  # message index per token
+    body: np.ndarray  # bool per token
     roles: tuple[str, ...]
     trained_messages: tuple[bool, ...]
 
@@ -70,11 +73,31 @@ def render_for_scoring(conversations: list[Conversation], tokenizer: Any, templa
         roles = conversation.roles
         if isinstance(conversation, RawConversation):  # a raw text's pieces say themselves what is trained
             trained = tuple(t for _, t in conversation.segments)
+            body = np.ones(len(ids), dtype=bool)  # no template: every token is a piece's own
         else:
+            body = _message_bodies(conversation, item.text, offsets, loss_mask, turn, message_of_token, ends)
             trained = tuple(bool(loss_mask[message_of_token == i].any()) for i in range(len(roles)))
         scored.append(ScoredText(Example(ids, loss_mask, turn, conversation.source, conversation.where),
-                                 message_of_token, roles, trained))
+                                 message_of_token, body, roles, trained))
     return scored
+
+
+def _message_bodies(conversation: ChatConversation, text: str, offsets: np.ndarray, loss_mask: np.ndarray,
+                    turn: np.ndarray, message_of_token: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Which tokens are a message's own text. A trained turn's are exactly its trained tokens (and they
+    are assigned to it); another message's are the tokens of its content as rendered."""
+    body = np.zeros(len(offsets), dtype=bool)
+    turn_of_message = {m: k for k, m in enumerate(conversation.assistant_indices)}
+    for index, message in enumerate(conversation.messages):
+        trained = (loss_mask == 1) & (turn == turn_of_message.get(index, -2))
+        if trained.any():
+            body |= trained
+            message_of_token[trained] = index
+            continue
+        start, end = find_rendered(text, message.content, int(ends[index - 1]) if index else 0)
+        if start >= 0:
+            body |= (offsets[:, 0] < end) & (offsets[:, 1] > start) & (message_of_token == index)
+    return body
 
 
 def token_logprobs(model: Any, examples: list[Example], batch_tokens: int = 4096) -> list[np.ndarray]:
@@ -111,11 +134,13 @@ def summarise(scored: ScoredText, logprobs: np.ndarray, index: int) -> dict[str,
     predicted = slice(1, None)  # the first token has no context, so no term
     owner = scored.message_of_token[predicted]
     trained = scored.example.loss_mask[predicted] == 1
+    body = scored.body[predicted]
     messages = []
     for i, role in enumerate(scored.roles):
-        mine = owner == i
+        mine, template_text = (owner == i) & body, (owner == i) & ~body
         messages.append({"role": role, "logprob": float(logprobs[mine].sum()), "num_tokens": int(mine.sum()),
-                         "trained": scored.trained_messages[i]})
+                         "template_logprob": float(logprobs[template_text].sum()),
+                         "template_tokens": int(template_text.sum()), "trained": scored.trained_messages[i]})
     response, prompt = float(logprobs[trained].sum()), float(logprobs[~trained].sum())
     num_response, num_prompt = int(trained.sum()), int((~trained).sum())
     return {"index": index, "source": scored.example.source, "where": scored.example.where, "messages": messages,
