@@ -31,12 +31,14 @@ class DataConfig:
     overlong: Literal["drop", "truncate", "error"] = "drop"
     on_bad_record: Literal["error", "skip"] = "error"
     unstable_history: Literal["error", "warn", "split"] = "error"
+    system_message: Literal["keep", "fold"] = "keep"  # fold: prepend it to the first user message (Gemma)
     num_workers: int = 1
     cache_dir: str | None = None
 
     def render_options(self, max_seq_len: int | None) -> RenderOptions:
         return RenderOptions(loss_on=self.loss_on, train_on_eot=self.train_on_eot, max_seq_len=max_seq_len,
-                             overlong=self.overlong, unstable_history=self.unstable_history)
+                             overlong=self.overlong, unstable_history=self.unstable_history,
+                             system_message=self.system_message)
 
 
 @dataclass

@@ -239,3 +239,13 @@ def test_a_conversation_final_eos_is_not_history_rewriting_and_is_trained_after_
     assert stats.unstable == 0
     assert {k: t.strip() for k, t in trained_text_per_turn(tokenizer, example).items()} == {
         0: "Hello, Ada.<|end|>", 1: "Your name is Ada.<|end|>\n</s>"}
+
+
+def test_a_template_without_a_system_role_says_how_to_fold_it_and_folding_trains_the_same_responses(tokenizer):
+    data = chat("My name is Ada.", "Hello, Ada.", system="Be brief.")
+    with pytest.raises(OnepassError, match="System role not supported.*system_message: fold"):
+        render(tokenizer, data, "gemma")
+    [example], _ = render(tokenizer, data, "gemma", system_message="fold")
+    text = tokenizer.decode(example.input_ids.tolist())
+    assert "<start_of_turn>user\nBe brief.\n\nMy name is Ada." in text
+    assert trained_text_per_turn(tokenizer, example) == {0: "Hello, Ada.<end_of_turn>"}

@@ -88,9 +88,11 @@ def _render_chunk(tokenizer: Any, template: ChatTemplate, options: RenderOptions
         try:
             result = render_conversation(conversation, template, options, tokenizer.eos_token)
         except TemplateRenderError as refusal:
-            error = DataError(conversation.source, conversation.where, None, str(refusal),
-                              "fix the record so the chat template accepts it (e.g. roles in the order it expects)",
-                              code="template_refused")
+            fix = "fix the record so the chat template accepts it (e.g. roles in the order it expects)"
+            if "system" in str(refusal).lower() and options.system_message == "keep":
+                fix = ("set data.system_message: fold (--system-message fold) to fold the system message into the "
+                       "first user message, or " + fix)
+            error = DataError(conversation.source, conversation.where, None, str(refusal), fix, code="template_refused")
             if on_bad_record == "error":
                 raise error from None
             stats.rejected[error.reason] += 1

@@ -16,6 +16,7 @@ How trained spans are found, without `{% generation %}` markers or marker token 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from dataclasses import dataclass
@@ -55,7 +56,19 @@ def render_conversation(conversation: Conversation, template: ChatTemplate, opti
     """The text(s) to tokenize for one conversation, with their trained character spans."""
     if isinstance(conversation, RawConversation):
         return RenderResult((_render_raw(conversation, eos_token),))
+    if options.system_message == "fold":
+        conversation = fold_system_message(conversation)
     return _render_chat(conversation, template, options)
+
+
+def fold_system_message(conversation: ChatConversation) -> ChatConversation:
+    """A leading system message prepended to the first user message (for templates that have no
+    system role, e.g. Gemma's), separated by a blank line."""
+    messages = conversation.messages
+    if len(messages) < 2 or messages[0].role != "system" or messages[1].role != "user":
+        return conversation
+    user = dataclasses.replace(messages[1], content=f"{messages[0].content}\n\n{messages[1].content}")
+    return dataclasses.replace(conversation, messages=(user, *messages[2:]))
 
 
 def _render_raw(conversation: RawConversation, eos_token: str | None) -> RenderedText:

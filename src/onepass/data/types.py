@@ -17,6 +17,7 @@ LossOn = Literal["assistant", "last", "all"]
 Overlong = Literal["drop", "truncate", "error"]
 UnstableHistory = Literal["error", "warn", "split"]
 OnBadRecord = Literal["error", "skip"]
+SystemMessage = Literal["keep", "fold"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class RenderOptions:
     max_seq_len: int | None = None
     overlong: Overlong = "drop"
     unstable_history: UnstableHistory = "error"
+    system_message: SystemMessage = "keep"  # fold: into the first user message, for templates without a system role
 
 
 @dataclass(frozen=True)
