@@ -249,3 +249,26 @@ def test_a_template_without_a_system_role_says_how_to_fold_it_and_folding_trains
     text = tokenizer.decode(example.input_ids.tolist())
     assert "<start_of_turn>user\nBe brief.\n\nMy name is Ada." in text
     assert trained_text_per_turn(tokenizer, example) == {0: "Hello, Ada.<end_of_turn>"}
+
+
+GLM_STYLE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
+             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def test_where_a_template_writes_no_end_of_turn_the_next_stop_token_is_trained_final_turn_included(
+        tokenizer, tmp_path):
+    import json as json_module
+    import shutil
+
+    from onepass.data.chat_template import stop_texts
+    from onepass.data.tokenizer import load_tokenizer
+
+    shutil.copytree(tokenizer.name_or_path, tmp_path / "tok")
+    stop_id = tokenizer.convert_tokens_to_ids("<|im_start|>")  # stands in for GLM's <|user|>
+    (tmp_path / "tok" / "generation_config.json").write_text(json_module.dumps({"eos_token_id": [1, stop_id]}))
+    assert stop_texts(load_tokenizer(tmp_path / "tok")) == ("</s>", "<|im_start|>")
+    template = ChatTemplate("glm-style", GLM_STYLE.replace("<|{{ m['role'] }}|>", "<|im_start|>{{ m['role'] }}")
+                            .replace("<|assistant|>", "<|im_start|>assistant"), (), ("</s>", "<|im_start|>"))
+    [example], _ = render_all([conversation(TWO_TURNS)], tokenizer, template, RenderOptions())
+    assert {k: t.strip() for k, t in trained_text_per_turn(tokenizer, example).items()} == {
+        0: "Hello, Ada.<|im_start|>", 1: "Your name is Ada.<|im_start|>"}

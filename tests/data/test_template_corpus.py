@@ -26,11 +26,11 @@ FAMILIES = sorted(p.stem for p in CORPUS.glob("*.jinja") if (CORPUS / f"{p.stem}
 # Templates that render a past assistant turn differently from the turn as generated: detected.
 REWRITES_HISTORY = {"qwen3", "qwen3_5_nothink", "qwen3_5_think", "qwen3_6", "gptoss"}
 KNOWN_GAPS = {  # (family, conversation): what onepass does not do yet
-    ("glm4moe", "plain"): "the end of a turn is the next role token (<|user|>), which onepass does not train yet",
-    ("glm4moe", "system"): "the end of a turn is the next role token (<|user|>), which onepass does not train yet",
-    ("glm4moe", "tool"): "the end of a turn is the next role token (<|observation|>), not trained yet",
     ("diffusion_gemma", "tool"): "the tool-response header after a call is trained as the call's end of turn",
 }
+# The stop tokens of a family's generation_config.json (eos_token_id), where the template writes no
+# end-of-turn text of its own: GLM-4.5 stops at the next role token.
+GENERATION_STOPS = {"glm4moe": ("<|endoftext|>", "<|user|>", "<|observation|>")}
 
 CONVERSATIONS = {
     "plain": [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hello, Ada."},
@@ -77,7 +77,8 @@ def training_variant_runs(tokenizer, family: str, messages: list[dict]) -> list[
 
 
 def original(tokenizer, family: str) -> ChatTemplate:
-    return ChatTemplate(family, (CORPUS / f"{family}.jinja").read_text(), variables(tokenizer))
+    return ChatTemplate(family, (CORPUS / f"{family}.jinja").read_text(), variables(tokenizer),
+                        GENERATION_STOPS.get(family, ()))
 
 
 def onepass_runs(tokenizer, family: str, messages: list[dict]) -> list[str]:

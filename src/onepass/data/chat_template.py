@@ -28,6 +28,9 @@ class ChatTemplate:
     name: str  # where it came from, for error messages: "tokenizer", "chatml", a file path
     source: str
     variables: tuple[tuple[str, str], ...]  # special tokens visible to the template (bos_token, eos_token, ...)
+    # Texts of the tokens generation stops at (EOS, and the model's generation config's eos_token_id list):
+    # where a template writes nothing after a response, the stop token that follows is its end of turn.
+    stop_texts: tuple[str, ...] = ()
 
     def variable(self, name: str) -> str | None:
         """A special token the template sees (eos_token, bos_token, ...), or None."""
@@ -109,7 +112,21 @@ def load_chat_template(tokenizer: Any, chat_template: str | None = None) -> Chat
         raise OnepassError(f"{where} has no chat template. Fix: pass --chat-template FILE.jinja, or a built-in "
                            f"one ({', '.join(BUILTIN_TEMPLATES)}), e.g. --chat-template chatml.")
     variables = {key: value for key, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
-    return ChatTemplate(name, source, tuple(sorted(variables.items())))
+    return ChatTemplate(name, source, tuple(sorted(variables.items())), stop_texts(tokenizer))
+
+
+def stop_texts(tokenizer: Any) -> tuple[str, ...]:
+    """EOS and the stop tokens of the model's generation_config.json (beside the tokenizer), as text."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    config_file = Path(getattr(tokenizer, "name_or_path", "") or ".") / "generation_config.json"
+    if config_file.is_file():
+        try:
+            listed = json.loads(config_file.read_text()).get("eos_token_id")
+        except (OSError, json.JSONDecodeError):
+            listed = None
+        ids.update(listed if isinstance(listed, list) else [listed] if isinstance(listed, int) else [])
+    texts = (tokenizer.convert_ids_to_tokens(int(i)) for i in ids if 0 <= int(i) < len(tokenizer))
+    return tuple(sorted(t for t in texts if t))
 
 
 @functools.lru_cache(maxsize=64)

@@ -111,7 +111,7 @@ def _render_chat(conversation: ChatConversation, template: ChatTemplate, options
 
     notes = _template_notes(template)
     if all(turn.stable for turn in turns):
-        spans = tuple(turn.span for turn in turns)
+        full, spans = _end_at_stop_tokens(full, [turn.span for turn in turns], template, messages, options)
         return RenderResult((RenderedText(full, spans, train_all=options.loss_on == "all"),), notes=notes)
     if options.unstable_history == "error":
         bad = next(turn.message_index for turn in turns if not turn.stable)
@@ -125,6 +125,48 @@ def _render_chat(conversation: ChatConversation, template: ChatTemplate, options
         return RenderResult(texts, unstable=True, split=True, notes=notes)
     return RenderResult((_relocate_in_full(conversation, full, turns, template, options),), unstable=True,
                         notes=notes)
+
+
+def _end_at_stop_tokens(full: str, spans: list[Span], template: ChatTemplate, messages: list[dict[str, Any]],
+                        options: RenderOptions) -> tuple[str, tuple[Span, ...]]:
+    """For templates that write nothing after a response (GLM: the model stops by emitting the next role
+    token, `<|user|>` or `<|observation|>`), the stop token that follows a response is its end of turn:
+    trained, so the model learns to stop. After the conversation's final response the template writes
+    nothing, so the stop token it writes when a user speaks next is appended."""
+    if not template.stop_texts:
+        return full, tuple(spans)
+    ended = []
+    for span in spans:
+        after = _skip_space(full, span.boundary)
+        if span.boundary == len(full) and span is spans[-1]:
+            stop = _stop_after_final_response(template, messages)
+            full, after = (full + stop, len(full)) if stop else (full, after)
+        else:
+            stop = next((s for s in template.stop_texts if full.startswith(s, after)), None)
+        if stop and not _ends_with_stop(full[:span.boundary], template):
+            boundary = after + len(stop)
+            span = dataclasses.replace(span, end=boundary if options.train_on_eot else span.end, boundary=boundary)
+        ended.append(span)
+    return full, tuple(ended)
+
+
+def _ends_with_stop(text: str, template: ChatTemplate) -> bool:
+    return any(text.rstrip().endswith(stop) for stop in template.stop_texts)
+
+
+def _stop_after_final_response(template: ChatTemplate, messages: list[dict[str, Any]]) -> str:
+    """The stop text the template writes right after the last response when the user speaks next."""
+    if not messages or messages[-1]["role"] != "assistant":
+        return ""
+    try:
+        continued = template.render(messages + [{"role": "user", "content": "onepass probe"}])
+    except TemplateError:
+        return ""
+    ended = template.render(messages).rstrip()
+    if not continued.startswith(ended):
+        return ""
+    after = continued[_skip_space(continued, len(ended)):]
+    return next((s for s in template.stop_texts if after.startswith(s)), "")
 
 
 def _history_context(template: ChatTemplate, messages: list[dict[str, Any]], full: str) -> str:
