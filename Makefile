@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-real test-all real-model bench clean
+.PHONY: install demo demo-real test test-slow test-real test-all real-model bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/onepass demo --output runs/demo
+
+demo-real: $(STAMP)
+	$(BIN)/onepass demo --real --output runs/demo-real
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -9,12 +9,19 @@ from typing import Any
 def add_parsers(subparsers: Any) -> None:
     parser = subparsers.add_parser("demo", help="train a tiny model on CPU and show accuracy before/after")
     parser.add_argument("--output", default="runs/demo", help="where the model, metrics and plot go")
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 400; --real: 30)")
+    parser.add_argument("--real", action="store_true",
+                        help="fine-tune the real SmolLM2-135M-Instruct instead (downloaded once, ~100 MB)")
     parser.set_defaults(handler=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    if args.real:
+        from onepass.demo.real import run_real_demo
+
+        run_real_demo(args.output if args.output != "runs/demo" else "runs/demo-real", steps=args.steps or 30)
+        return 0
     from onepass.demo.run import run_demo as demo
 
-    demo(args.output, steps=args.steps)
+    demo(args.output, steps=args.steps or 400)
     return 0
