@@ -45,3 +45,11 @@ def test_activation_checkpointing_is_switched_on_without_reentrant_checkpoints()
     loss = model(input_ids=torch.arange(8)[None], labels=torch.arange(8)[None]).loss
     loss.backward()  # runs through the checkpointed layers
     assert model.model.layers[0].mlp.up_proj.weight.grad is not None
+
+
+def test_bf16_matrix_units_are_found_as_proc_cpuinfo_lists_them():
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    assert compat.cpu_has_fast_bf16() == ("amx_bf16" in flags or "avx512_bf16" in flags)

@@ -30,7 +30,7 @@ class DataConfig:
     train_on_eot: bool = True
     overlong: Literal["drop", "truncate", "error"] = "drop"
     on_bad_record: Literal["error", "skip"] = "error"
-    unstable_history: Literal["error", "warn", "split"] = "error"
+    unstable_history: Literal["tree", "error", "warn", "split"] = "tree"
     system_message: Literal["keep", "fold"] = "keep"  # fold: prepend it to the first user message (Gemma)
     num_workers: int = 1
     cache_dir: str | None = None
@@ -70,7 +70,7 @@ class TrainConfig:
     seed: int = 0
     loss_normalization: Literal["token", "sequence", "turn"] = "token"
     loss_chunk_size: int = 1024  # trained positions per chunk of the output projection
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA and AMX/AVX512-BF16 CPUs
     gradient_checkpointing: bool = False
     compile: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)

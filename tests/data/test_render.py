@@ -113,9 +113,40 @@ def test_reasoning_content_is_trained_with_the_answer(tokenizer):
 REASONING_TWO_TURNS = chat("q1", "<think>r1</think>a1", "q2", "<think>r2</think>a2")
 
 
-def test_history_rewriting_template_is_detected_and_an_error_by_default(tokenizer):
+def test_history_rewriting_template_is_detected_and_an_error_when_asked(tokenizer):
     with pytest.raises(TemplateError, match="chat template 'qwen3' renders earlier turns differently.*message 1"):
-        render(tokenizer, REASONING_TWO_TURNS, "qwen3")
+        render(tokenizer, REASONING_TWO_TURNS, "qwen3", unstable_history="error")
+
+
+def root_to_leaf_paths(example):
+    """Each leaf's path from the root, as node indices."""
+    parent = example.parents
+    leaves = sorted(set(range(len(parent))) - set(parent.tolist()))
+    paths = []
+    for leaf in leaves:
+        path, node = [], leaf
+        while node >= 0:
+            path.append(node)
+            node = int(parent[node])
+        paths.append(path[::-1])
+    return paths
+
+
+def test_by_default_a_history_rewriting_conversation_is_one_tree_whose_paths_are_the_inference_renders(tokenizer):
+    template = load_chat_template(tokenizer, "qwen3")
+    [example], stats = render(tokenizer, REASONING_TWO_TURNS, "qwen3")
+    assert (stats.unstable, stats.trees, stats.split) == (1, 1, 0) and example.is_tree
+    messages = REASONING_TWO_TURNS["messages"]
+    paths = root_to_leaf_paths(example)
+    assert len(paths) == 2
+    for turn, path in enumerate(paths):
+        inference_render = template.render(messages[:2 * turn + 2]).rstrip()
+        assert tokenizer.decode(example.input_ids[path].tolist()).rstrip() == inference_render
+    split, _ = render(tokenizer, REASONING_TWO_TURNS, "qwen3", unstable_history="split")
+    for turn, single in enumerate(split):  # trained tokens per turn equal split's
+        on_path = example.input_ids[[n for n in paths[turn] if example.loss_mask[n] and example.turn[n] == turn]]
+        np.testing.assert_array_equal(on_path, single.input_ids[single.loss_mask == 1])
+    assert len(example) < sum(len(e) for e in split)  # the shared context is computed once
 
 
 def test_qwen3_style_empty_reasoning_on_the_last_turn_counts_as_rewriting(tokenizer):

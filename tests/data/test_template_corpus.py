@@ -4,8 +4,9 @@ against the assistant masks transformers computes from the training variant.
 
 A turn agrees when onepass trains the same text, or the same text less template text just before
 it that the training variant also trains (the role header or `<think>` the generation prompt
-already gives the model). Templates that truly rewrite history must be detected instead, and a
-record a template refuses must be an error naming the record."""
+already gives the model). A template that truly rewrites history gives one tree per conversation
+whose paths are the inference-time renders (the training variants instead train every turn as
+history renders it); a record a template refuses must be an error naming the record."""
 
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ from onepass.data.chat_template import ChatTemplate
 from onepass.data.formats import to_conversation
 from onepass.data.prepare import render_all
 from onepass.data.types import Record, RenderOptions
-from onepass.errors import DataError, TemplateError
+from onepass.errors import DataError
 
 trl = pytest.importorskip("trl")  # installed with onepass[test]
 CORPUS = Path(trl.__file__).parent / "chat_templates"
 FAMILIES = sorted(p.stem for p in CORPUS.glob("*.jinja") if (CORPUS / f"{p.stem}_training.jinja").exists())
 
-# Templates that render a past assistant turn differently from the turn as generated: detected.
+# Templates that render a past assistant turn differently from the turn as generated: one tree each.
 REWRITES_HISTORY = {"qwen3", "qwen3_5_nothink", "qwen3_5_think", "qwen3_6", "gptoss"}
 KNOWN_GAPS = {  # (family, conversation): what onepass does not do yet
     ("diffusion_gemma", "tool"): "the tool-response header after a call is trained as the call's end of turn",
@@ -81,11 +82,22 @@ def original(tokenizer, family: str) -> ChatTemplate:
                         GENERATION_STOPS.get(family, ()))
 
 
-def onepass_runs(tokenizer, family: str, messages: list[dict]) -> list[str]:
-    template = original(tokenizer, family)
+def onepass_example(tokenizer, family: str, messages: list[dict]):
     conversation = to_conversation(Record("d.jsonl", "line 1", {"messages": messages}), "messages")
-    [example], _ = render_all([conversation], tokenizer, template, RenderOptions())
-    return trained_runs(tokenizer, example.input_ids.tolist(), example.loss_mask.tolist())
+    [example], _ = render_all([conversation], tokenizer, original(tokenizer, family), RenderOptions())
+    return example
+
+
+def tree_paths(example) -> list[list[int]]:
+    parent = example.parents
+    paths = []
+    for leaf in sorted(set(range(len(parent))) - set(parent.tolist())):
+        path, node = [], leaf
+        while node >= 0:
+            path.append(node)
+            node = int(parent[node])
+        paths.append(path[::-1])
+    return paths
 
 
 def agrees(ours: str, theirs: str, messages: list[dict]) -> bool:
@@ -98,7 +110,7 @@ def agrees(ours: str, theirs: str, messages: list[dict]) -> bool:
 
 @pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
 @pytest.mark.parametrize("family", FAMILIES)
-def test_real_template_masks_match_its_training_variant_or_rewriting_is_detected(tokenizer, family, conversation):
+def test_real_template_masks_match_its_training_variant_or_history_rewriting_gives_one_tree(tokenizer, family, conversation):
     if (family, conversation) in KNOWN_GAPS:
         pytest.xfail(KNOWN_GAPS[family, conversation])
     messages = CONVERSATIONS[conversation]
@@ -106,15 +118,23 @@ def test_real_template_masks_match_its_training_variant_or_rewriting_is_detected
         expected = training_variant_runs(tokenizer, family, messages)
     except Exception as refusal:  # the template refuses this conversation (roles it does not support)
         with pytest.raises(DataError, match=f"chat template '{family}' failed to render") as error:
-            onepass_runs(tokenizer, family, messages)
+            onepass_example(tokenizer, family, messages)
         assert error.value.code == "template_refused" and "line 1" in str(error.value), refusal
         return
-    try:
-        got = onepass_runs(tokenizer, family, messages)
-    except TemplateError as error:
-        assert family in REWRITES_HISTORY, f"{family} is not known to rewrite history: {error}"
-        assert "renders earlier turns differently" in str(error)
+    example = onepass_example(tokenizer, family, messages)
+    if example.is_tree:  # history rewritten: each turn's path is its inference-time render
+        assert family in REWRITES_HISTORY, f"{family} is not known to rewrite history"
+        template = original(tokenizer, family)
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        paths = tree_paths(example)
+        assert len(paths) == len(turns)
+        for turn, (path, index) in enumerate(zip(paths, turns)):
+            rendered = tokenizer.decode(example.input_ids[path].tolist())
+            assert rendered.rstrip() == template.render(messages[:index + 1]).rstrip()
+            trained = [n for n in path if example.loss_mask[n] and example.turn[n] == turn]
+            assert messages[index]["content"] in tokenizer.decode(example.input_ids[trained].tolist())
         return
+    got = trained_runs(tokenizer, example.input_ids.tolist(), example.loss_mask.tolist())
     assert len(got) == len(expected), (got, expected)
     for ours, theirs in zip(got, expected):
         assert agrees(ours, theirs, messages), (got, expected)

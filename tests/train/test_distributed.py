@@ -41,7 +41,7 @@ def write_config(assets, path, **values):
     config = {"model": str(root / "model"), "tokenizer": str(tokenizer_dir), "output_dir": str(path / "out"),
               "data": {"train": [str(root / "train.jsonl")], "eval": [str(root / "eval.jsonl")]},
               "max_seq_len": 128, "batch_size": 1, "lr": 3e-3, "warmup_steps": 1, "epochs": 2,
-              "progress": False, "keep_last": 10, **values}
+              "progress": False, "keep_last": 10, "precision": "fp32", **values}
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     return path / "config.yaml"

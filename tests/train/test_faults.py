@@ -42,7 +42,7 @@ def config_values(assets, output_dir, **values):
     root, tokenizer_dir = assets
     return {"model": str(root / "model"), "tokenizer": str(tokenizer_dir), "output_dir": str(output_dir),
             "data": {"train": [str(root / "train.jsonl")]}, "max_seq_len": 128, "batch_size": 1,
-            "grad_accum": 2, "lr": 3e-3, "progress": False, **values}
+            "grad_accum": 2, "lr": 3e-3, "progress": False, "precision": "fp32", **values}
 
 
 def make_config(assets, output_dir, **values):

@@ -93,7 +93,7 @@ def make_config(run_assets, output_dir, *overrides):
     root, tokenizer_dir, data, held_out = run_assets
     return load_config(None, [f"model={root / 'model'}", f"tokenizer={tokenizer_dir}", f"data.train=[{data}]",
                               f"data.eval=[{held_out}]", f"output_dir={output_dir}", "max_seq_len=256",
-                              "batch_size=2", "grad_accum=2", "lr=1e-3", "progress=false", "warmup_steps=2",
+                              "batch_size=2", "grad_accum=2", "lr=1e-3", "progress=false", "warmup_steps=2", "precision=fp32",
                               *overrides])
 
 
@@ -157,3 +157,25 @@ def test_resuming_with_a_different_global_batch_warns_that_the_data_order_change
     trained(make_config(run_assets, tmp_path / "out", "max_steps=6", "grad_accum=1")).fit(stop_at=3)
     err = capsys.readouterr().err
     assert "written with 2 micro-batches per step" in err and "set grad_accum=2" in err
+
+
+def test_bf16_autocast_training_tracks_fp32_within_two_percent(run_assets, tmp_path):
+    """bf16 autocast (fp32 master weights) follows the fp32 loss curve: every step's loss within 2% of
+    fp32's, on the same data from the same initial weights."""
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        result = trained(make_config(run_assets, tmp_path / precision, "max_steps=12", f"precision={precision}",
+                                     "eval_every=0")).fit()
+        curves[precision] = np.array([r["loss"] for r in result.metrics if "loss" in r])
+    assert len(curves["bf16"]) == 12
+    np.testing.assert_allclose(curves["bf16"], curves["fp32"], rtol=0.02)
+    assert curves["bf16"][-1] < curves["bf16"][0]
+
+
+def test_auto_precision_is_bf16_where_the_cpu_multiplies_bf16_natively():
+    from onepass.compat import cpu_has_fast_bf16
+    from onepass.train.step import uses_bf16
+
+    cpu = torch.device("cpu")
+    assert uses_bf16("auto", cpu) == cpu_has_fast_bf16()
+    assert uses_bf16("auto", torch.device("cuda")) and uses_bf16("bf16", cpu) and not uses_bf16("fp32", cpu)

@@ -20,7 +20,7 @@ from onepass.data.chat_template import ChatTemplate
 from onepass.data.stats import Stats
 from onepass.data.types import Example, RenderOptions
 
-ARRAYS = {"input_ids": np.int32, "loss_mask": np.int8, "turn": np.int32}  # an Example's arrays, as cached
+ARRAYS = {"input_ids": np.int32, "loss_mask": np.int8, "turn": np.int32, "parent": np.int32}  # as cached
 
 
 @dataclass
@@ -59,8 +59,9 @@ def save_cache(path: Path, data: PreparedData) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
     np.save(temp / "lengths.npy", np.asarray([len(e) for e in data.examples], dtype=np.int64))
+    np.save(temp / "tree.npy", np.asarray([e.is_tree for e in data.examples], dtype=bool))
     for name, dtype in ARRAYS.items():
-        values = [getattr(e, name) for e in data.examples]
+        values = [e.parents if name == "parent" else getattr(e, name) for e in data.examples]
         np.save(temp / f"{name}.npy", (np.concatenate(values) if values else np.zeros(0)).astype(dtype))
     meta = {"stats": data.stats.to_dict(), "sources": [[e.source, e.where] for e in data.examples],
             "rejects": data.rejects}
@@ -75,7 +76,8 @@ def save_cache(path: Path, data: PreparedData) -> None:
 
 
 def is_cached(path: Path) -> bool:
-    return all((path / name).exists() for name in ("meta.json", "lengths.npy", *(f"{a}.npy" for a in ARRAYS)))
+    return all((path / name).exists() for name in ("meta.json", "lengths.npy", "tree.npy",
+                                                   *(f"{a}.npy" for a in ARRAYS)))
 
 
 def load_cache(path: Path) -> PreparedData:
@@ -83,8 +85,9 @@ def load_cache(path: Path) -> PreparedData:
     reads only the rows it trains on."""
     meta = json.loads((path / "meta.json").read_text())
     bounds = np.concatenate([[0], np.cumsum(np.load(path / "lengths.npy"))])
-    input_ids, loss_mask, turn = (np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS)
-    examples = [Example(input_ids[a:b], loss_mask[a:b], turn[a:b], source, where)
-                for (a, b), (source, where) in zip(zip(bounds[:-1], bounds[1:]), meta["sources"])]
+    input_ids, loss_mask, turn, parent = (np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS)
+    trees = np.load(path / "tree.npy")
+    examples = [Example(input_ids[a:b], loss_mask[a:b], turn[a:b], source, where, parent[a:b] if tree else None)
+                for (a, b), (source, where), tree in zip(zip(bounds[:-1], bounds[1:]), meta["sources"], trees)]
     return PreparedData(examples, Stats.from_dict(meta["stats"]), path, from_cache=True,
                         rejects=meta.get("rejects", []))

@@ -11,6 +11,7 @@ import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from onepass.data.formats import FORMATS, detect_format, expected_keys, to_conve
 from onepass.data.records import check_data_path, read_records
 from onepass.data.render import cut_point, mask_tokens, render_conversation, tokenize_rendered
 from onepass.data.stats import Stats
+from onepass.data.tree import TokenPath, merge_paths, tree_example
 from onepass.data.types import Conversation, Example, OnBadRecord, RenderedText, RenderOptions
 from onepass.errors import DataError, OnepassError, TemplateRenderError
 
@@ -78,12 +80,39 @@ def _openings(conversations: list[Conversation], stats: Stats) -> None:
                 stats.openings[" ".join(words)] += 1
 
 
+@dataclass(frozen=True)
+class _Unit:
+    """What becomes one example: a conversation's text, or (a tree) its paths' texts."""
+
+    conversation: Conversation
+    texts: tuple[RenderedText, ...]
+    tree: bool = False
+
+
 def _render_chunk(tokenizer: Any, template: ChatTemplate, options: RenderOptions, on_bad_record: OnBadRecord,
                   conversations: list[Conversation]) -> tuple[list[Example], Stats, list[dict[str, Any]]]:
     """Render, tokenize and length-check one chunk; returns its examples, its part of the stats, and
     the conversations the chat template refused (as rejects rows, when skipping)."""
     stats, rejects = Stats(), []
-    rendered, owners = [], []
+    units = _render_units(conversations, tokenizer, template, options, on_bad_record, stats, rejects)
+    if options.max_seq_len is not None and options.overlong != "truncate":
+        units = _drop_certainly_overlong(units, tokenizer, options, stats)
+    tokenized = iter(tokenize_rendered(tokenizer, [text for unit in units for text in unit.texts]))
+    examples = []
+    for unit in units:
+        tokens = [next(tokenized) for _ in unit.texts]
+        example = _tree_example(unit, tokens, options, stats) if unit.tree else None
+        for item, (ids, offsets) in ([] if unit.tree else zip(unit.texts, tokens)):
+            example = _sequence_example(unit.conversation, item, ids, offsets, options, stats)
+            examples += [example] if example is not None else []
+        if unit.tree and example is not None:
+            examples.append(example)
+    return examples, stats, rejects
+
+
+def _render_units(conversations: list[Conversation], tokenizer: Any, template: ChatTemplate, options: RenderOptions,
+                  on_bad_record: OnBadRecord, stats: Stats, rejects: list[dict[str, Any]]) -> list[_Unit]:
+    units = []
     for conversation in conversations:
         try:
             result = render_conversation(conversation, template, options, tokenizer.eos_token)
@@ -100,51 +129,80 @@ def _render_chunk(tokenizer: Any, template: ChatTemplate, options: RenderOptions
             continue
         stats.unstable += result.unstable
         stats.split += result.split
+        stats.trees += result.tree
         stats.template_notes.update(result.notes)
         if not result.texts:
             stats.dropped["no trained turn"] += 1
-        rendered.extend(result.texts)
-        owners.extend([conversation] * len(result.texts))
-    examples = []
-    if options.max_seq_len is not None and options.overlong != "truncate":
-        rendered, owners = _drop_certainly_overlong(rendered, owners, tokenizer, options, stats)
-    for item, conversation, (ids, offsets) in zip(rendered, owners, tokenize_rendered(tokenizer, rendered)):
-        keep = len(ids)
-        if options.max_seq_len is not None and len(ids) > options.max_seq_len:
-            if options.overlong == "error":
-                raise OnepassError(f"{conversation.source}, {conversation.where}: {len(ids)} tokens, more than "
-                                   f"max_seq_len={options.max_seq_len}. Fix: raise max_seq_len, or set overlong: "
-                                   "truncate or drop.")
-            if options.overlong == "drop":
-                stats.dropped["longer than max_seq_len"] += 1
-                continue
-            keep = cut_point(item, offsets, options.max_seq_len)
-            stats.truncated += 1
-        loss_mask, turn = mask_tokens(item, offsets[:keep])
-        if not loss_mask.any():
-            stats.dropped["no trained tokens after truncation" if keep < len(ids) else "no trained tokens"] += 1
-            continue
-        examples.append(Example(ids[:keep], loss_mask, turn, conversation.source, conversation.where))
-    return examples, stats, rejects
+        elif result.tree:
+            units.append(_Unit(conversation, result.texts, tree=True))
+        else:
+            units += [_Unit(conversation, (text,)) for text in result.texts]
+    return units
 
 
-def _drop_certainly_overlong(rendered: list[RenderedText], owners: list[Conversation], tokenizer: Any,
-                             options: RenderOptions, stats: Stats) -> tuple[list[RenderedText], list[Conversation]]:
+def _overlong_error(conversation: Conversation, length: str, options: RenderOptions) -> OnepassError:
+    return OnepassError(f"{conversation.source}, {conversation.where}: {length}, more than max_seq_len="
+                        f"{options.max_seq_len}. Fix: raise max_seq_len, or set overlong: truncate or drop.")
+
+
+def _sequence_example(conversation: Conversation, item: RenderedText, ids: Any, offsets: Any, options: RenderOptions,
+                      stats: Stats) -> Example | None:
+    keep = len(ids)
+    if options.max_seq_len is not None and len(ids) > options.max_seq_len:
+        if options.overlong == "error":
+            raise _overlong_error(conversation, f"{len(ids)} tokens", options)
+        if options.overlong == "drop":
+            stats.dropped["longer than max_seq_len"] += 1
+            return None
+        keep = cut_point(item, offsets, options.max_seq_len)
+        stats.truncated += 1
+    loss_mask, turn = mask_tokens(item, offsets[:keep])
+    if not loss_mask.any():
+        stats.dropped["no trained tokens after truncation" if keep < len(ids) else "no trained tokens"] += 1
+        return None
+    return Example(ids[:keep], loss_mask, turn, conversation.source, conversation.where)
+
+
+def _tree_example(unit: _Unit, tokens: list[tuple[Any, Any]], options: RenderOptions, stats: Stats) -> Example | None:
+    """The paths (each turn's inference-time render) merged into one tree. Too many nodes: `truncate`
+    keeps the leading paths (whole turns) that fit, each later turn dropped and counted."""
+    paths = [TokenPath(ids, *mask_tokens(item, offsets)) for item, (ids, offsets) in zip(unit.texts, tokens)]
+    tree = merge_paths(paths)
+    limit = options.max_seq_len
+    if limit is not None and len(tree.input_ids) > limit:
+        if options.overlong == "error":
+            raise _overlong_error(unit.conversation, f"{len(tree.input_ids)} tree nodes", options)
+        if options.overlong == "drop":
+            stats.dropped["longer than max_seq_len"] += 1
+            return None
+        while len(paths) > 1 and len(tree.input_ids) > limit:
+            paths.pop()
+            stats.dropped["turn cut by max_seq_len"] += 1
+            tree = merge_paths(paths)
+        if len(tree.input_ids) > limit:
+            stats.dropped["longer than max_seq_len"] += 1
+            return None
+        stats.truncated += 1
+    if not tree.loss_mask.any():
+        stats.dropped["no trained tokens"] += 1
+        return None
+    return tree_example(tree, unit.conversation.source, unit.conversation.where)
+
+
+def _drop_certainly_overlong(units: list[_Unit], tokenizer: Any, options: RenderOptions, stats: Stats) -> list[_Unit]:
     """Texts so long they cannot fit (e.g. a 10 MB line) are dropped (or refused) before tokenizing,
     which would take seconds each for nothing."""
     limit = options.max_seq_len * _longest_token_chars(tokenizer) * 4  # margin for normalisers
-    kept_texts, kept_owners = [], []
-    for item, conversation in zip(rendered, owners):
-        if len(item.text) <= limit:
-            kept_texts.append(item)
-            kept_owners.append(conversation)
+    kept = []
+    for unit in units:
+        longest = max(len(text.text) for text in unit.texts)
+        if longest <= limit:
+            kept.append(unit)
         elif options.overlong == "error":
-            raise OnepassError(f"{conversation.source}, {conversation.where}: {len(item.text):,} characters, far "
-                               f"more than max_seq_len={options.max_seq_len} tokens. Fix: shorten the record, or "
-                               "set overlong: truncate or drop.")
+            raise _overlong_error(unit.conversation, f"{longest:,} characters, far", options)
         else:
             stats.dropped["longer than max_seq_len"] += 1
-    return kept_texts, kept_owners
+    return kept
 
 
 @functools.lru_cache(maxsize=8)

@@ -9,8 +9,9 @@ How trained spans are found, without `{% generation %}` markers or marker token 
    (`<|im_end|>`, `<|eot_id|>`, `</s>`, ...).
 3. The history is stable when T starts with P_k and with Q_k: then the positions in Q_k are the
    positions in T. Otherwise the template rewrites history (e.g. strips past reasoning) and the
-   `unstable_history` policy decides: error, warn (train on T as rendered), or split (one example
-   per assistant turn, each with its inference-time context).
+   `unstable_history` policy decides: tree (default: each turn's inference-time render is a path of
+   one tree example, shared prefixes computed once, see tree.py), error, warn (train on T as
+   rendered), or split (one example per assistant turn, each with its inference-time context).
 4. T is tokenized once with character offsets; a token is trained when it overlaps a trained span.
 """
 
@@ -34,7 +35,8 @@ from onepass.errors import TemplateError
 class RenderResult:
     texts: tuple[RenderedText, ...]
     unstable: bool = False
-    split: bool = False
+    split: bool = False  # each text is an example of its own
+    tree: bool = False  # the texts are the paths of one tree example
     notes: tuple[str, ...] = ()  # what onepass did about a property of the template, for the summary
 
 
@@ -118,11 +120,12 @@ def _render_chat(conversation: ChatConversation, template: ChatTemplate, options
         raise TemplateError(
             f"{conversation.source}, {conversation.where}: chat template '{template.name}' renders earlier turns "
             f"differently once later turns exist (message {bad}), so the context trained on is not what the model "
-            "sees at inference. Fix: set unstable_history: split (one example per turn, exact contexts) or warn.")
-    if options.unstable_history == "split":
+            "sees at inference. Fix: set unstable_history: tree (one pass, exact contexts) or split.")
+    if options.unstable_history in ("split", "tree"):  # each turn with its inference-time context
         texts = tuple(RenderedText(turn.as_last, (turn.span,), train_all=options.loss_on == "all")
                       for turn in turns if turn.span.trained or options.loss_on == "all")
-        return RenderResult(texts, unstable=True, split=True, notes=notes)
+        tree = options.unstable_history == "tree"
+        return RenderResult(texts, unstable=True, split=not tree, tree=tree, notes=notes)
     return RenderResult((_relocate_in_full(conversation, full, turns, template, options),), unstable=True,
                         notes=notes)
 

@@ -33,7 +33,8 @@ def summary_table(stats: Stats, top_openings: int = 5) -> Table:
     table.add_row("rejected (bad records)", _reasons(stats.rejected))
     table.add_row("dropped", _reasons(stats.dropped))
     table.add_row("truncated", f"{stats.truncated:,}")
-    table.add_row("history rewritten by template", f"{stats.unstable:,} (split into turns: {stats.split:,})")
+    table.add_row("history rewritten by template",
+                  f"{stats.unstable:,} (one tree each: {stats.trees:,}; split into turns: {stats.split:,})")
     for note, count in stats.template_notes.items():
         table.add_row("chat template", f"{note} ({count:,} conversations)")
     total = sum(stats.openings.values())

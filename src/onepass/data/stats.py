@@ -21,6 +21,7 @@ class Stats:
     truncated: int = 0
     unstable: int = 0  # conversations whose template rewrites history
     split: int = 0  # ... that became one example per assistant turn
+    trees: int = 0  # ... that became one tree example (each turn's inference-time render a path)
     lengths: list[int] = field(default_factory=list)
     openings: Counter[str] = field(default_factory=Counter)  # first words of responses → count
     formats: dict[str, str] = field(default_factory=dict)  # file → detected format
@@ -53,7 +54,7 @@ class Stats:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Stats:
-        stats = cls(**{"template_notes": {}, **values})
+        stats = cls(**{"template_notes": {}, "trees": 0, **values})
         for name in ("rejected", "dropped", "openings", "template_notes"):
             setattr(stats, name, Counter(getattr(stats, name)))
         return stats

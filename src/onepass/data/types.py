@@ -15,7 +15,7 @@ from onepass.errors import DataError
 
 LossOn = Literal["assistant", "last", "all"]
 Overlong = Literal["drop", "truncate", "error"]
-UnstableHistory = Literal["error", "warn", "split"]
+UnstableHistory = Literal["tree", "error", "warn", "split"]
 OnBadRecord = Literal["error", "skip"]
 SystemMessage = Literal["keep", "fold"]
 
@@ -93,7 +93,7 @@ class RenderOptions:
     train_on_eot: bool = True
     max_seq_len: int | None = None
     overlong: Overlong = "drop"
-    unstable_history: UnstableHistory = "error"
+    unstable_history: UnstableHistory = "tree"
     system_message: SystemMessage = "keep"  # fold: into the first user message, for templates without a system role
 
 
@@ -122,17 +122,27 @@ class RenderedText:
 
 @dataclass(frozen=True)
 class Example:
-    """One training sequence. `loss_mask[t] == 1` means token t is trained; `turn[t]` is the index of
-    the assistant message (0, 1, ...) that token t belongs to, or -1."""
+    """One training sequence, or a tree of them. `loss_mask[t] == 1` means token t is trained; `turn[t]`
+    is the index of the assistant message (0, 1, ...) that token t belongs to, or -1."""
 
     input_ids: np.ndarray  # int32
     loss_mask: np.ndarray  # int8, 1 = trained
     turn: np.ndarray  # int32
     source: str = ""
     where: str = ""
+    parent: np.ndarray | None = None  # int32, for a tree (see data/tree.py); None: a sequence (parent of t is t - 1)
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def is_tree(self) -> bool:
+        return self.parent is not None
+
+    @property
+    def parents(self) -> np.ndarray:
+        """Each token's parent: the token before it on its path, -1 at the root."""
+        return self.parent if self.parent is not None else np.arange(len(self.input_ids), dtype=np.int32) - 1
 
     @property
     def num_trained_tokens(self) -> int:

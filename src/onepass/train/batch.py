@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from onepass.data.tree import ancestor_mask, depths, trained_children
 from onepass.data.types import Example
 
 IGNORE_INDEX = -100
@@ -25,7 +26,7 @@ Normalization = Literal["token", "sequence", "turn"]
 @dataclass(frozen=True)
 class Batch:
     input_ids: torch.Tensor  # (1, T) int64
-    position_ids: torch.Tensor  # (1, T), restarting at 0 for each conversation
+    position_ids: torch.Tensor  # (1, T): restarting at 0 for each conversation (a tree node's: its depth)
     labels: torch.Tensor  # (1, T): the next token where it is trained, else IGNORE_INDEX
     label_weights: torch.Tensor  # (1, T) float32: weight of each label's loss term (0 where ignored)
     cu_seq_lens: torch.Tensor  # (num_sequences + 1,) int32
@@ -33,39 +34,59 @@ class Batch:
     units: float  # normaliser contribution: trained tokens, sequences or turns in this batch
     num_tokens: int
     num_trained_tokens: int
+    # Per conversation: None for a sequence (causal attention), or a tree's (ancestor mask, depths)
+    trees: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...] = ()
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        trees = tuple(None if tree is None else (move(tree[0]), move(tree[1])) for tree in self.trees)
         return Batch(move(self.input_ids), move(self.position_ids), move(self.labels), move(self.label_weights),
-                     move(self.cu_seq_lens), self.max_length, self.units, self.num_tokens, self.num_trained_tokens)
+                     move(self.cu_seq_lens), self.max_length, self.units, self.num_tokens, self.num_trained_tokens,
+                     trees)
 
     def model_kwargs(self) -> dict:
-        """What the model's forward needs for packed attention (transformers' varlen kwargs)."""
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids,
-                "cu_seq_lens_q": self.cu_seq_lens, "cu_seq_lens_k": self.cu_seq_lens,
-                "max_length_q": self.max_length, "max_length_k": self.max_length}
+        """What the model's forward needs for packed attention (transformers' varlen kwargs, and the trees)."""
+        kwargs = {"input_ids": self.input_ids, "position_ids": self.position_ids,
+                  "cu_seq_lens_q": self.cu_seq_lens, "cu_seq_lens_k": self.cu_seq_lens,
+                  "max_length_q": self.max_length, "max_length_k": self.max_length}
+        if any(tree is not None for tree in self.trees):
+            kwargs[TREES_KWARG] = self.trees
+        return kwargs
 
 
-def shift_labels(input_ids: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
-    """labels[t] = input_ids[t + 1] where token t + 1 is trained; the last position predicts nothing."""
+TREES_KWARG = "onepass_trees"  # passed through the model's forward to the packed attention
+
+
+def shift_labels(input_ids: np.ndarray, loss_mask: np.ndarray, parent: np.ndarray | None = None) -> np.ndarray:
+    """labels[p] = input_ids[c] where token c is trained and p is the token before it (c - 1 in a
+    sequence, its parent in a tree); every other position predicts nothing."""
     labels = np.full(len(input_ids), IGNORE_INDEX, dtype=np.int64)
-    trained_next = loss_mask[1:] == 1
-    labels[:-1][trained_next] = input_ids[1:][trained_next]
+    child = _trained_children(loss_mask, parent)
+    predicts = child >= 0
+    labels[predicts] = input_ids[child[predicts]]
     return labels
+
+
+def _trained_children(loss_mask: np.ndarray, parent: np.ndarray | None) -> np.ndarray:
+    if parent is None:
+        child = np.full(len(loss_mask), -1, dtype=np.int64)
+        trained_next = np.flatnonzero(loss_mask[1:] == 1)
+        child[trained_next] = trained_next + 1
+        return child
+    return trained_children(loss_mask, parent)
 
 
 def label_weights(example: Example, normalization: Normalization) -> tuple[np.ndarray, float]:
     """Per-position loss weights (aligned with `shift_labels`) and the units this example adds to the step."""
-    trained = np.zeros(len(example), dtype=bool)
-    trained[:-1] = example.loss_mask[1:] == 1
+    child = _trained_children(example.loss_mask, example.parent)
+    trained = child >= 0
     weights = trained.astype(np.float64)
     count = int(trained.sum())
     if count == 0 or normalization == "token":
         return weights.astype(np.float32), float(count)
     if normalization == "sequence":  # each conversation weighs the same, whatever its length
         return (weights / count).astype(np.float32), 1.0
-    turns = np.full(len(example), -2, dtype=np.int64)
-    turns[:-1] = example.turn[1:]
+    turns = np.where(trained, example.turn[np.maximum(child, 0)], -2)
     turn_ids, counts = np.unique(turns[trained], return_counts=True)
     for turn_id, turn_count in zip(turn_ids, counts):  # each response weighs the same
         weights[trained & (turns == turn_id)] = 1.0 / turn_count
@@ -75,12 +96,14 @@ def label_weights(example: Example, normalization: Normalization) -> tuple[np.nd
 def collate(examples: Sequence[Example], normalization: Normalization = "token") -> Batch:
     """Lay the examples of one micro-batch end to end, with no padding."""
     input_ids = np.concatenate([e.input_ids for e in examples]).astype(np.int64)
-    position_ids = np.concatenate([np.arange(len(e)) for e in examples])
-    labels = np.concatenate([shift_labels(e.input_ids, e.loss_mask) for e in examples])
+    position_ids = np.concatenate([depths(e.parent) if e.is_tree else np.arange(len(e)) for e in examples])
+    labels = np.concatenate([shift_labels(e.input_ids, e.loss_mask, e.parent) for e in examples])
     weights_and_units = [label_weights(e, normalization) for e in examples]
     weights = np.concatenate([w for w, _ in weights_and_units])
     lengths = [len(e) for e in examples]
     cu_seq_lens = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    trees = tuple((torch.from_numpy(ancestor_mask(e.parent)), torch.from_numpy(depths(e.parent)))
+                  if e.is_tree else None for e in examples)
     return Batch(
         input_ids=torch.from_numpy(input_ids)[None],
         position_ids=torch.from_numpy(position_ids)[None],
@@ -91,6 +114,7 @@ def collate(examples: Sequence[Example], normalization: Normalization = "token")
         units=sum(u for _, u in weights_and_units),
         num_tokens=int(len(input_ids)),
         num_trained_tokens=int((labels != IGNORE_INDEX).sum()),
+        trees=trees if any(tree is not None for tree in trees) else (),
     )
 
 
@@ -99,4 +123,5 @@ def padding_batch(example: Example) -> Batch:
     A rank whose share of a step is short runs it, so every rank makes the same number of passes."""
     batch = collate([example])
     return Batch(batch.input_ids, batch.position_ids, batch.labels, torch.zeros_like(batch.label_weights),
-                 batch.cu_seq_lens, batch.max_length, units=0.0, num_tokens=0, num_trained_tokens=0)
+                 batch.cu_seq_lens, batch.max_length, units=0.0, num_tokens=0, num_trained_tokens=0,
+                 trees=batch.trees)

