@@ -97,3 +97,19 @@ def test_candidates_are_ranked_by_log_pr_completion_given_prompt(model, tokenize
     assert result["best_by_sum"] == result["ranking_by_sum"][0]
     for candidate in result["candidates"]:
         assert candidate["mean_logprob"] == pytest.approx(candidate["logprob"] / candidate["num_tokens"])
+
+
+def test_ranking_n_completions_as_one_tree_equals_n_separate_passes(model, tokenizer):
+    from onepass.data.types import Record as Row
+    from onepass.score.scoring import candidate_conversations, rank_candidates
+
+    template = load_chat_template(tokenizer, "chatml")
+    rows = [{"prompt": [{"role": "user", "content": "Pick a colour for the sky"}],
+             "completions": ["blue", "blue and green", "a deep red", "blue"]},
+            {"prompt": "The capital of France is", "completions": [" Paris.", " Lyon.", " Paris, of course."]}]
+    for data in rows:
+        [result] = rank_candidates(model, tokenizer, template, [Row("d.jsonl", "line 1", data)])
+        separate = score_conversations(model, tokenizer, template, candidate_conversations(data, "d.jsonl", "line 1"))
+        assert [c["logprob"] for c in result["candidates"]] == pytest.approx(
+            [r["logprob_response"] for r in separate], abs=1e-5)
+        assert [c["num_tokens"] for c in result["candidates"]] == [r["num_response_tokens"] for r in separate]

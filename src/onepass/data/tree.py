@@ -37,6 +37,7 @@ class Tree:
     turn: np.ndarray  # int32
     parent: np.ndarray  # int32, -1 at the root
     paths: tuple[np.ndarray, ...]  # the node indices of each input path, in order
+    trained_on_path: tuple[np.ndarray, ...]  # bool, per path position: trained by that path (its own mask)
 
 
 def merge_paths(paths: Sequence[TokenPath]) -> Tree:
@@ -80,7 +81,8 @@ def merge_paths(paths: Sequence[TokenPath]) -> Tree:
             nodes.append(node)
         walked.append(np.asarray(nodes, dtype=np.int64))
     return Tree(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.int8), np.asarray(turns, dtype=np.int32),
-                np.asarray(parents, dtype=np.int32), tuple(walked))
+                np.asarray(parents, dtype=np.int32), tuple(walked),
+                tuple(path.loss_mask.astype(bool) for path in paths))
 
 
 def _copy_node(node: int, ids: list[int], mask: list[int], turns: list[int], parents: list[int]) -> int:

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from onepass.data.chat_template import ChatTemplate
+from onepass.data.tree import TokenPath, Tree, merge_paths, tree_example
 from onepass.data.formats import to_conversation
 from onepass.data.render import find_rendered, mask_tokens, render_conversation, tokenize_rendered
 from onepass.data.types import ChatConversation, Conversation, Example, RawConversation, Record, RenderOptions
@@ -117,6 +119,32 @@ def token_logprobs(model: Any, examples: list[Example], batch_tokens: int = 4096
     return results
 
 
+def node_logprobs(model: Any, examples: list[Example], batch_tokens: int = 4096) -> list[np.ndarray]:
+    """log Pr(node | its ancestors) for every node of every example (trees or sequences; NaN at a root),
+    packed into forward passes of about `batch_tokens` tokens."""
+    from onepass.train.loss import OutputTransform, hidden_states
+    from onepass.train.model import backbone_and_head
+
+    results: list[np.ndarray] = [None] * len(examples)  # type: ignore[list-item]
+    transform = OutputTransform.of(model)
+    _, head = backbone_and_head(model)
+    with evaluating(model):
+        for group in _groups_of_tokens([len(e) for e in examples], batch_tokens):
+            batch = collate([examples[i] for i in group]).to(device_of(model))
+            hidden = hidden_states(model, batch)[0]
+            start = 0
+            for i in group:
+                parent = torch.from_numpy(examples[i].parents.astype(np.int64)).to(hidden.device)
+                children = torch.nonzero(parent >= 0).squeeze(1)
+                logits = transform(head(hidden[start + parent[children]]))
+                targets = batch.input_ids[0, start + children]
+                values = torch.log_softmax(logits.double(), -1).gather(1, targets[:, None])[:, 0]
+                results[i] = np.full(len(examples[i]), np.nan)
+                results[i][children.cpu().numpy()] = values.cpu().numpy()
+                start += len(examples[i])
+    return results
+
+
 def _groups_of_tokens(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     """Indices, longest first, in groups of about `batch_tokens` tokens (one forward pass each)."""
     groups, group, size = [], [], 0
@@ -203,22 +231,31 @@ def candidate_conversations(record: dict[str, Any], source: str, where: str) -> 
 
 def rank_candidates(model: Any, tokenizer: Any, template: ChatTemplate, records: list[Any],
                     batch_tokens: int = 4096) -> list[dict[str, Any]]:
-    """Score log Pr(completion | prompt) for every candidate and rank by sum and by per-token mean."""
-    grouped = [candidate_conversations(r.data, r.source, r.where) for r in records]
-    flat = [c for group in grouped for c in group]
-    rows = score_conversations(model, tokenizer, template, flat, batch_tokens=batch_tokens)
-    results, start = [], 0
-    for index, (record, group) in enumerate(zip(records, grouped)):
-        mine = rows[start:start + len(group)]
-        start += len(group)
-        candidates = [{"completion": c, "logprob": r["logprob_response"], "num_tokens": r["num_response_tokens"],
-                       "mean_logprob": r["mean_logprob_response"]}
-                      for c, r in zip(record.data["completions"], mine)]
+    """Score log Pr(completion | prompt) for every candidate and rank by sum and by per-token mean.
+    A row's candidates are one tree: the prompt once, each completion a branch, one forward pass."""
+    trees = [_candidate_tree(candidate_conversations(r.data, r.source, r.where), tokenizer, template)
+             for r in records]
+    logprobs = node_logprobs(model, [tree_example(tree) for tree in trees], batch_tokens)
+    results = []
+    for index, (record, tree, values) in enumerate(zip(records, trees, logprobs)):
+        candidates = []
+        for completion, nodes, trained in zip(record.data["completions"], tree.paths, tree.trained_on_path):
+            total, count = float(values[nodes[trained]].sum()), int(trained.sum())
+            candidates.append({"completion": completion, "logprob": total, "num_tokens": count,
+                               "mean_logprob": total / count if count else None})
         results.append({"index": index, "candidates": candidates,
                         "best_by_sum": max(range(len(candidates)), key=lambda i: candidates[i]["logprob"]),
                         "best_by_mean": max(range(len(candidates)), key=lambda i: candidates[i]["mean_logprob"]),
                         "ranking_by_sum": sorted(range(len(candidates)), key=lambda i: -candidates[i]["logprob"])})
     return results
+
+
+def _candidate_tree(conversations: list[Conversation], tokenizer: Any, template: ChatTemplate) -> Tree:
+    options = RenderOptions(unstable_history="warn")
+    rendered = [render_conversation(c, template, options, tokenizer.eos_token).texts[0] for c in conversations]
+    paths = [TokenPath(ids, *mask_tokens(item, offsets))
+             for item, (ids, offsets) in zip(rendered, tokenize_rendered(tokenizer, rendered))]
+    return merge_paths(paths)
 
 
 def score_file(model: Any, tokenizer: Any, template: ChatTemplate, path: str, loss_on: str = "assistant",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,8 +109,6 @@ def _segment_attention(module: Any, query: Any, key: Any, value: Any, scaling: f
 
 def _model_eager(module: Any) -> Any:
     """The eager attention function of the module's own modeling file (it handles the model's extras)."""
-    import sys
-
     function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if function is None:
         raise OnepassError(f"{type(module).__name__} uses an attention feature onepass's packed attention cannot "
@@ -158,6 +157,15 @@ def use_packed_attention(model: Any) -> Any:
     register_packed_attention()
     model.set_attn_implementation(PACKED_ATTENTION)
     return model
+
+
+def use_tree_attention(model: Any) -> None:
+    """Tree examples need onepass's packed attention (flash-attention varlen knows only sequences)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "_attn_implementation", None) != PACKED_ATTENTION:
+        print("attention: the data has tree examples, so onepass's packed attention runs (SDPA per conversation) "
+              "instead of flash-attention varlen", file=sys.stderr)
+        use_packed_attention(base)
 
 
 def build_model(config: TrainConfig, device: torch.device) -> Any:

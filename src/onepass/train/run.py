@@ -25,7 +25,7 @@ from onepass.train.checkpoint import Checkpointer
 from onepass.train.distributed import Cluster
 from onepass.train.evaluation import Evaluator
 from onepass.train.loss import SFTObjective
-from onepass.train.model import build_model, check_model_dir
+from onepass.train.model import build_model, check_model_dir, use_tree_attention
 from onepass.train.plan import StepPlan
 from onepass.train.step import StepOptions, describe_precision
 
@@ -70,6 +70,8 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
                     config.loss_normalization, cluster)
     total_steps = config.max_steps or config.epochs * plan.steps_per_epoch
     model = model if model is not None else build_model(config, cluster.device)
+    if any(e.is_tree for e in [*train_data.examples, *eval_examples]):
+        use_tree_attention(model)
     objective = distributed.parallelize(SFTObjective(model, config.loss_chunk_size), cluster, config.strategy)
     optimizer, scheduler = build_optimizer(distributed.unwrap(objective), config, total_steps)
     checkpointer = Checkpointer(config.output_dir, config.save_every, config.keep_last,
