@@ -113,3 +113,18 @@ def test_ranking_n_completions_as_one_tree_equals_n_separate_passes(model, token
         assert [c["logprob"] for c in result["candidates"]] == pytest.approx(
             [r["logprob_response"] for r in separate], abs=1e-5)
         assert [c["num_tokens"] for c in result["candidates"]] == [r["num_response_tokens"] for r in separate]
+
+
+def test_a_history_rewriting_conversation_is_scored_as_one_tree_equal_to_k_passes(model, tokenizer, tmp_path):
+    from conftest import chat, write_jsonl
+    from onepass.score.scoring import largest_k_pass_difference, score_file
+
+    template = load_chat_template(tokenizer, "qwen3")
+    data = chat("q1", "a1", "q2", "a2", "q3", "a3")
+    for index, message in enumerate(m for m in data["messages"] if m["role"] == "assistant"):
+        message["reasoning_content"] = f"thinking about turn {index}"
+    path = write_jsonl(tmp_path / "d.jsonl", [data, chat("q", "a")])
+    rows, conversations = score_file(model, tokenizer, template, str(path))
+    assert rows[0]["tree"] and len(rows[0]["turn_logprobs"]) == 3 and "tree" not in rows[1]
+    assert rows[0]["logprob_response"] == pytest.approx(sum(rows[0]["turn_logprobs"]), abs=1e-9)
+    assert largest_k_pass_difference(model, tokenizer, template, conversations, rows) < 1e-4

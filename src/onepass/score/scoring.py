@@ -20,7 +20,8 @@ from onepass.data.chat_template import ChatTemplate
 from onepass.data.tree import TokenPath, Tree, merge_paths, tree_example
 from onepass.data.formats import to_conversation
 from onepass.data.render import find_rendered, mask_tokens, render_conversation, tokenize_rendered
-from onepass.data.types import ChatConversation, Conversation, Example, RawConversation, Record, RenderOptions
+from onepass.data.types import (ChatConversation, Conversation, Example, RawConversation, Record, RenderedText,
+                                RenderOptions)
 from onepass.errors import DataError, OnepassError
 from onepass.train.batch import collate
 from onepass.train.loss import label_nll
@@ -187,16 +188,20 @@ def score_conversations(model: Any, tokenizer: Any, template: ChatTemplate, conv
 
 
 def k_pass_turn_logprobs(model: Any, tokenizer: Any, template: ChatTemplate, conversation: ChatConversation,
-                         options: RenderOptions = RenderOptions(unstable_history="warn")) -> list[float]:
-    """The slow way, for checking: log Pr(response k | its prefix) from a separate pass per turn."""
+                         options: RenderOptions = RenderOptions()) -> list[float]:
+    """The slow way, for checking: log Pr(response k | its prefix) from a separate pass per turn, each
+    turn rendered as the last message (its inference-time render)."""
     values = []
-    for turn, index in enumerate(conversation.assistant_indices):
+    for index in conversation.assistant_indices:
         prefix = ChatConversation(conversation.source, conversation.where, tuple(
             dataclasses.replace(m, train=(i == index) if m.role == "assistant" else None)
             for i, m in enumerate(conversation.messages[:index + 1])))
-        [scored] = render_for_scoring([prefix], tokenizer, template, options)
-        [logprobs] = token_logprobs(model, [scored.example])
-        values.append(float(logprobs[scored.example.loss_mask[1:] == 1].sum()))
+        as_last = dataclasses.replace(options, unstable_history="split")  # this turn in its own context
+        [text] = render_conversation(prefix, template, as_last, tokenizer.eos_token).texts
+        [(ids, offsets)] = tokenize_rendered(tokenizer, [text])
+        loss_mask, turn = mask_tokens(text, offsets)
+        [logprobs] = token_logprobs(model, [Example(ids, loss_mask, turn)])
+        values.append(float(logprobs[loss_mask[1:] == 1].sum()))
     return values
 
 
@@ -233,7 +238,7 @@ def rank_candidates(model: Any, tokenizer: Any, template: ChatTemplate, records:
                     batch_tokens: int = 4096) -> list[dict[str, Any]]:
     """Score log Pr(completion | prompt) for every candidate and rank by sum and by per-token mean.
     A row's candidates are one tree: the prompt once, each completion a branch, one forward pass."""
-    trees = [_candidate_tree(candidate_conversations(r.data, r.source, r.where), tokenizer, template)
+    trees = [candidate_tree(candidate_conversations(r.data, r.source, r.where), tokenizer, template)
              for r in records]
     logprobs = node_logprobs(model, [tree_example(tree) for tree in trees], batch_tokens)
     results = []
@@ -250,7 +255,8 @@ def rank_candidates(model: Any, tokenizer: Any, template: ChatTemplate, records:
     return results
 
 
-def _candidate_tree(conversations: list[Conversation], tokenizer: Any, template: ChatTemplate) -> Tree:
+def candidate_tree(conversations: list[Conversation], tokenizer: Any, template: ChatTemplate) -> Tree:
+    """The candidates of one prompt (as `candidate_conversations` gives them) as one token tree."""
     options = RenderOptions(unstable_history="warn")
     rendered = [render_conversation(c, template, options, tokenizer.eos_token).texts[0] for c in conversations]
     paths = [TokenPath(ids, *mask_tokens(item, offsets))
@@ -261,18 +267,47 @@ def _candidate_tree(conversations: list[Conversation], tokenizer: Any, template:
 def score_file(model: Any, tokenizer: Any, template: ChatTemplate, path: str, loss_on: str = "assistant",
                format_name: str | None = None, batch_tokens: int = 4096
                ) -> tuple[list[dict[str, Any]], list[Conversation]]:
-    """Every conversation of a data file scored from one pass each, with its per-turn values."""
+    """Every conversation of a data file scored from one pass each, with its per-turn values. A
+    conversation whose template rewrites history is one tree: each turn scored in its own
+    inference-time context, in the same pass."""
     from onepass.data.prepare import load_conversations
     from onepass.data.stats import Stats
 
     conversations = load_conversations([path], format_name, "error", Stats(), [])
-    options = RenderOptions(loss_on=loss_on, unstable_history="warn")
-    scored = render_for_scoring(conversations, tokenizer, template, options)
+    options = RenderOptions(loss_on=loss_on, unstable_history="tree")
+    results = [render_conversation(c, template, options, tokenizer.eos_token) for c in conversations]
+    plain = [i for i, r in enumerate(results) if not r.tree]
+    scored = render_for_scoring([conversations[i] for i in plain], tokenizer, template,
+                                RenderOptions(loss_on=loss_on, unstable_history="warn"))
     logprobs = token_logprobs(model, [s.example for s in scored], batch_tokens)
-    rows = [summarise(s, lp, i) for i, (s, lp) in enumerate(zip(scored, logprobs))]
-    for row, item, values in zip(rows, scored, logprobs):
-        row["turn_logprobs"] = turn_logprobs(item, values)
+    rows: list[dict[str, Any]] = [{} for _ in conversations]
+    for i, item, values in zip(plain, scored, logprobs):
+        rows[i] = {**summarise(item, values, i), "turn_logprobs": turn_logprobs(item, values)}
+    trees = [i for i, r in enumerate(results) if r.tree]
+    built = [_paths_tree(results[i].texts, tokenizer) for i in trees]
+    for i, tree, values in zip(trees, built, node_logprobs(model, [tree_example(t) for t in built], batch_tokens)):
+        rows[i] = _summarise_tree(conversations[i], tree, values, i)
     return rows, conversations
+
+
+def _paths_tree(texts: tuple[RenderedText, ...], tokenizer: Any) -> Tree:
+    return merge_paths([TokenPath(ids, *mask_tokens(item, offsets))
+                        for item, (ids, offsets) in zip(texts, tokenize_rendered(tokenizer, list(texts)))])
+
+
+def _summarise_tree(conversation: Conversation, tree: Tree, values: np.ndarray, index: int) -> dict[str, Any]:
+    """A history-rewriting conversation's row: each trained turn's log Pr(y_k | its inference-time
+    context). A tree holds several contexts, so there is no single prompt or joint probability."""
+    turns = [float(values[nodes[trained]].sum()) for nodes, trained in zip(tree.paths, tree.trained_on_path)]
+    counts = [int(trained.sum()) for trained in tree.trained_on_path]
+    response, num_response = sum(turns), sum(counts)
+    messages = [{"role": "assistant", "logprob": value, "num_tokens": count, "trained": True}
+                for value, count in zip(turns, counts)]
+    return {"index": index, "source": conversation.source, "where": conversation.where, "tree": True,
+            "messages": messages, "turn_logprobs": turns, "logprob_response": response,
+            "logprob_prompt": None, "logprob_joint": None, "num_response_tokens": num_response,
+            "mean_logprob_response": response / num_response if num_response else None,
+            "perplexity_response": float(np.exp(-response / num_response)) if num_response else None}
 
 
 def largest_k_pass_difference(model: Any, tokenizer: Any, template: ChatTemplate, conversations: list[Conversation],
