@@ -26,7 +26,8 @@ def test_inspect_json_gives_aligned_lists_per_example(tmp_path, tokenizer_dir, c
     path = write_jsonl(tmp_path / "d.jsonl", [chat("q", "a", "q2", "a2")])
     assert main(["inspect", str(path), "--tokenizer", str(tokenizer_dir), "--json", "--loss-on", "last"]) == 0
     [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(row["input_ids"]) == len(row["loss_mask"]) == len(row["turn"])
+    assert len(row["input_ids"]) == len(row["loss_mask"]) == len(row["turn"]) == len(row["parent"])
+    assert row["parent"] == list(range(-1, len(row["input_ids"]) - 1))  # a sequence: each token's parent is t - 1
     assert {t for t, m in zip(row["turn"], row["loss_mask"]) if m} == {1}
 
 
@@ -122,3 +123,13 @@ def test_inspect_json_with_skips_says_on_stderr_how_many_were_skipped_and_why(tm
     assert len(captured.out.splitlines()) == 1
     assert "rejected 2 (invalid JSON ×1, unknown role ×1)" in captured.err
     assert str(tmp_path / "d.rejects.jsonl") in captured.err
+
+
+def test_inspect_json_prints_a_trees_parents(tmp_path, tokenizer_dir, capsys):
+    data = chat("q1", "<think>r1</think>a1", "q2", "<think>r2</think>a2")
+    path = write_jsonl(tmp_path / "d.jsonl", [data])
+    assert main(["inspect", str(path), "--tokenizer", str(tokenizer_dir), "--json", "--chat-template", "qwen3"]) == 0
+    [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    parent = row["parent"]
+    assert parent[0] == -1 and all(p < i for i, p in enumerate(parent))
+    assert parent != list(range(-1, len(parent) - 1))  # it branches: one tree, not a sequence

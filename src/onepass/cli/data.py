@@ -16,7 +16,7 @@ DATA_FLAG_SKIP = ("train", "eval")
 
 def add_parsers(subparsers: Any) -> None:
     inspect = _data_parser(subparsers, "inspect", "summarise data and show which tokens are trained")
-    inspect.add_argument("--json", action="store_true", help="one JSON object per example: input_ids, loss_mask, turn")
+    inspect.add_argument("--json", action="store_true", help="one JSON object per example: input_ids, loss_mask, turn, parent")
     inspect.add_argument("--num-examples", type=int, default=2, help="examples to print with trained tokens coloured")
     inspect.add_argument("--no-cache", action="store_true", help="re-tokenize even when a cache exists")
     inspect.set_defaults(handler=run_inspect)

@@ -79,7 +79,7 @@ def print_report(data: PreparedData, tokenizer: Any, num_examples: int = 2, cons
 def write_json_lines(data: PreparedData, stream: TextIO) -> None:
     for example in data.examples:
         stream.write(json.dumps({"input_ids": example.input_ids.tolist(), "loss_mask": example.loss_mask.tolist(),
-                                 "turn": example.turn.tolist()}) + "\n")
+                                 "turn": example.turn.tolist(), "parent": example.parents.tolist()}) + "\n")
 
 
 def summary_line(name: str, stats: Stats) -> str:
