@@ -77,7 +77,7 @@ def run_demo(output_dir: str | Path, steps: int = 400, num_train: int = 3000, nu
         f"model={output / 'base_model'}", f"output_dir={output}", f"data.train=[{output / 'train.jsonl'}]",
         f"data.eval=[{output / 'eval.jsonl'}]", f"data.cache_dir={output / 'cache'}", "max_seq_len=512",
         "batch_size=2", "grad_accum=1", "lr=3e-3", "warmup_steps=20", f"max_steps={steps}", "weight_decay=0.01",
-        "seed=0", "eval_every=50", f"progress={str(progress).lower()}", "resume=never"])
+        "seed=0", "eval_every=50", "precision=fp32", f"progress={str(progress).lower()}", "resume=never"])
     console.print(f"[bold]onepass demo[/bold]: {num_train} three-turn dialogues, tiny Llama "
                   "(4 layers, 128 wide), CPU")
     run = build_run(config)
