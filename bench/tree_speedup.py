@@ -21,7 +21,7 @@ from pathlib import Path
 MODEL = dict(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=704)
 
 
-def reasoning_conversations(turns: int, count: int = 8) -> list[dict]:
+def reasoning_conversations(turns: int, count: int = 4) -> list[dict]:
     from onepass.demo.tiny import random_conversations
 
     records = random_conversations(count, seed=turns, max_turns=turns)
@@ -50,7 +50,7 @@ def examples_for(records: list[dict], tokenizer, policy: str) -> list:
     return examples
 
 
-def seconds_per_pass(model, examples, backward: bool, repeats: int = 5) -> float:
+def seconds_per_pass(model, examples, backward: bool, repeats: int = 3) -> float:
     import torch
 
     from onepass.train.batch import collate

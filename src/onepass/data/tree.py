@@ -102,14 +102,25 @@ def depths(parent: np.ndarray) -> np.ndarray:
     return depth
 
 
-def ancestor_mask(parent: np.ndarray) -> np.ndarray:
-    """(L, L) bool: row i is True at i and at every ancestor of i (what node i attends to)."""
-    mask = np.zeros((len(parent), len(parent)), dtype=bool)
-    for node, up in enumerate(parent.tolist()):
-        if up >= 0:
-            mask[node] = mask[up]
-        mask[node, node] = True
-    return mask
+def path_blocks(parent: np.ndarray) -> list[tuple[np.ndarray, int]]:
+    """The tree's root-to-leaf paths, each with where the nodes it owns start (the nodes no earlier
+    path has; always a suffix). A node attends to the nodes before it on its path, so computing each
+    node's attention once, on the path that owns it, costs sum(owned × path length): never the
+    (nodes × nodes) of a dense mask, and never a shared prefix's queries twice."""
+    has_child = np.zeros(len(parent), dtype=bool)
+    has_child[parent[parent >= 0]] = True
+    owned = np.zeros(len(parent), dtype=bool)
+    blocks = []
+    for leaf in np.flatnonzero(~has_child).tolist():
+        path, node = [], leaf
+        while node >= 0:
+            path.append(node)
+            node = int(parent[node])
+        nodes = np.asarray(path[::-1], dtype=np.int64)
+        start = int(np.argmin(owned[nodes])) if not owned[nodes].all() else len(nodes)
+        owned[nodes[start:]] = True
+        blocks.append((nodes, start))
+    return blocks
 
 
 def is_sequence(parent: np.ndarray) -> bool:

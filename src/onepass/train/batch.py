@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from onepass.data.tree import ancestor_mask, depths, trained_children
+from onepass.data.tree import depths, path_blocks, trained_children
 from onepass.data.types import Example
 
 IGNORE_INDEX = -100
@@ -34,12 +34,11 @@ class Batch:
     units: float  # normaliser contribution: trained tokens, sequences or turns in this batch
     num_tokens: int
     num_trained_tokens: int
-    # Per conversation: None for a sequence (causal attention), or a tree's (ancestor mask, depths)
-    trees: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...] = ()
+    trees: tuple[TreeBlocks | None, ...] = ()  # per conversation: None for a sequence (causal attention)
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        trees = tuple(None if tree is None else (move(tree[0]), move(tree[1])) for tree in self.trees)
+        trees = tuple(None if tree is None else tree.to(device) for tree in self.trees)
         return Batch(move(self.input_ids), move(self.position_ids), move(self.labels), move(self.label_weights),
                      move(self.cu_seq_lens), self.max_length, self.units, self.num_tokens, self.num_trained_tokens,
                      trees)
@@ -55,6 +54,25 @@ class Batch:
 
 
 TREES_KWARG = "onepass_trees"  # passed through the model's forward to the packed attention
+
+
+@dataclass(frozen=True)
+class TreeBlocks:
+    """How a tree's attention is computed (see `tree.path_blocks`): each root-to-leaf path's nodes and
+    where the nodes it owns start, and the permutation that puts the owned nodes' outputs back in order."""
+
+    paths: tuple[tuple[torch.Tensor, int], ...]
+    inverse: torch.Tensor
+
+    @classmethod
+    def of(cls, parent: np.ndarray) -> TreeBlocks:
+        blocks = path_blocks(parent)
+        order = np.concatenate([nodes[start:] for nodes, start in blocks])
+        return cls(tuple((torch.from_numpy(nodes), start) for nodes, start in blocks),
+                   torch.from_numpy(np.argsort(order)))
+
+    def to(self, device: torch.device | str) -> TreeBlocks:
+        return TreeBlocks(tuple((nodes.to(device), start) for nodes, start in self.paths), self.inverse.to(device))
 
 
 def shift_labels(input_ids: np.ndarray, loss_mask: np.ndarray, parent: np.ndarray | None = None) -> np.ndarray:
@@ -102,8 +120,7 @@ def collate(examples: Sequence[Example], normalization: Normalization = "token")
     weights = np.concatenate([w for w, _ in weights_and_units])
     lengths = [len(e) for e in examples]
     cu_seq_lens = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    trees = tuple((torch.from_numpy(ancestor_mask(e.parent)), torch.from_numpy(depths(e.parent)))
-                  if e.is_tree else None for e in examples)
+    trees = tuple(TreeBlocks.of(e.parent) if e.is_tree else None for e in examples)
     return Batch(
         input_ids=torch.from_numpy(input_ids)[None],
         position_ids=torch.from_numpy(position_ids)[None],

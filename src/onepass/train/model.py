@@ -79,26 +79,31 @@ MODEL_EAGER_ONLY = ("softcap", "s_aux")
 
 
 def _segment_attention(module: Any, query: Any, key: Any, value: Any, scaling: float | None, dropout: float,
-                       window: int | None, extras: dict[str, Any], tree: tuple[Any, Any] | None = None) -> Any:
+                       window: int | None, extras: dict[str, Any], tree: Any = None) -> Any:
     """One conversation's attention (B, H, L, D): SDPA when it can, else the model's own eager attention.
-    A tree attends along its ancestry (its window counted in depth), never to another branch."""
+    A tree is computed path by path, each node once, on the path that owns it (see `tree.path_blocks`)."""
+    if tree is not None:
+        outputs = [_attention(module, query[:, :, nodes[start:]], key[:, :, nodes], value[:, :, nodes], scaling,
+                              dropout, window, extras) for nodes, start in tree.paths if start < len(nodes)]
+        return torch.cat(outputs, dim=2)[:, :, tree.inverse]
+    return _attention(module, query, key, value, scaling, dropout, window, extras)
+
+
+def _attention(module: Any, query: Any, key: Any, value: Any, scaling: float | None, dropout: float,
+               window: int | None, extras: dict[str, Any]) -> Any:
+    """Causal attention of the last queries over the keys (query i sits at key position i + keys -
+    queries: a path's owned nodes over the whole path), within the sliding window if there is one."""
     import torch.nn.functional as F
 
-    length = query.shape[2]
+    queries, keys = query.shape[2], key.shape[2]
     mask = None
-    if tree is not None:
-        mask, depth = tree
-        if window is not None:
-            mask = mask & ((depth[:, None] - depth[None, :]) < window)
-    elif window is not None and window < length:  # key j is seen from query i when i - window < j <= i
-        positions = torch.arange(length, device=query.device)
-        distance = positions[:, None] - positions[None, :]
-        mask = (distance >= 0) & (distance < window)
-    if extras:
-        allowed = mask if mask is not None else torch.ones(length, length, dtype=torch.bool,
-                                                           device=query.device).tril()
-        additive = torch.zeros(length, length, dtype=query.dtype, device=query.device)
-        additive = additive.masked_fill(~allowed, torch.finfo(query.dtype).min)[None, None]
+    if queries != keys or (window is not None and window < keys) or extras:
+        distance = torch.arange(keys - queries, keys, device=query.device)[:, None] - \
+            torch.arange(keys, device=query.device)[None, :]
+        mask = (distance >= 0) & (distance < window) if window is not None else distance >= 0
+    if extras:  # key j is seen from query i where the mask is True; the model's eager attention adds it
+        additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
+        additive = additive.masked_fill(~mask, torch.finfo(query.dtype).min)[None, None]
         output, _ = _model_eager(module)(module, query, key, value, additive, dropout=dropout, scaling=scaling,
                                          **extras)
         return output.transpose(1, 2)
