@@ -87,3 +87,16 @@ def constant_model(model_dir: Path, tokenizer, word: str) -> str:
     shutil.copytree(Path(tokenizer.name_or_path), model_dir, dirs_exist_ok=True)
     model.save_pretrained(str(model_dir))
     return tokenizer.decode([token])
+
+
+def tree_paths(example) -> list[list[int]]:
+    """Each leaf's path from the root of an example (one path for a sequence), as node indices."""
+    parent = example.parents
+    paths = []
+    for leaf in sorted(set(range(len(parent))) - set(parent.tolist())):
+        path, node = [], leaf
+        while node >= 0:
+            path.append(node)
+            node = int(parent[node])
+        paths.append(path[::-1])
+    return paths

@@ -14,7 +14,7 @@ from onepass.data.formats import detect_format, to_conversation
 from onepass.data.types import Record
 from onepass.data.types import RenderOptions
 
-from conftest import chat
+from conftest import chat, tree_paths
 
 EOT = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>", "mistral": "</s>"}
 TWO_TURNS = chat("My name is Ada. Remember it.", "Hello, Ada.", "What is my name?", "Your name is Ada.")
@@ -118,26 +118,12 @@ def test_history_rewriting_template_is_detected_and_an_error_when_asked(tokenize
         render(tokenizer, REASONING_TWO_TURNS, "qwen3", unstable_history="error")
 
 
-def root_to_leaf_paths(example):
-    """Each leaf's path from the root, as node indices."""
-    parent = example.parents
-    leaves = sorted(set(range(len(parent))) - set(parent.tolist()))
-    paths = []
-    for leaf in leaves:
-        path, node = [], leaf
-        while node >= 0:
-            path.append(node)
-            node = int(parent[node])
-        paths.append(path[::-1])
-    return paths
-
-
 def test_by_default_a_history_rewriting_conversation_is_one_tree_whose_paths_are_the_inference_renders(tokenizer):
     template = load_chat_template(tokenizer, "qwen3")
     [example], stats = render(tokenizer, REASONING_TWO_TURNS, "qwen3")
     assert (stats.unstable, stats.trees, stats.split) == (1, 1, 0) and example.is_tree
     messages = REASONING_TWO_TURNS["messages"]
-    paths = root_to_leaf_paths(example)
+    paths = tree_paths(example)
     assert len(paths) == 2
     for turn, path in enumerate(paths):
         inference_render = template.render(messages[:2 * turn + 2]).rstrip()

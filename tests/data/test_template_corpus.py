@@ -20,6 +20,8 @@ from onepass.data.prepare import render_all
 from onepass.data.types import Record, RenderOptions
 from onepass.errors import DataError
 
+from conftest import tree_paths
+
 trl = pytest.importorskip("trl")  # installed with onepass[test]
 CORPUS = Path(trl.__file__).parent / "chat_templates"
 FAMILIES = sorted(p.stem for p in CORPUS.glob("*.jinja") if (CORPUS / f"{p.stem}_training.jinja").exists())
@@ -86,18 +88,6 @@ def onepass_example(tokenizer, family: str, messages: list[dict]):
     conversation = to_conversation(Record("d.jsonl", "line 1", {"messages": messages}), "messages")
     [example], _ = render_all([conversation], tokenizer, original(tokenizer, family), RenderOptions())
     return example
-
-
-def tree_paths(example) -> list[list[int]]:
-    parent = example.parents
-    paths = []
-    for leaf in sorted(set(range(len(parent))) - set(parent.tolist())):
-        path, node = [], leaf
-        while node >= 0:
-            path.append(node)
-            node = int(parent[node])
-        paths.append(path[::-1])
-    return paths
 
 
 def agrees(ours: str, theirs: str, messages: list[dict]) -> bool:
