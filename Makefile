@@ -49,6 +49,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/score_speedup.py
 	$(BIN)/python bench/distributed_throughput.py
+	$(BIN)/python bench/real_model.py
+	$(BIN)/python bench/tree_speedup.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
