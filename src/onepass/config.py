@@ -52,6 +52,12 @@ class LoraConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    patience: int = 0  # held-out evaluations without improvement before stopping; 0: never stop early
+    min_delta: float = 0.0  # an improvement is a held-out loss lower than the best by more than this
+
+
+@dataclass
 class TrainConfig:
     model: str = ""  # a local Hugging Face model directory
     tokenizer: str | None = None  # default: the model directory
@@ -78,6 +84,8 @@ class TrainConfig:
     eval_every: int = 0  # steps; 0: evaluate before and after training only
     save_every: int = 0  # steps; 0: only the final model
     keep_last: int = 2
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    keep_best: bool = False  # keep the checkpoint with the lowest held-out loss, and export it as final
     resume: Literal["auto", "never"] = "auto"
     log_every: int = 1
     tensorboard: bool = False
@@ -90,7 +98,8 @@ class TrainConfig:
 
 POSITIVE = ("max_seq_len", "batch_size", "grad_accum", "epochs", "loss_chunk_size", "keep_last", "log_every",
             "num_workers", "r", "alpha")
-NON_NEGATIVE = ("lr", "weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "save_every", "dropout")
+NON_NEGATIVE = ("lr", "weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "save_every", "dropout",
+                "patience", "min_delta")
 
 
 def _type_name(hint: Any) -> str:

@@ -179,3 +179,46 @@ def test_auto_precision_is_bf16_where_the_cpu_multiplies_bf16_natively():
     cpu = torch.device("cpu")
     assert uses_bf16("auto", cpu) == cpu_has_fast_bf16()
     assert uses_bf16("auto", torch.device("cuda")) and uses_bf16("bf16", cpu) and not uses_bf16("fp32", cpu)
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_improvement_and_exports(run_assets, tmp_path):
+    config = make_config(run_assets, tmp_path / "out", "max_steps=20", "lr=0", "eval_every=2",
+                         "early_stopping.patience=2")
+    result = trained(config).fit()  # lr 0: the held-out loss never improves after the first evaluation
+    assert result.stopped_by == "early stopping" and result.steps == 6
+    assert result.final_dir is not None and (result.final_dir / "model.safetensors").exists()
+
+
+def test_keep_best_keeps_and_exports_the_checkpoint_with_the_lowest_held_out_loss(run_assets, tmp_path):
+    from onepass.train.checkpoint import best_checkpoint
+    from onepass.train.step import train_step
+
+    config = make_config(run_assets, tmp_path / "out", "max_steps=8", "eval_every=2", "keep_best=true",
+                         "save_every=1", "keep_last=1", "lr=3e-3")
+    run = build_run(config)
+    trainer = None
+
+    def step_that_breaks_the_model_after_step_4(*args, **kwargs):
+        result = train_step(*args, **kwargs)
+        if trainer.state.step + 1 > 4:  # from step 5 on, the weights get worse
+            with torch.no_grad():
+                for parameter in run.model.parameters():
+                    parameter.add_(torch.randn_like(parameter) * 0.05)
+        return result
+
+    trainer = Trainer(run, step=step_that_breaks_the_model_after_step_4)
+    result = trainer.fit()
+    evals = {r["step"]: r["eval_loss"] for r in result.metrics if "eval_loss" in r and r["step"] in (2, 4, 6)}
+    assert trainer.state.best_step == 4 and evals[4] < evals[6]
+    assert best_checkpoint(tmp_path / "out").name == "step-00000004"  # kept beside the last one
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").glob("step-*")) == ["step-00000004",
+                                                                                          "step-00000008"]
+    assert result.eval_after["eval_loss"] == pytest.approx(evals[4], rel=1e-6)  # the exported model is the best
+
+
+def test_early_stopping_without_held_out_data_is_a_config_error(run_assets, tmp_path):
+    from onepass.errors import OnepassError
+
+    config = make_config(run_assets, tmp_path / "out", "max_steps=4", "keep_best=true")  # eval_every is 0
+    with pytest.raises(OnepassError, match="early_stopping and keep_best.*eval_every"):
+        build_run(config)

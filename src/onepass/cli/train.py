@@ -13,7 +13,9 @@ def add_parsers(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "train", help="fine-tune a model: onepass train CONFIG.yaml [key=value ...]",
         epilog="Several GPUs: torchrun --nproc_per_node N -m onepass train CONFIG.yaml [strategy=ddp|fsdp]. "
-               "SIGINT/SIGTERM save a checkpoint; the same command resumes.")
+               "SIGINT/SIGTERM save a checkpoint; the same command resumes. With keep_best: true the checkpoint "
+               "with the lowest held-out loss is kept in OUTPUT_DIR/checkpoints (named in checkpoints/BEST) and "
+               "exported as OUTPUT_DIR/final.")
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 data.loss_on=last")
     parser.set_defaults(handler=run_train)
@@ -22,12 +24,16 @@ def add_parsers(subparsers: Any) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from onepass.config import load_config
     from onepass.train import distributed
-    from onepass.train.trainer import train
+    from onepass.train.trainer import EARLY_STOPPING, train
 
     cluster = distributed.init()  # under torchrun: join the process group first, so errors are reported once
     config = load_config(args.config, args.overrides)
     result = train(config)
-    if result.stopped_by is not None:
+    if result.stopped_by == EARLY_STOPPING:
+        if cluster.is_main:
+            print(f"stopped early after step {result.steps}: held-out loss did not improve for "
+                  f"{config.early_stopping.patience} evaluations", file=sys.stderr)
+    elif result.stopped_by is not None:
         if cluster.is_main:
             print(f"stopped by {result.stopped_by} after step {result.steps}; checkpoint saved in "
                   f"{Path(config.output_dir) / 'checkpoints'}. Run the same command to resume.", file=sys.stderr)

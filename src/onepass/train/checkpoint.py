@@ -10,6 +10,7 @@ step reached, and the resolved config.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -33,6 +34,7 @@ from onepass.errors import OnepassError
 from onepass.train.distributed import Cluster, agree_on_error, broadcast
 
 COMPLETE = "COMPLETE"  # written last; a directory without it is ignored (and cleaned up)
+BEST = "BEST"  # in checkpoints/: the name of the checkpoint with the lowest held-out loss (keep_best)
 PREFIX = "step-"
 
 
@@ -41,6 +43,9 @@ class TrainerState:
     step: int  # optimizer steps completed
     skipped_steps: int = 0
     micro_batches_per_step: int = 0  # grad_accum × ranks: the data order depends on it
+    best_eval_loss: float | None = None  # the lowest held-out loss so far, at best_step
+    best_step: int = 0
+    evaluations_since_best: int = 0
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -110,7 +115,7 @@ def save_checkpoint(output_dir: str | Path, model: Any, optimizer: Any, schedule
     if error is None and cluster.is_main:
         try:
             torch.save({"scheduler": scheduler.state_dict()}, temp / "training_state.pt")
-            (temp / "trainer_state.json").write_text(json.dumps(state.__dict__))
+            (temp / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(state)))
             (temp / "config.yaml").write_text(config_yaml)
             (temp / COMPLETE).write_text("")
             _fsync_tree(temp)
@@ -166,10 +171,21 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def prune(root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints, and the best one if there is a BEST marker."""
     for stale in root.glob(".tmp-*"):  # left by a run killed while writing
         shutil.rmtree(stale, ignore_errors=True)
+    best = best_checkpoint(root.parent)
     for old in complete_checkpoints(root.parent)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != best:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def best_checkpoint(output_dir: str | Path) -> Path | None:
+    marker = checkpoint_dir(output_dir) / BEST
+    if not marker.exists():
+        return None
+    path = checkpoint_dir(output_dir) / marker.read_text().strip()
+    return path if (path / COMPLETE).exists() else None
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -222,4 +238,20 @@ class Checkpointer:
                   f"(grad_accum × ranks); this run has {micro_batches_per_step}, so the data order and batch "
                   "size differ from the run that wrote it. To continue it exactly, set grad_accum="
                   f"{state.micro_batches_per_step / self.cluster.world_size:g}.", file=sys.stderr)
-        return TrainerState(state.step, state.skipped_steps, micro_batches_per_step)
+        return dataclasses.replace(state, micro_batches_per_step=micro_batches_per_step)
+
+    def save_best(self, state: TrainerState, model: Any, optimizer: Any, scheduler: Any) -> Path:
+        """Save this step's checkpoint and mark it the best (kept beside the last N)."""
+        path = self.save(state, model, optimizer, scheduler)
+        if self.cluster.is_main:
+            marker = checkpoint_dir(self.output_dir) / BEST
+            temp = marker.with_suffix(".tmp")
+            temp.write_text(path.name)
+            os.replace(temp, marker)
+            prune(checkpoint_dir(self.output_dir), self.keep_last)
+        return path
+
+    def restore_best(self, model: Any, optimizer: Any, scheduler: Any) -> TrainerState | None:
+        """Load the best checkpoint's weights (and optimizer state) in place; None if there is none."""
+        path = broadcast(best_checkpoint(self.output_dir), self.cluster)
+        return load_checkpoint(path, model, optimizer, scheduler, self.cluster) if path is not None else None

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from onepass.data.types import Example
 from onepass.train import distributed
 from onepass.train.batch import collate, padding_batch
+from onepass.train.checkpoint import TrainerState
 from onepass.train.distributed import Cluster
 from onepass.train.model import device_of, evaluating
 from onepass.train.plan import packed_micro_batches
@@ -54,3 +57,23 @@ class Evaluator:
     def evaluate(self, objective: Any) -> dict[str, float]:
         return evaluate(distributed.unwrap(objective), self.examples, self.max_seq_len, self.batch_size,
                         self.precision, self.cluster)
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Tracks the best held-out loss (in the run's TrainerState, so a resumed run continues exactly) and
+    says when `patience` evaluations in a row have not improved it by more than `min_delta`. Every
+    rank sees the same all-reduced loss, so every rank stops after the same step."""
+
+    patience: int = 0  # 0: never stop early
+    min_delta: float = 0.0
+
+    def update(self, state: TrainerState, loss: float) -> tuple[TrainerState, bool]:
+        """The state after an evaluation during training, and whether it is a new best."""
+        if state.best_eval_loss is None or loss < state.best_eval_loss - self.min_delta:
+            return dataclasses.replace(state, best_eval_loss=loss, best_step=state.step,
+                                       evaluations_since_best=0), True
+        return dataclasses.replace(state, evaluations_since_best=state.evaluations_since_best + 1), False
+
+    def should_stop(self, state: TrainerState) -> bool:
+        return self.patience > 0 and state.evaluations_since_best >= self.patience

@@ -20,10 +20,11 @@ from onepass.data.prepare import prepare
 from onepass.data.report import nothing_left, summary_line
 from onepass.data.tokenizer import load_tokenizer
 from onepass.data.types import Example
+from onepass.errors import OnepassError
 from onepass.train import distributed
 from onepass.train.checkpoint import Checkpointer
 from onepass.train.distributed import Cluster
-from onepass.train.evaluation import Evaluator
+from onepass.train.evaluation import EarlyStopping, Evaluator
 from onepass.train.loss import SFTObjective
 from onepass.train.model import build_model, check_model_dir, use_tree_attention
 from onepass.train.plan import StepPlan
@@ -48,6 +49,7 @@ class Run:
     step_options: StepOptions
     checkpointer: Checkpointer
     evaluator: Evaluator
+    early_stopping: EarlyStopping
 
     @property
     def output_dir(self) -> Path:
@@ -66,6 +68,9 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
     template = load_chat_template(tokenizer, config.data.chat_template)
     train_data, eval_examples = _prepare_data(config, cluster, tokenizer, template, train_data, eval_examples,
                                               prepare_data)
+    if (config.early_stopping.patience or config.keep_best) and not (eval_examples and config.eval_every):
+        raise OnepassError("early_stopping and keep_best compare held-out losses during training. Fix: give "
+                           "data.eval and eval_every > 0, or set early_stopping.patience: 0 and keep_best: false.")
     plan = StepPlan(train_data.examples, config.max_seq_len, config.batch_size, config.grad_accum, config.seed,
                     config.loss_normalization, cluster)
     total_steps = config.max_steps or config.epochs * plan.steps_per_epoch
@@ -78,11 +83,12 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
                                 yaml.safe_dump(to_dict(config), sort_keys=False), cluster)
     evaluator = Evaluator(eval_examples, config.max_seq_len, config.batch_size, config.eval_every, config.precision,
                           cluster)
+    early_stopping = EarlyStopping(config.early_stopping.patience, config.early_stopping.min_delta)
     step_options = StepOptions(config.precision, config.max_grad_norm, config.on_nonfinite)
     if cluster.is_main:
         print(describe_precision(config.precision, cluster.device), file=sys.stderr)
     return Run(config, cluster, tokenizer, template, train_data, plan, total_steps, model, objective, optimizer,
-               scheduler, step_options, checkpointer, evaluator)
+               scheduler, step_options, checkpointer, evaluator, early_stopping)
 
 
 def _prepare_data(config: TrainConfig, cluster: Cluster, tokenizer: Any, template: ChatTemplate,

@@ -6,6 +6,7 @@ Under torchrun every rank runs the same loop and stops after the same step; file
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ from onepass.train.signals import StopOnSignal
 from onepass.train.step import StepResult, train_step
 
 
+EARLY_STOPPING = "early stopping"
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -29,7 +33,7 @@ class TrainResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     eval_before: dict[str, float] | None = None
     eval_after: dict[str, float] | None = None
-    stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when a signal ended the run early
+    stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when a signal ended the run early, or "early stopping"
 
 
 class Trainer:
@@ -53,10 +57,10 @@ class Trainer:
         end = min(stop_at, run.total_steps) if stop_at is not None else run.total_steps
         stopped_by = self._loop(end, log)
         eval_after = final_dir = None
-        if self.state.step < run.total_steps:  # stopped early: leave a checkpoint to resume from
+        if self.state.step < run.total_steps and stopped_by != EARLY_STOPPING:  # leave a checkpoint to resume from
             self._save()
         else:
-            eval_after = self._evaluate(log)
+            eval_after = self._best_or_last(self._evaluate(log), log)
             final_dir = export_model(run.model, run.tokenizer, run.template, run.config, run.output_dir, run.cluster)
             if main:
                 plot_loss(log.rows(), run.output_dir / "loss.png")
@@ -74,6 +78,8 @@ class Trainer:
                 progress.update(task, completed=self.state.step, loss=row["loss"],
                                 tokens_per_sec=row["tokens_per_sec"],
                                 trained_tokens_per_sec=row["trained_tokens_per_sec"])
+                if run.early_stopping.should_stop(self.state):  # the same decision on every rank
+                    return EARLY_STOPPING
                 # every rank stops after the same step, even if the signal reached only some of them
                 if distributed.all_reduce_sum([stop.received is not None], run.cluster)[0]:
                     break
@@ -87,19 +93,33 @@ class Trainer:
         result = self.step(run.objective, run.optimizer, run.scheduler, run.plan.step_batches(self.state.step),
                            run.step_options, run.cluster)
         seconds = time.perf_counter() - started
-        self.state = TrainerState(self.state.step + 1, self.state.skipped_steps + result.skipped,
-                                  self.state.micro_batches_per_step)
+        self.state = dataclasses.replace(self.state, step=self.state.step + 1,
+                                         skipped_steps=self.state.skipped_steps + result.skipped)
         row = {"step": self.state.step, "loss": result.loss, "lr": run.scheduler.get_last_lr()[0],
                "grad_norm": result.grad_norm, "tokens": result.tokens, "trained_tokens": result.trained_tokens,
                "tokens_per_sec": result.tokens / seconds, "trained_tokens_per_sec": result.trained_tokens / seconds,
                "skipped_steps": self.state.skipped_steps}
         if run.evaluator.should_evaluate(self.state.step, run.total_steps):
             row.update(run.evaluator.evaluate(run.objective))
+            self.state, improved = run.early_stopping.update(self.state, row["eval_loss"])
+            if improved and run.config.keep_best:
+                run.checkpointer.save_best(self.state, distributed.unwrap(run.objective), run.optimizer,
+                                           run.scheduler)
         if log.should_log(row):
             log.write(row)
         if run.checkpointer.should_save(self.state.step):
             self._save()
         return row
+
+    def _best_or_last(self, last: dict[str, float], log: MetricsLog) -> dict[str, float]:
+        """With keep_best, the weights of the best held-out evaluation, unless the last is at least as good."""
+        run, best = self.run, self.state.best_eval_loss
+        if not (run.config.keep_best and last and best is not None and best < last["eval_loss"]):
+            return last
+        run.checkpointer.restore_best(distributed.unwrap(run.objective), run.optimizer, run.scheduler)
+        results = run.evaluator.evaluate(run.objective)
+        log.write({"step": self.state.step, "exported_best_step": self.state.best_step, **results})
+        return results
 
     def _evaluate(self, log: MetricsLog) -> dict[str, float]:
         results = self.run.evaluator.evaluate(self.run.objective)
