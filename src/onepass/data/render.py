@@ -140,13 +140,16 @@ def _end_at_stop_tokens(full: str, spans: list[Span], template: ChatTemplate, me
         return full, tuple(spans)
     ended = []
     for span in spans:
+        if _ends_with_stop(full[:span.boundary], template):  # the template ends the turn itself
+            ended.append(span)
+            continue
         after = _skip_space(full, span.boundary)
-        if span.boundary == len(full) and span is spans[-1]:
-            stop = _stop_after_final_response(template, messages)
+        if span.boundary == len(full) and span is spans[-1] and messages[-1]["role"] == "assistant":
+            stop = _stop_after_response(template)
             full, after = (full + stop, len(full)) if stop else (full, after)
         else:
             stop = next((s for s in template.stop_texts if full.startswith(s, after)), None)
-        if stop and not _ends_with_stop(full[:span.boundary], template):
+        if stop:
             boundary = after + len(stop)
             span = dataclasses.replace(span, end=boundary if options.train_on_eot else span.end, boundary=boundary)
         ended.append(span)
@@ -157,19 +160,26 @@ def _ends_with_stop(text: str, template: ChatTemplate) -> bool:
     return any(text.rstrip().endswith(stop) for stop in template.stop_texts)
 
 
-def _stop_after_final_response(template: ChatTemplate, messages: list[dict[str, Any]]) -> str:
-    """The stop text the template writes right after the last response when the user speaks next."""
-    if not messages or messages[-1]["role"] != "assistant":
-        return ""
+def _stop_after_response(template: ChatTemplate) -> str:
+    """The stop text the template writes right after a response when the user speaks next (a property
+    of the template, found once with a probe conversation)."""
+    return _stop_after_response_of(template.source, template.variables, template.stop_texts)
+
+
+@functools.lru_cache(maxsize=64)
+def _stop_after_response_of(source: str, variables: tuple[tuple[str, str], ...], stop_texts: tuple[str, ...]) -> str:
+    template = ChatTemplate("probe", source, variables, stop_texts)
+    probe = [{"role": "user", "content": "onepass probe question"},
+             {"role": "assistant", "content": "onepass probe answer"}]
     try:
-        continued = template.render(messages + [{"role": "user", "content": "onepass probe"}])
+        continued = template.render(probe + [{"role": "user", "content": "onepass probe again"}])
+        ended = template.render(probe).rstrip()
     except TemplateError:
         return ""
-    ended = template.render(messages).rstrip()
     if not continued.startswith(ended):
         return ""
     after = continued[_skip_space(continued, len(ended)):]
-    return next((s for s in template.stop_texts if after.startswith(s)), "")
+    return next((s for s in stop_texts if after.startswith(s)), "")
 
 
 def _history_context(template: ChatTemplate, messages: list[dict[str, Any]], full: str) -> str:
