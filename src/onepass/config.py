@@ -82,6 +82,7 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     strategy: Literal["ddp", "fsdp"] = "ddp"  # data parallelism under torchrun; one process trains as it is
     eval_every: int = 0  # steps; 0: evaluate before and after training only
+    eval_samples: int = 0  # at each evaluation, greedy replies to the first N held-out prompts → samples.jsonl
     save_every: int = 0  # steps; 0: only the final model
     keep_last: int = 2
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -98,7 +99,8 @@ class TrainConfig:
 
 POSITIVE = ("max_seq_len", "batch_size", "grad_accum", "epochs", "loss_chunk_size", "keep_last", "log_every",
             "num_workers", "r", "alpha")
-NON_NEGATIVE = ("lr", "weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "save_every", "dropout",
+NON_NEGATIVE = ("lr", "weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "eval_samples", "save_every",
+                "dropout",
                 "patience", "min_delta")
 
 

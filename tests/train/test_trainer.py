@@ -222,3 +222,13 @@ def test_early_stopping_without_held_out_data_is_a_config_error(run_assets, tmp_
     config = make_config(run_assets, tmp_path / "out", "max_steps=4", "keep_best=true")  # eval_every is 0
     with pytest.raises(OnepassError, match="early_stopping and keep_best.*eval_every"):
         build_run(config)
+
+
+def test_eval_samples_writes_greedy_replies_to_held_out_prompts_at_each_evaluation(run_assets, tmp_path):
+    config = make_config(run_assets, tmp_path / "out", "max_steps=4", "eval_every=2", "eval_samples=2")
+    trained(config).fit()
+    rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 0, 2, 2, 4, 4]  # before, during and after training
+    assert all({"prompt", "reply", "reference"} <= set(r) and isinstance(r["reply"], str) for r in rows)
+    held_out = [json.loads(line) for line in run_assets[3].read_text().splitlines()][:2]
+    assert [r["reference"] for r in rows[:2]] == [h["messages"][-1]["content"] for h in held_out]

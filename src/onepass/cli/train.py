@@ -15,7 +15,8 @@ def add_parsers(subparsers: Any) -> None:
         epilog="Several GPUs: torchrun --nproc_per_node N -m onepass train CONFIG.yaml [strategy=ddp|fsdp]. "
                "SIGINT/SIGTERM save a checkpoint; the same command resumes. With keep_best: true the checkpoint "
                "with the lowest held-out loss is kept in OUTPUT_DIR/checkpoints (named in checkpoints/BEST) and "
-               "exported as OUTPUT_DIR/final.")
+               "exported as OUTPUT_DIR/final. With eval_samples: N, greedy replies to the first N held-out "
+               "prompts at each evaluation go to OUTPUT_DIR/samples.jsonl.")
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 data.loss_on=last")
     parser.set_defaults(handler=run_train)

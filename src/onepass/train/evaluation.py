@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from onepass.data.types import Example
@@ -77,3 +80,32 @@ class EarlyStopping:
 
     def should_stop(self, state: TrainerState) -> bool:
         return self.patience > 0 and state.evaluations_since_best >= self.patience
+
+
+class SampleReplies:
+    """At each evaluation, the model's greedy replies to the first held-out prompts (each conversation up
+    to its last assistant turn), appended to OUTPUT_DIR/samples.jsonl with the step and printed, so a
+    person sees behaviour change, not only loss. Written by rank 0 (with its full copy of the model)."""
+
+    def __init__(self, conversations: list[Any], output_dir: Path, max_new_tokens: int = 64,
+                 enabled: bool = True):
+        self.prompts = [(c.messages[:c.assistant_indices[-1]], c.messages[c.assistant_indices[-1]].content)
+                        for c in conversations if getattr(c, "assistant_indices", None)]
+        self.path, self.max_new_tokens, self.enabled = output_dir / "samples.jsonl", max_new_tokens, enabled
+
+    def write(self, step: int, model: Any, tokenizer: Any, template: Any) -> list[dict[str, Any]]:
+        from onepass.score.chat import reply
+
+        if not (self.enabled and self.prompts):
+            return []
+        rows = []
+        for messages, reference in self.prompts:
+            prompt = [m.to_template() for m in messages]
+            rows.append({"step": step, "prompt": prompt[-1]["content"], "reply": reply(
+                model, tokenizer, template, prompt, max_new_tokens=self.max_new_tokens), "reference": reference})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        for row in rows:
+            print(f"sample at step {step}: {row['prompt'][:60]!r} → {row['reply'][:100]!r}", file=sys.stderr)
+        return rows

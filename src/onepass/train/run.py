@@ -16,7 +16,8 @@ import yaml
 from onepass.config import TrainConfig, to_dict
 from onepass.data.cache import PreparedData
 from onepass.data.chat_template import ChatTemplate, load_chat_template
-from onepass.data.prepare import prepare
+from onepass.data.prepare import load_conversations, prepare
+from onepass.data.stats import Stats
 from onepass.data.report import nothing_left, summary_line
 from onepass.data.tokenizer import load_tokenizer
 from onepass.data.types import Example
@@ -24,7 +25,7 @@ from onepass.errors import OnepassError
 from onepass.train import distributed
 from onepass.train.checkpoint import Checkpointer
 from onepass.train.distributed import Cluster
-from onepass.train.evaluation import EarlyStopping, Evaluator
+from onepass.train.evaluation import EarlyStopping, Evaluator, SampleReplies
 from onepass.train.loss import SFTObjective
 from onepass.train.model import build_model, check_model_dir, use_tree_attention
 from onepass.train.plan import StepPlan
@@ -50,6 +51,7 @@ class Run:
     checkpointer: Checkpointer
     evaluator: Evaluator
     early_stopping: EarlyStopping
+    samples: SampleReplies
 
     @property
     def output_dir(self) -> Path:
@@ -84,11 +86,12 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
     evaluator = Evaluator(eval_examples, config.max_seq_len, config.batch_size, config.eval_every, config.precision,
                           cluster)
     early_stopping = EarlyStopping(config.early_stopping.patience, config.early_stopping.min_delta)
+    samples = _sample_replies(config, cluster)
     step_options = StepOptions(config.precision, config.max_grad_norm, config.on_nonfinite)
     if cluster.is_main:
         print(describe_precision(config.precision, cluster.device), file=sys.stderr)
     return Run(config, cluster, tokenizer, template, train_data, plan, total_steps, model, objective, optimizer,
-               scheduler, step_options, checkpointer, evaluator, early_stopping)
+               scheduler, step_options, checkpointer, evaluator, early_stopping, samples)
 
 
 def _prepare_data(config: TrainConfig, cluster: Cluster, tokenizer: Any, template: ChatTemplate,
@@ -126,6 +129,21 @@ def _report_data(config: TrainConfig, cluster: Cluster, train_data: PreparedData
         raise nothing_left("training", train_data.stats, config.max_seq_len)
     if eval_data is not None and not eval_data.examples:
         raise nothing_left("eval", eval_data.stats, config.max_seq_len)
+
+
+def _sample_replies(config: TrainConfig, cluster: Cluster) -> SampleReplies:
+    """The held-out prompts whose replies are shown at each evaluation (rank 0 only)."""
+    if not config.eval_samples:
+        return SampleReplies([], Path(config.output_dir), enabled=False)
+    if not config.data.eval:
+        raise OnepassError("eval_samples shows replies to held-out prompts. Fix: give data.eval, or set "
+                           "eval_samples: 0.")
+    if cluster.is_distributed and config.strategy == "fsdp":
+        raise OnepassError("eval_samples needs the whole model on rank 0, which strategy: fsdp shards. Fix: use "
+                           "strategy: ddp, or set eval_samples: 0.")
+    conversations = load_conversations(config.data.eval, config.data.format, "skip", Stats(), []) \
+        if cluster.is_main else []
+    return SampleReplies(conversations[:config.eval_samples], Path(config.output_dir), enabled=cluster.is_main)
 
 
 def build_optimizer(model: Any, config: TrainConfig, total_steps: int) -> tuple[Any, Any]:

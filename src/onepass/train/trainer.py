@@ -101,6 +101,7 @@ class Trainer:
                "skipped_steps": self.state.skipped_steps}
         if run.evaluator.should_evaluate(self.state.step, run.total_steps):
             row.update(run.evaluator.evaluate(run.objective))
+            run.samples.write(self.state.step, run.model, run.tokenizer, run.template)
             self.state, improved = run.early_stopping.update(self.state, row["eval_loss"])
             if improved and run.config.keep_best:
                 run.checkpointer.save_best(self.state, distributed.unwrap(run.objective), run.optimizer,
@@ -123,6 +124,7 @@ class Trainer:
 
     def _evaluate(self, log: MetricsLog) -> dict[str, float]:
         results = self.run.evaluator.evaluate(self.run.objective)
+        self.run.samples.write(self.state.step, self.run.model, self.run.tokenizer, self.run.template)
         if results:
             log.write({"step": self.state.step, **results})
         return results
