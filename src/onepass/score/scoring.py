@@ -24,7 +24,6 @@ from onepass.data.types import (ChatConversation, Conversation, Example, RawConv
                                 RenderOptions)
 from onepass.errors import DataError, OnepassError
 from onepass.train.batch import collate
-from onepass.train.loss import label_nll
 from onepass.train.model import device_of, evaluating
 
 
@@ -104,45 +103,35 @@ def _message_bodies(conversation: ChatConversation, text: str, offsets: np.ndarr
 
 
 def token_logprobs(model: Any, examples: list[Example], batch_tokens: int = 4096) -> list[np.ndarray]:
-    """log Pr(token t | tokens < t) for t >= 1 of every example, packed into forward passes of
-    about `batch_tokens` tokens (each conversation attends only to itself)."""
-    results: list[np.ndarray] = [None] * len(examples)  # type: ignore[list-item]
-    with evaluating(model):
-        for group in _groups_of_tokens([len(e) for e in examples], batch_tokens):
-            everything = [Example(examples[i].input_ids, np.ones(len(examples[i]), np.int8), examples[i].turn)
-                          for i in group]
-            nll, _ = label_nll(model, collate(everything).to(device_of(model)))
-            values = (-nll.double()).cpu().numpy()
-            start = 0
-            for i in group:
-                results[i] = values[start:start + len(examples[i]) - 1]
-                start += len(examples[i]) - 1
-    return results
+    """log Pr(token t | tokens < t) for t >= 1 of every (sequence) example, packed into forward passes
+    of about `batch_tokens` tokens (each conversation attends only to itself)."""
+    return [values[1:] for values in node_logprobs(model, examples, batch_tokens)]
 
 
 def node_logprobs(model: Any, examples: list[Example], batch_tokens: int = 4096) -> list[np.ndarray]:
     """log Pr(node | its ancestors) for every node of every example (trees or sequences; NaN at a root),
-    packed into forward passes of about `batch_tokens` tokens."""
-    from onepass.train.loss import OutputTransform, hidden_states
-    from onepass.train.model import backbone_and_head
+    packed into forward passes of about `batch_tokens` tokens; the output layer sees only the rows that
+    predict a node, in chunks (`loss.nll_at`)."""
+    from onepass.train.loss import hidden_states, nll_at
 
     results: list[np.ndarray] = [None] * len(examples)  # type: ignore[list-item]
-    transform = OutputTransform.of(model)
-    _, head = backbone_and_head(model)
     with evaluating(model):
         for group in _groups_of_tokens([len(e) for e in examples], batch_tokens):
             batch = collate([examples[i] for i in group]).to(device_of(model))
             hidden = hidden_states(model, batch)[0]
-            start = 0
-            for i in group:
-                parent = torch.from_numpy(examples[i].parents.astype(np.int64)).to(hidden.device)
-                children = torch.nonzero(parent >= 0).squeeze(1)
-                logits = transform(head(hidden[start + parent[children]]))
-                targets = batch.input_ids[0, start + children]
-                values = torch.log_softmax(logits.double(), -1).gather(1, targets[:, None])[:, 0]
-                results[i] = np.full(len(examples[i]), np.nan)
-                results[i][children.cpu().numpy()] = values.cpu().numpy()
-                start += len(examples[i])
+            starts = np.cumsum([0] + [len(examples[i]) for i in group])
+            parents = [examples[i].parents for i in group]
+            children = [np.flatnonzero(parent >= 0) for parent in parents]
+            positions = np.concatenate([start + parent[child]
+                                        for start, parent, child in zip(starts, parents, children)])
+            nodes = np.concatenate([start + child for start, child in zip(starts, children)])
+            nll = nll_at(model, hidden, torch.from_numpy(positions).to(hidden.device),
+                         batch.input_ids[0, torch.from_numpy(nodes).to(hidden.device)])
+            values = (-nll.double()).cpu().numpy()
+            for index, start, child in zip(group, starts, children):
+                results[index] = np.full(len(examples[index]), np.nan)
+                results[index][child] = values[:len(child)]
+                values = values[len(child):]
     return results
 
 

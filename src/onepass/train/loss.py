@@ -62,10 +62,18 @@ def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, head: Any, transform
 def label_nll(model: Any, batch: Batch, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-label NLL (in label order) and the flat positions they belong to."""
     hidden = hidden_states(model, batch)[0]
+    positions = (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1)
+    return nll_at(model, hidden, positions, batch.labels[0, positions], chunk_size), positions
+
+
+def nll_at(model: Any, hidden: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+           chunk_size: int = 1024) -> torch.Tensor:
+    """-log Pr(targets[i] | the hidden state at positions[i]): only those rows go through the output
+    layer, `chunk_size` at a time (recomputed in the backward pass), so the (tokens × vocabulary)
+    logits are never materialised. Positions may repeat (a tree node with several children)."""
     _, head = backbone_and_head(model)
     transform = OutputTransform.of(model)
-    positions = (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1)
-    selected, targets = hidden[positions], batch.labels[0, positions]
+    selected = hidden[positions]
     pieces = []
     for start in range(0, len(positions), chunk_size):
         args = (selected[start:start + chunk_size], targets[start:start + chunk_size], head, transform)
@@ -73,8 +81,7 @@ def label_nll(model: Any, batch: Batch, chunk_size: int = 1024) -> tuple[torch.T
             pieces.append(checkpoint(_chunk_nll, *args, use_reentrant=False))
         else:
             pieces.append(_chunk_nll(*args))
-    nll = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    return nll, positions
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def sft_loss(model: Any, batch: Batch, denominator: float, chunk_size: int = 1024) -> tuple[torch.Tensor, float]:
