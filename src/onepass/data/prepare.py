@@ -101,12 +101,12 @@ def _render_chunk(tokenizer: Any, template: ChatTemplate, options: RenderOptions
     examples = []
     for unit in units:
         tokens = [next(tokenized) for _ in unit.texts]
-        example = _tree_example(unit, tokens, options, stats) if unit.tree else None
-        for item, (ids, offsets) in ([] if unit.tree else zip(unit.texts, tokens)):
-            example = _sequence_example(unit.conversation, item, ids, offsets, options, stats)
-            examples += [example] if example is not None else []
-        if unit.tree and example is not None:
-            examples.append(example)
+        if unit.tree:
+            made = [_tree_example(unit, tokens, options, stats)]
+        else:
+            made = [_sequence_example(unit.conversation, item, ids, offsets, options, stats)
+                    for item, (ids, offsets) in zip(unit.texts, tokens)]
+        examples += [example for example in made if example is not None]
     return examples, stats, rejects
 
 

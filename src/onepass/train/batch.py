@@ -79,24 +79,19 @@ def shift_labels(input_ids: np.ndarray, loss_mask: np.ndarray, parent: np.ndarra
     """labels[p] = input_ids[c] where token c is trained and p is the token before it (c - 1 in a
     sequence, its parent in a tree); every other position predicts nothing."""
     labels = np.full(len(input_ids), IGNORE_INDEX, dtype=np.int64)
-    child = _trained_children(loss_mask, parent)
+    child = trained_children(loss_mask, _parents(len(input_ids), parent))
     predicts = child >= 0
     labels[predicts] = input_ids[child[predicts]]
     return labels
 
 
-def _trained_children(loss_mask: np.ndarray, parent: np.ndarray | None) -> np.ndarray:
-    if parent is None:
-        child = np.full(len(loss_mask), -1, dtype=np.int64)
-        trained_next = np.flatnonzero(loss_mask[1:] == 1)
-        child[trained_next] = trained_next + 1
-        return child
-    return trained_children(loss_mask, parent)
+def _parents(length: int, parent: np.ndarray | None) -> np.ndarray:
+    return parent if parent is not None else np.arange(length, dtype=np.int32) - 1
 
 
 def label_weights(example: Example, normalization: Normalization) -> tuple[np.ndarray, float]:
     """Per-position loss weights (aligned with `shift_labels`) and the units this example adds to the step."""
-    child = _trained_children(example.loss_mask, example.parent)
+    child = trained_children(example.loss_mask, example.parents)
     trained = child >= 0
     weights = trained.astype(np.float64)
     count = int(trained.sum())
