@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from onepass.train.batch import collate
+from onepass.train.layout import AttentionLayout
 from onepass.train.loss import hidden_states, sft_loss
 from onepass.train.model import use_packed_attention
 from onepass.train.plan import pack
@@ -47,6 +48,20 @@ def test_packed_rows_do_not_attend_across_conversations(model):
         merged = Example(np.concatenate([e.input_ids for e in examples]), np.concatenate([e.loss_mask for e in examples]),
                          np.concatenate([e.turn for e in examples]))
         assert not torch.allclose(hidden_states(model, collate([merged]))[0], packed, atol=1e-3)
+
+
+def test_conversations_of_any_length_share_one_attention_call_per_length_bucket_and_equal_each_alone(model):
+    lengths = (1, 40, 2, 13, 3, 21, 5, 34, 8, 1)
+    layout = AttentionLayout.of(lengths)
+    # longest first; a bucket keeps conversations at least half its longest: 40,34,21 | 13,8 | 5,3 | 2,1,1
+    assert [tuple(index.shape) for index in layout.buckets] == [(3, 40), (2, 13), (2, 5), (3, 2)]
+    assert len(set(layout.take.tolist())) == sum(lengths)  # every token's output taken once
+    rng = np.random.default_rng(2)
+    examples = [random_example(rng, n) for n in lengths]
+    with torch.no_grad():
+        packed = hidden_states(model, collate(examples))[0]
+        alone = torch.cat([hidden_states(model, collate([e]))[0] for e in examples])
+    torch.testing.assert_close(packed, alone, rtol=0, atol=1e-5)
 
 
 def test_packed_logits_equal_each_conversation_run_alone_with_plain_transformers(model):

@@ -16,8 +16,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from onepass.data.tree import depths, path_blocks, trained_children
+from onepass.data.tree import depths, trained_children
 from onepass.data.types import Example
+from onepass.train.layout import AttentionLayout, TreeBlocks
 
 IGNORE_INDEX = -100
 Normalization = Literal["token", "sequence", "turn"]
@@ -34,45 +35,24 @@ class Batch:
     units: float  # normaliser contribution: trained tokens, sequences or turns in this batch
     num_tokens: int
     num_trained_tokens: int
-    trees: tuple[TreeBlocks | None, ...] = ()  # per conversation: None for a sequence (causal attention)
+    layout: AttentionLayout | None = None  # how the packed attention runs (None: built from cu_seq_lens)
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        trees = tuple(None if tree is None else tree.to(device) for tree in self.trees)
+        layout = None if self.layout is None else self.layout.to(device)
         return Batch(move(self.input_ids), move(self.position_ids), move(self.labels), move(self.label_weights),
                      move(self.cu_seq_lens), self.max_length, self.units, self.num_tokens, self.num_trained_tokens,
-                     trees)
+                     layout)
 
     def model_kwargs(self) -> dict:
-        """What the model's forward needs for packed attention (transformers' varlen kwargs, and the trees)."""
-        kwargs = {"input_ids": self.input_ids, "position_ids": self.position_ids,
-                  "cu_seq_lens_q": self.cu_seq_lens, "cu_seq_lens_k": self.cu_seq_lens,
-                  "max_length_q": self.max_length, "max_length_k": self.max_length}
-        if any(tree is not None for tree in self.trees):
-            kwargs[TREES_KWARG] = self.trees
-        return kwargs
+        """What the model's forward needs for packed attention (transformers' varlen kwargs, and onepass's
+        layout, which flash-attention ignores)."""
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids,
+                "cu_seq_lens_q": self.cu_seq_lens, "cu_seq_lens_k": self.cu_seq_lens,
+                "max_length_q": self.max_length, "max_length_k": self.max_length, LAYOUT_KWARG: self.layout}
 
 
-TREES_KWARG = "onepass_trees"  # passed through the model's forward to the packed attention
-
-
-@dataclass(frozen=True)
-class TreeBlocks:
-    """How a tree's attention is computed (see `tree.path_blocks`): each root-to-leaf path's nodes and
-    where the nodes it owns start, and the permutation that puts the owned nodes' outputs back in order."""
-
-    paths: tuple[tuple[torch.Tensor, int], ...]
-    inverse: torch.Tensor
-
-    @classmethod
-    def of(cls, parent: np.ndarray) -> TreeBlocks:
-        blocks = path_blocks(parent)
-        order = np.concatenate([nodes[start:] for nodes, start in blocks])
-        return cls(tuple((torch.from_numpy(nodes), start) for nodes, start in blocks),
-                   torch.from_numpy(np.argsort(order)))
-
-    def to(self, device: torch.device | str) -> TreeBlocks:
-        return TreeBlocks(tuple((nodes.to(device), start) for nodes, start in self.paths), self.inverse.to(device))
+LAYOUT_KWARG = "onepass_layout"  # passed through the model's forward to the packed attention
 
 
 def shift_labels(input_ids: np.ndarray, loss_mask: np.ndarray, parent: np.ndarray | None = None) -> np.ndarray:
@@ -126,7 +106,7 @@ def collate(examples: Sequence[Example], normalization: Normalization = "token")
         units=sum(u for _, u in weights_and_units),
         num_tokens=int(len(input_ids)),
         num_trained_tokens=int((labels != IGNORE_INDEX).sum()),
-        trees=trees if any(tree is not None for tree in trees) else (),
+        layout=AttentionLayout.of(lengths, trees),
     )
 
 
@@ -136,4 +116,4 @@ def padding_batch(example: Example) -> Batch:
     batch = collate([example])
     return Batch(batch.input_ids, batch.position_ids, batch.labels, torch.zeros_like(batch.label_weights),
                  batch.cu_seq_lens, batch.max_length, units=0.0, num_tokens=0, num_trained_tokens=0,
-                 trees=batch.trees)
+                 layout=batch.layout)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,8 @@ import torch
 
 from onepass.compat import enable_activation_checkpointing
 from onepass.errors import OnepassError
-from onepass.train.batch import TREES_KWARG
+from onepass.train.batch import LAYOUT_KWARG
+from onepass.train.layout import AttentionLayout, TreeBlocks
 
 if TYPE_CHECKING:
     from onepass.config import TrainConfig
@@ -42,51 +44,53 @@ def check_model_dir(path: str | Path) -> Path:
 # --- Packed attention -------------------------------------------------------------------------
 # Several conversations share one row of tokens; each must attend only to itself. Flash-attention
 # varlen does this on CUDA when installed (transformers detects packing from position_ids). The
-# portable path below runs SDPA once per conversation, so a packed row costs sum(L_i^2), never a
-# dense (sum L_i)^2 attention, and needs no mask tensor at all.
+# portable path below follows the batch's `AttentionLayout`: conversations of similar length stacked
+# into one SDPA call per bucket, trees path by path, so a packed row never costs a dense
+# (sum L_i)^2 attention and no layer loops over conversations in Python.
 PACKED_ATTENTION = "onepass_packed"
 
 
 def packed_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
                           scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
-    """Attention within each segment given by `cu_seq_lens_q` (query/key/value: B, H, T, D), as the
-    model computes it: causal, with its sliding window and its attention-logit soft-capping."""
+    """Attention within each conversation of a packed row (query/key/value: 1, H, T, D), as the model
+    computes it: causal, with its sliding window and its attention-logit soft-capping."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    layout = kwargs.get(LAYOUT_KWARG)
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
     extras = {k: v for k, v in kwargs.items() if k in MODEL_EAGER_ONLY and v is not None}
-    if cu_seq_lens is None:  # generation and unpacked inputs: the mask transformers built
+    if layout is None and cu_seq_lens is None:  # generation and unpacked inputs: the mask transformers built
         if extras:
             return _model_eager(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                         **extras)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **{k: v for k, v in kwargs.items() if k in ("is_causal", "sliding_window")})
-    dropout = dropout if module.training else 0.0
-    window = kwargs.get("sliding_window")
-    trees = kwargs.get(TREES_KWARG) or ()
+    if layout is None:  # varlen kwargs from elsewhere: work the layout out here (a device sync)
+        layout = AttentionLayout.of(cu_seq_lens.diff().tolist()).to(query.device)
+    attend = functools.partial(_attention, module, scaling=scaling, dropout=dropout if module.training else 0.0,
+                               window=kwargs.get("sliding_window"), extras=extras)
+    if layout.take is None:  # one sequence: nothing to gather
+        return attend(query, key, value).transpose(1, 2).contiguous(), None
+    rows = [tensor[0].transpose(0, 1) for tensor in (query, key, value)]  # (T, H, D) views
     outputs = []
-    bounds = cu_seq_lens.tolist()
-    for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        segment = (query[:, :, start:end], key[:, :, start:end], value[:, :, start:end])
-        tree = trees[index] if index < len(trees) else None
-        outputs.append(_segment_attention(module, *segment, scaling, dropout, window, extras, tree))
-    output = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
-    return output.transpose(1, 2).contiguous(), None
+    for index in layout.buckets:  # (n, L): n conversations padded to L, one call
+        stacked = [row.index_select(0, index.flatten()).unflatten(0, index.shape).transpose(1, 2) for row in rows]
+        outputs.append(attend(*stacked).transpose(1, 2).flatten(0, 1))
+    for start, end, tree in layout.trees:
+        outputs.append(_tree_attention(attend, *(t[:, :, start:end] for t in (query, key, value)), tree))
+    return torch.cat(outputs).index_select(0, layout.take)[None], None
 
 
 # Attention features SDPA cannot compute; where a model passes one, its own eager attention runs.
 MODEL_EAGER_ONLY = ("softcap", "s_aux")
 
 
-def _segment_attention(module: Any, query: Any, key: Any, value: Any, scaling: float | None, dropout: float,
-                       window: int | None, extras: dict[str, Any], tree: Any = None) -> Any:
-    """One conversation's attention (B, H, L, D): SDPA when it can, else the model's own eager attention.
-    A tree is computed path by path, each node once, on the path that owns it (see `tree.path_blocks`)."""
-    if tree is not None:
-        outputs = [_attention(module, query[:, :, nodes[start:]], key[:, :, nodes], value[:, :, nodes], scaling,
-                              dropout, window, extras) for nodes, start in tree.paths if start < len(nodes)]
-        return torch.cat(outputs, dim=2)[:, :, tree.inverse]
-    return _attention(module, query, key, value, scaling, dropout, window, extras)
+def _tree_attention(attend: Any, query: Any, key: Any, value: Any, tree: TreeBlocks) -> Any:
+    """A tree's attention (1, H, L, D) → (L, H, D), path by path: each node once, on the path that owns
+    it (see `tree.path_blocks`)."""
+    outputs = [attend(query[:, :, nodes[start:]], key[:, :, nodes], value[:, :, nodes])
+               for nodes, start in tree.paths if start < len(nodes)]
+    return torch.cat(outputs, dim=2)[0, :, tree.inverse].transpose(0, 1)
 
 
 def _attention(module: Any, query: Any, key: Any, value: Any, scaling: float | None, dropout: float,
