@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from onepass.demo.tiny import build_tokenizer
+from onepass.config import load_config
+from onepass.demo.tiny import build_model, build_tokenizer, random_conversations
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +101,31 @@ def tree_paths(example) -> list[list[int]]:
             node = int(parent[node])
         paths.append(path[::-1])
     return paths
+
+
+# --- a training run on a tiny model (tests/train) ---
+
+@pytest.fixture(scope="session")
+def run_assets(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("run")
+    build_model(root / "model", vocab_size=512, hidden_size=32, intermediate_size=64)
+    data = write_jsonl(root / "train.jsonl", random_conversations(40, seed=1, max_turns=2))
+    held_out = write_jsonl(root / "eval.jsonl", random_conversations(8, seed=2, max_turns=2))
+    return root, tokenizer_dir, data, held_out
+
+
+def make_config(run_assets, output_dir, *overrides):
+    root, tokenizer_dir, data, held_out = run_assets
+    return load_config(None, [f"model={root / 'model'}", f"tokenizer={tokenizer_dir}", f"data.train=[{data}]",
+                              f"data.eval=[{held_out}]", f"output_dir={output_dir}", "max_seq_len=256",
+                              "batch_size=2", "grad_accum=2", "lr=1e-3", "progress=false", "warmup_steps=2", "precision=fp32",
+                              *overrides])
+
+
+def trained(config):
+    from onepass.train.run import build_run
+    from onepass.train.trainer import Trainer
+
+    return Trainer(build_run(config))
+
+

@@ -16,7 +16,7 @@ def test_yaml_file_and_overrides_are_merged_and_typed(tmp_path):
     config = load_config(path, ["grad_accum=3", "data.loss_on=all"])
     assert config.lr == 1e-4 and config.grad_accum == 3 and config.data.loss_on == "all"
     assert config.lora.enabled and config.lora.r == 4
-    assert config.data.train == [str(tmp_path / "d.jsonl")]  # relative to the config file
+    assert config.data.train_paths() == [str(tmp_path / "d.jsonl")]  # relative to the config file
 
 
 @pytest.mark.parametrize("override, message", [

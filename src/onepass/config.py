@@ -21,8 +21,17 @@ from onepass.data.types import RenderOptions
 
 
 @dataclass
+class DataSource:
+    """A training file (or directory) and its weight: how many times each of its records is trained on
+    per epoch. 3 repeats every record three times; 0.5 trains a different random half each epoch."""
+
+    path: str
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)
+    train: list[str | DataSource] = field(default_factory=list)  # a path, or {path: ..., weight: ...}
     eval: list[str] = field(default_factory=list)
     format: Literal["messages", "prompt_completion", "sharegpt", "alpaca", "text"] | None = None
     chat_template: str | None = None  # a .jinja file or a built-in name; default: the tokenizer's own
@@ -34,6 +43,15 @@ class DataConfig:
     system_message: Literal["keep", "fold"] = "keep"  # fold: prepend it to the first user message (Gemma)
     num_workers: int = 1
     cache_dir: str | None = None
+
+    def sources(self) -> list[DataSource]:
+        return [s if isinstance(s, DataSource) else DataSource(s) for s in self.train]
+
+    def weighted(self) -> bool:
+        return any(s.weight != 1.0 for s in self.sources())
+
+    def train_paths(self) -> list[str]:
+        return [s.path for s in self.sources()]
 
     def render_options(self, max_seq_len: int | None) -> RenderOptions:
         return RenderOptions(loss_on=self.loss_on, train_on_eot=self.train_on_eot, max_seq_len=max_seq_len,
@@ -89,7 +107,8 @@ class TrainConfig:
     keep_best: bool = False  # keep the checkpoint with the lowest held-out loss, and export it as final
     resume: Literal["auto", "never"] = "auto"
     log_every: int = 1
-    tensorboard: bool = False
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)  # trackers, rank 0 only
+    run_name: str | None = None  # the trackers' name for the run; default: output_dir's name
     on_nonfinite: Literal["error", "skip_step"] = "error"
     progress: bool = True
 
@@ -98,10 +117,13 @@ class TrainConfig:
 
 
 POSITIVE = ("max_seq_len", "batch_size", "grad_accum", "epochs", "loss_chunk_size", "keep_last", "log_every",
-            "num_workers", "r", "alpha")
+            "num_workers", "r", "alpha", "weight")
 NON_NEGATIVE = ("lr", "weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "eval_samples", "save_every",
                 "dropout",
                 "patience", "min_delta")
+
+
+RENAMED = {"tensorboard": "write report_to: [tensorboard] instead of tensorboard: true."}
 
 
 def _type_name(hint: Any) -> str:
@@ -121,7 +143,7 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
                 return _convert(value, option, key)
             except ConfigError as error:
                 errors.append(str(error))
-        raise ConfigError(errors[0])
+        raise ConfigError(errors[-1] if isinstance(value, dict) else errors[0])  # a mapping: the dataclass's error
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"config key '{key}': {value!r} is not allowed. Fix: use one of "
@@ -164,6 +186,8 @@ def from_dict(cls: type, values: Any, prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
+        if key in RENAMED and key not in names:
+            raise ConfigError(f"config key '{prefix}{key}' is gone. Fix: {RENAMED[key]}")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" Did you mean '{prefix}{close[0]}'?" if close else f" Known keys: {', '.join(names)}."
@@ -211,7 +235,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     if not config.data.train:
         raise ConfigError("config key 'data.train' is required: one or more data files.")
     resolve = lambda p: str(p if Path(p).is_absolute() or Path(p).exists() else base / p)  # noqa: E731
-    config.data.train = [resolve(p) for p in config.data.train]
+    config.data.train = [DataSource(resolve(s.path), s.weight) for s in config.data.sources()]
     config.data.eval = [resolve(p) for p in config.data.eval]
     config.model = resolve(config.model)
     if config.tokenizer:

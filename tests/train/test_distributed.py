@@ -74,7 +74,7 @@ def test_the_test_data_leaves_an_uneven_last_step(assets, tokenizer):
     root, _ = assets
     config = load_config(None, [f"model={root / 'model'}", f"data.train=[{root / 'train.jsonl'}]", "max_seq_len=128",
                                 "batch_size=1", "grad_accum=2"])
-    data = prepare(config.data.train, tokenizer, load_chat_template(tokenizer), config.render_options())
+    data = prepare(config.data.train_paths(), tokenizer, load_chat_template(tokenizer), config.render_options())
     plan = plan_epoch([len(e) for e in data.examples], config.max_seq_len, config.batch_size, config.grad_accum * 2,
                       config.seed, 0)
     assert len(plan[-1]) % 2 == 1

@@ -18,7 +18,7 @@ from onepass.train.plan import plan_epoch
 from onepass.train.run import build_run
 from onepass.train.trainer import Trainer
 
-from conftest import final_weights, write_jsonl
+from conftest import final_weights, make_config, trained, write_jsonl
 
 
 def random_example(rng, length, turns=3, vocab=100):
@@ -78,27 +78,6 @@ def test_epoch_plan_covers_every_example_once_and_is_reproducible():
     seen = sorted(i for step in plan(0) for micro in step for i in micro)
     assert seen == list(range(40))
     assert plan(0) == plan(0) and plan(0) != plan(1)
-
-
-@pytest.fixture(scope="module")
-def run_assets(tmp_path_factory, tokenizer_dir):
-    root = tmp_path_factory.mktemp("run")
-    build_model(root / "model", vocab_size=512, hidden_size=32, intermediate_size=64)
-    data = write_jsonl(root / "train.jsonl", random_conversations(40, seed=1, max_turns=2))
-    held_out = write_jsonl(root / "eval.jsonl", random_conversations(8, seed=2, max_turns=2))
-    return root, tokenizer_dir, data, held_out
-
-
-def make_config(run_assets, output_dir, *overrides):
-    root, tokenizer_dir, data, held_out = run_assets
-    return load_config(None, [f"model={root / 'model'}", f"tokenizer={tokenizer_dir}", f"data.train=[{data}]",
-                              f"data.eval=[{held_out}]", f"output_dir={output_dir}", "max_seq_len=256",
-                              "batch_size=2", "grad_accum=2", "lr=1e-3", "progress=false", "warmup_steps=2", "precision=fp32",
-                              *overrides])
-
-
-def trained(config):
-    return Trainer(build_run(config))
 
 
 def test_resumed_run_equals_an_uninterrupted_run(run_assets, tmp_path):

@@ -16,7 +16,8 @@ def add_parsers(subparsers: Any) -> None:
                "SIGINT/SIGTERM save a checkpoint; the same command resumes. With keep_best: true the checkpoint "
                "with the lowest held-out loss is kept in OUTPUT_DIR/checkpoints (named in checkpoints/BEST) and "
                "exported as OUTPUT_DIR/final. With eval_samples: N, greedy replies to the first N held-out "
-               "prompts at each evaluation go to OUTPUT_DIR/samples.jsonl.")
+               "prompts at each evaluation go to OUTPUT_DIR/samples.jsonl (and to the trackers of report_to: "
+               "OUTPUT_DIR/tensorboard, OUTPUT_DIR/wandb).")
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lr=1e-4 data.loss_on=last")
     parser.set_defaults(handler=run_train)

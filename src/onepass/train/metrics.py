@@ -1,5 +1,5 @@
-"""Seeing a run: a progress bar (loss, tokens/s, trained tokens/s, ETA), `metrics.jsonl`, optional
-TensorBoard, and `loss.png` at the end."""
+"""Seeing a run: a progress bar (loss, tokens/s, trained tokens/s, ETA), `metrics.jsonl` (and the
+trackers of `report_to`, see trackers.py), and `loss.png` at the end."""
 
 from __future__ import annotations
 
@@ -9,18 +9,18 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from onepass.errors import OnepassError
+from onepass.train.trackers import Trackers
 
 
 class MetricsLog:
     """Appends one JSON line per step; on resume, lines past the checkpoint's step are dropped."""
 
-    def __init__(self, output_dir: str | Path, resume_step: int = 0, tensorboard: bool = False, enabled: bool = True,
-                 log_every: int = 1):
+    def __init__(self, output_dir: str | Path, resume_step: int = 0, trackers: Trackers | None = None,
+                 enabled: bool = True, log_every: int = 1):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.enabled = enabled  # off on every rank but 0
         self.log_every = log_every
-        self.writer = None
+        self.trackers = trackers
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,13 +29,6 @@ class MetricsLog:
             kept = [line for line in self.path.read_text().splitlines()
                     if (row := _parse(line)) is not None and row.get("step", 0) <= resume_step]
         self.path.write_text("".join(line + "\n" for line in kept))
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise OnepassError("tensorboard: true needs the tensorboard package. Fix: .venv/bin/pip install "
-                                   "tensorboard, or set tensorboard: false.") from None
-            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
 
     def should_log(self, row: dict[str, Any]) -> bool:
         """Every `log_every` steps, and every row with a held-out result."""
@@ -46,10 +39,13 @@ class MetricsLog:
             return
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, row["step"])
+        if self.trackers is not None:
+            self.trackers.log(row)
+
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """An evaluation's sample replies (already in samples.jsonl), to the trackers."""
+        if self.enabled and self.trackers is not None:
+            self.trackers.samples(step, rows)
 
     def rows(self) -> list[dict[str, Any]]:
         if not self.enabled:
@@ -57,8 +53,8 @@ class MetricsLog:
         return [row for line in self.path.read_text().splitlines() if (row := _parse(line)) is not None]
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def _parse(line: str) -> dict[str, Any] | None:

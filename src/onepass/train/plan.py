@@ -21,6 +21,7 @@ from onepass.data.types import Example
 from onepass.errors import OnepassError
 from onepass.train.batch import Batch, Normalization, collate, padding_batch
 from onepass.train.distributed import Cluster, rank_share
+from onepass.train.mixture import Mixture
 
 
 def pack(lengths: Sequence[int], max_seq_len: int) -> list[list[int]]:
@@ -66,19 +67,22 @@ def plan_epoch(lengths: Sequence[int], max_seq_len: int, batch_size: int, micro_
 
 
 class StepPlan:
-    """The micro-batches of every optimizer step of a run, for this rank."""
+    """The micro-batches of every optimizer step of a run, for this rank. With a weighted `mixture`,
+    each epoch trains on the examples it draws (so epochs may differ in steps by a row or two)."""
 
     def __init__(self, examples: list[Example], max_seq_len: int, batch_size: int, grad_accum: int, seed: int,
-                 normalization: Normalization, cluster: Cluster = Cluster()):
+                 normalization: Normalization, cluster: Cluster = Cluster(), mixture: Mixture | None = None):
         self.examples = examples
         self.lengths = [len(e) for e in examples]
         self.max_seq_len, self.batch_size, self.seed = max_seq_len, batch_size, seed
         self.normalization = normalization
         self.cluster = cluster
+        self.mixture = mixture
         self.micro_batches_per_step = grad_accum * cluster.world_size
-        self.rows = len(pack(self.lengths, max_seq_len))
+        self.rows = len(pack([self.lengths[i] for i in self.chosen(0)], max_seq_len))
         self._check_fills_a_step(grad_accum)
-        self.steps_per_epoch = len(self.epoch(0))
+        self._epoch_steps: list[int] = []  # steps of epochs 0, 1, ... (worked out as needed)
+        self.steps_per_epoch = self.epoch_steps(0)
         self.padding = padding_batch(min(examples, key=len))
         self._cached: tuple[int, list] = (-1, [])
 
@@ -91,14 +95,39 @@ class StepPlan:
                 f"data packs into only {self.rows} rows of max_seq_len={self.max_seq_len} tokens. Fix: lower "
                 "batch_size or grad_accum, or add data.")
 
+    def chosen(self, epoch: int) -> np.ndarray:
+        """The example indices epoch `epoch` trains on (each once, unless the mixture weighs them)."""
+        if self.mixture is None:
+            return np.arange(len(self.examples))
+        return self.mixture.epoch_indices(self.seed, epoch)
+
     def epoch(self, epoch: int) -> list[list[list[int]]]:
-        return plan_epoch(self.lengths, self.max_seq_len, self.batch_size, self.micro_batches_per_step, self.seed,
-                          epoch)
+        chosen = self.chosen(epoch)
+        steps = plan_epoch([self.lengths[i] for i in chosen], self.max_seq_len, self.batch_size,
+                           self.micro_batches_per_step, self.seed, epoch)
+        return [[[int(chosen[i]) for i in micro] for micro in step] for step in steps]
+
+    def epoch_steps(self, epoch: int) -> int:
+        while len(self._epoch_steps) <= epoch:
+            self._epoch_steps.append(len(self.epoch(len(self._epoch_steps))) if self.mixture is not None
+                                     or not self._epoch_steps else self._epoch_steps[0])
+        return self._epoch_steps[epoch]
+
+    def total_steps(self, epochs: int) -> int:
+        return sum(self.epoch_steps(e) for e in range(epochs))
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, step within it) of optimizer step `step` (0-based)."""
+        epoch = 0
+        while step >= self.epoch_steps(epoch):
+            step -= self.epoch_steps(epoch)
+            epoch += 1
+        return epoch, step
 
     def step_batches(self, step: int) -> list[Batch]:
         """This rank's micro-batches of optimizer step `step` (0-based), padded so that every rank makes
         the same number of passes."""
-        epoch, index = divmod(step, self.steps_per_epoch)
+        epoch, index = self.locate(step)
         if self._cached[0] != epoch:
             self._cached = (epoch, self.epoch(epoch))
         mine, padding = rank_share(self._cached[1][index], self.cluster)

@@ -27,9 +27,11 @@ from onepass.train.checkpoint import Checkpointer
 from onepass.train.distributed import Cluster
 from onepass.train.evaluation import EarlyStopping, Evaluator, SampleReplies
 from onepass.train.loss import SFTObjective
+from onepass.train.mixture import Mixture, describe as describe_mixture
 from onepass.train.model import build_model, check_model_dir, use_tree_attention
 from onepass.train.plan import StepPlan
 from onepass.train.step import StepOptions, describe_precision
+from onepass.train.trackers import check_trackers
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
     torch.manual_seed(config.seed)  # the same initial weights (e.g. LoRA adapters) on every rank
     if model is None:
         check_model_dir(config.model)  # a bad model dir fails now, not after data preparation
+    check_trackers(config.report_to)
     tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
     template = load_chat_template(tokenizer, config.data.chat_template)
     train_data, eval_examples = _prepare_data(config, cluster, tokenizer, template, train_data, eval_examples,
@@ -73,9 +76,12 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
     if (config.early_stopping.patience or config.keep_best) and not (eval_examples and config.eval_every):
         raise OnepassError("early_stopping and keep_best compare held-out losses during training. Fix: give "
                            "data.eval and eval_every > 0, or set early_stopping.patience: 0 and keep_best: false.")
+    mixture = Mixture(train_data.examples, config.data.sources()) if config.data.weighted() else None
+    if mixture is not None and cluster.is_main:
+        print(describe_mixture(mixture.shares()), file=sys.stderr)
     plan = StepPlan(train_data.examples, config.max_seq_len, config.batch_size, config.grad_accum, config.seed,
-                    config.loss_normalization, cluster)
-    total_steps = config.max_steps or config.epochs * plan.steps_per_epoch
+                    config.loss_normalization, cluster, mixture)
+    total_steps = config.max_steps or plan.total_steps(config.epochs)
     model = model if model is not None else build_model(config, cluster.device)
     if any(e.is_tree for e in [*train_data.examples, *eval_examples]):
         use_tree_attention(model)
@@ -107,7 +113,7 @@ def _prepare_data(config: TrainConfig, cluster: Cluster, tokenizer: Any, templat
                             rejects_file=output_dir / rejects_name if cluster.is_main else None)
 
     with distributed.main_first(cluster):
-        train_data = train_data or prepare_split(config.data.train, "rejects.jsonl")
+        train_data = train_data or prepare_split(config.data.train_paths(), "rejects.jsonl")
         eval_data = prepare_split(config.data.eval, "rejects.eval.jsonl") \
             if eval_examples is None and config.data.eval else None
     _report_data(config, cluster, train_data, eval_data)

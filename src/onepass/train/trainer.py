@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onepass.config import TrainConfig, save_config
+from onepass.config import TrainConfig, save_config, to_dict
 from onepass.train import distributed
 from onepass.train.checkpoint import TrainerState
 from onepass.train.export import export_model
@@ -21,6 +21,7 @@ from onepass.train.metrics import MetricsLog, plot_loss, progress_bar
 from onepass.train.run import Run, build_run
 from onepass.train.signals import StopOnSignal
 from onepass.train.step import StepResult, train_step
+from onepass.train.trackers import Trackers
 
 
 EARLY_STOPPING = "early stopping"
@@ -51,8 +52,10 @@ class Trainer:
             run.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(run.config, run.output_dir / "config.yaml")
         resumed = self._resume()
-        log = MetricsLog(run.output_dir, self.state.step if resumed else 0, run.config.tensorboard, enabled=main,
-                         log_every=run.config.log_every)
+        resume_step = self.state.step if resumed else 0
+        trackers = Trackers(run.config.report_to, run.output_dir, to_dict(run.config), run.config.run_name,
+                            resume_step, enabled=main)
+        log = MetricsLog(run.output_dir, resume_step, trackers, enabled=main, log_every=run.config.log_every)
         eval_before = None if resumed else self._evaluate(log)
         end = min(stop_at, run.total_steps) if stop_at is not None else run.total_steps
         stopped_by = self._loop(end, log)
@@ -101,7 +104,7 @@ class Trainer:
                "skipped_steps": self.state.skipped_steps}
         if run.evaluator.should_evaluate(self.state.step, run.total_steps):
             row.update(run.evaluator.evaluate(run.objective))
-            run.samples.write(self.state.step, run.model, run.tokenizer, run.template)
+            log.samples(self.state.step, run.samples.write(self.state.step, run.model, run.tokenizer, run.template))
             self.state, improved = run.early_stopping.update(self.state, row["eval_loss"])
             if improved and run.config.keep_best:
                 run.checkpointer.save_best(self.state, distributed.unwrap(run.objective), run.optimizer,
@@ -124,7 +127,8 @@ class Trainer:
 
     def _evaluate(self, log: MetricsLog) -> dict[str, float]:
         results = self.run.evaluator.evaluate(self.run.objective)
-        self.run.samples.write(self.state.step, self.run.model, self.run.tokenizer, self.run.template)
+        log.samples(self.state.step, self.run.samples.write(self.state.step, self.run.model, self.run.tokenizer,
+                                                            self.run.template))
         if results:
             log.write({"step": self.state.step, **results})
         return results
