@@ -99,6 +99,7 @@ class TrainConfig:
     compile: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     strategy: Literal["ddp", "fsdp"] = "ddp"  # data parallelism under torchrun; one process trains as it is
+    ddp_find_unused_parameters: bool = False  # true for models whose forward skips parameters (MoE routing)
     eval_every: int = 0  # steps; 0: evaluate before and after training only
     eval_samples: int = 0  # at each evaluation, greedy replies to the first N held-out prompts → samples.jsonl
     save_every: int = 0  # steps; 0: only the final model

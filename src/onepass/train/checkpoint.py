@@ -58,8 +58,8 @@ def checkpoint_path(output_dir: str | Path, step: int) -> Path:
 
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this rank's own device (each rank saves its own state)
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -68,7 +68,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        saved = state["cuda"]  # older checkpoints hold a list, one state per visible device
+        torch.cuda.set_rng_state(saved[torch.cuda.current_device()] if isinstance(saved, list) else saved)
 
 
 class ModelAndOptimizer(Stateful):

@@ -141,7 +141,8 @@ def main_first(cluster: Cluster) -> Iterator[None]:
             barrier(cluster)
 
 
-def parallelize(module: torch.nn.Module, cluster: Cluster, strategy: Strategy) -> torch.nn.Module:
+def parallelize(module: torch.nn.Module, cluster: Cluster, strategy: Strategy,
+                find_unused_parameters: bool = False) -> torch.nn.Module:
     """Wrap the loss module for data parallelism: DDP (replicated weights, all-reduced gradients) or
     FSDP2 (`fully_shard` per decoder layer and at the root: sharded parameters, gradients and
     optimizer state). One process without a process group trains the module as it is."""
@@ -151,8 +152,11 @@ def parallelize(module: torch.nn.Module, cluster: Cluster, strategy: Strategy) -
         from torch.nn.parallel import DistributedDataParallel
 
         # Buffers (rotary tables) are identical everywhere; not syncing them in forward keeps forward free
-        # of collectives, so evaluation can run on each rank's own share.
-        return DistributedDataParallel(module, **ddp_without_buffer_sync())
+        # of collectives, so evaluation can run on each rank's own share. Gradients live in the
+        # all-reduce buckets (no second copy); find_unused_parameters for models whose forward skips
+        # parameters (mixture-of-experts routing).
+        return DistributedDataParallel(module, gradient_as_bucket_view=True,
+                                       find_unused_parameters=find_unused_parameters, **ddp_without_buffer_sync())
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from onepass.data.types import Example
 from onepass.train import distributed
 from onepass.train.batch import collate, padding_batch
@@ -31,15 +33,15 @@ def evaluate(objective: Any, examples: list[Example], max_seq_len: int, batch_si
     batches = [collate([examples[i] for i in micro], "token") for micro in mine]
     if padding:  # this rank's share is short: pass on the shortest example with zero weight
         batches += [padding_batch(min(examples, key=len))] * padding
-    nll_sum, count = 0.0, 0
+    nll_sum, count = torch.zeros(()), 0
     with evaluating(objective):
         device = device_of(objective)
         for batch in batches:
             with autocast(precision, device):
                 _, batch_nll = objective(batch.to(device), 1.0)
-            nll_sum += batch_nll
+            nll_sum = nll_sum.to(batch_nll.device) + batch_nll.float()
             count += batch.num_trained_tokens
-    nll_sum, count = distributed.all_reduce_sum([nll_sum, count], cluster)
+    nll_sum, count = distributed.all_reduce_sum([float(nll_sum), count], cluster)  # one device sync
     loss = nll_sum / max(count, 1)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 

@@ -25,8 +25,10 @@ def export_model(model: Any, tokenizer: Any, template: ChatTemplate, config: Tra
     if cluster.is_main:
         if config.lora.enabled and config.lora.merge_on_export:
             whole = whole.merge_and_unload()
-        whole.save_pretrained(str(final))
-        _reset_attention_in_saved_config(final)
+        dtype = base_dtype(config.model)
+        whole.save_pretrained(str(final), state_dict={name: value.to(dtype) if value.is_floating_point() else value
+                                                      for name, value in whole.state_dict().items()})
+        _fix_saved_config(final, dtype)
         tokenizer.chat_template = template.source
         tokenizer.save_pretrained(str(final))
         save_config(config, final / "onepass_config.yaml")
@@ -49,12 +51,24 @@ def full_model(model: Any, config: TrainConfig, cluster: Cluster) -> Any:
     return whole
 
 
-def _reset_attention_in_saved_config(final: Path) -> None:
-    """Our packed attention is registered at run time; a saved model must load without onepass."""
+def base_dtype(model_dir: str | Path) -> torch.dtype:
+    """The dtype the base model was saved in (config.json's dtype / torch_dtype; fp32 if it says none):
+    training keeps fp32 master weights, the export goes back to the base model's dtype."""
+    config_path = Path(model_dir) / "config.json"
+    values = json.loads(config_path.read_text()) if config_path.exists() else {}
+    name = values.get("dtype") or values.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def _fix_saved_config(final: Path, dtype: torch.dtype) -> None:
+    """The saved config names the weights' dtype, and not our packed attention (registered at run time:
+    a saved model must load without onepass)."""
     config_path = final / "config.json"
     if config_path.exists():
         values = json.loads(config_path.read_text())
-        if values.get("_attn_implementation") or values.get("attn_implementation"):
-            values.pop("_attn_implementation", None)
-            values.pop("attn_implementation", None)
-            config_path.write_text(json.dumps(values, indent=2))
+        values.pop("_attn_implementation", None)
+        values.pop("attn_implementation", None)
+        values.pop("torch_dtype", None)
+        values["dtype"] = str(dtype).removeprefix("torch.")
+        config_path.write_text(json.dumps(values, indent=2))

@@ -84,12 +84,14 @@ def nll_at(model: Any, hidden: torch.Tensor, positions: torch.Tensor, targets: t
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def sft_loss(model: Any, batch: Batch, denominator: float, chunk_size: int = 1024) -> tuple[torch.Tensor, float]:
+def sft_loss(model: Any, batch: Batch, denominator: float, chunk_size: int = 1024
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """This micro-batch's share of the step loss: sum(weight · nll) / denominator, where the
     denominator is the step's total units (trained tokens, sequences or turns, over every
     micro-batch and rank), so summing gradients over micro-batches is exact.
 
-    Returns the loss to backpropagate and the unweighted NLL sum of the trained labels (for logging)."""
+    Returns the loss to backpropagate and the unweighted NLL sum of the trained labels (for logging; a
+    tensor, so a caller can sum micro-batches on the device and synchronise once)."""
     nll, positions = label_nll(model, batch, chunk_size)
     weights = batch.label_weights[0, positions]
     weighted = (nll * weights).sum()
@@ -99,8 +101,8 @@ def sft_loss(model: Any, batch: Batch, denominator: float, chunk_size: int = 102
         _, head = backbone_and_head(model)
         weighted = weighted + sum(p.sum() for p in head.parameters() if p.requires_grad) * 0.0
     if denominator <= 0:  # a step with no trained token: nothing to learn, and no division by zero
-        return weighted * 0.0, 0.0
-    return weighted / denominator, float(nll.detach()[weights > 0].sum())  # a padding batch logs nothing
+        return weighted * 0.0, weighted.new_zeros(())
+    return weighted / denominator, nll.detach()[weights > 0].sum()  # a padding batch logs nothing
 
 
 class SFTObjective(torch.nn.Module):
@@ -112,5 +114,5 @@ class SFTObjective(torch.nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, batch: Batch, denominator: float) -> tuple[torch.Tensor, float]:
+    def forward(self, batch: Batch, denominator: float) -> tuple[torch.Tensor, torch.Tensor]:
         return sft_loss(self.model, batch, denominator, self.chunk_size)

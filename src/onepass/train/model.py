@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -150,31 +150,40 @@ def register_packed_attention() -> None:
     AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
 
 
-def choose_attention(device_type: str) -> str:
-    """flash_attention_2 on CUDA when the package is installed; the per-segment SDPA otherwise."""
-    if device_type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
+def choose_attention(device_type: str, compute_dtype: Any = torch.float32,
+                     flash_available: Callable[[], bool] | None = None) -> str:
+    """flash_attention_2 on CUDA when transformers finds a usable flash-attn (its own check: version,
+    not just an import) and the model computes in bf16/fp16 (flash-attention rejects fp32); onepass's
+    packed SDPA otherwise."""
+    if device_type == "cuda" and compute_dtype in (torch.bfloat16, torch.float16):
+        if flash_available is None:
+            from transformers.utils import is_flash_attn_2_available as flash_available
+        if flash_available():
             return "flash_attention_2"
-        except ImportError:
-            pass
     register_packed_attention()
     return PACKED_ATTENTION
 
 
-def load_model(path: str | Path, device: torch.device | str | None = None, dtype: Any = None) -> Any:
+def describe_attention(attention: str) -> str:
+    if attention == PACKED_ATTENTION:
+        return "attention: onepass packed SDPA (conversations of similar length share one call per layer)"
+    return f"attention: {attention} (varlen: each conversation attends to itself only)"
+
+
+def load_model(path: str | Path, device: torch.device | str | None = None, dtype: Any = None,
+               compute_dtype: Any = None) -> Any:
     """AutoModelForCausalLM from a local directory, with packed attention, on `device` (default: the
-    process's device)."""
+    process's device). `compute_dtype`: what attention computes in (bf16 under autocast), which decides
+    whether flash-attention can run; default: the weights' dtype."""
     from transformers import AutoModelForCausalLM
 
     path = check_model_dir(path)
     device = torch.device(device) if device is not None else default_device()
-    attention = choose_attention(device.type)
+    dtype = dtype or torch.float32
+    attention = choose_attention(device.type, compute_dtype or dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=attention,
-                                                     dtype=dtype or torch.float32)
-    except (OSError, ValueError) as error:
+        model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=attention, dtype=dtype)
+    except (OSError, ValueError, ImportError) as error:
         raise OnepassError(f"{path}: could not load the model ({error}).") from None
     return model.to(device)
 
@@ -195,9 +204,14 @@ def use_tree_attention(model: Any) -> None:
         use_packed_attention(base)
 
 
-def build_model(config: TrainConfig, device: torch.device) -> Any:
+def build_model(config: TrainConfig, device: torch.device, announce: bool = False) -> Any:
     """The model to train: loaded, with LoRA adapters, activation checkpointing and compile as configured."""
-    model = load_model(config.model, device)
+    from onepass.train.step import uses_bf16
+
+    model = load_model(config.model, device,
+                       compute_dtype=torch.bfloat16 if uses_bf16(config.precision, device) else torch.float32)
+    if announce:
+        print(describe_attention(model.config._attn_implementation), file=sys.stderr)
     if config.lora.enabled:
         from peft import LoraConfig, get_peft_model
 

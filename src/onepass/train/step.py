@@ -88,11 +88,11 @@ def _accumulate_gradients(objective: Any, micro_batches: list[Batch], denominato
     """Forward and backward over the micro-batches, syncing gradients across ranks only on the last."""
     device = device_of(objective)
     scale = distributed.gradient_scale(cluster)
-    total_loss = 0.0
+    total_loss = torch.zeros((), device=device)
     for index, batch in enumerate(micro_batches):
         with distributed.gradient_sync(objective, enabled=index == len(micro_batches) - 1):
             with autocast(precision, device):
                 loss, _ = objective(batch.to(device), denominator)
             (loss * scale).backward()
-        total_loss += float(loss.detach())
-    return total_loss
+        total_loss += loss.detach().float()
+    return float(total_loss)  # one device sync per step, not one per micro-batch
