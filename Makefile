@@ -50,6 +50,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/score_speedup.py
 	$(BIN)/python bench/distributed_throughput.py
 	$(BIN)/python bench/real_model.py
+	$(BIN)/python bench/profile_step.py --precision bf16
+	$(BIN)/python bench/profile_step.py --precision fp32
+	$(BIN)/python bench/memory.py --precision bf16
+	$(BIN)/python bench/memory.py --precision fp32
 	$(BIN)/python bench/tree_speedup.py
 
 clean:

@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from real_model import setup  # noqa: E402  (the same model and data as the real-model benchmark)
+from real_model import onepass_run, setup  # noqa: E402  (the same model, data and run as the real-model benchmark)
 
 CATEGORIES = (  # first match wins; op names as torch.profiler reports them
     ("attention", ("scaled_dot_product", "_flash_attention", "attention")),
@@ -39,8 +39,6 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from onepass.config import load_config
-    from onepass.train.run import build_run
     from onepass.train.step import train_step
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,11 +50,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temp:
         work = Path(temp)
         model_dir = setup(work, 40)
-        config = load_config(None, [f"model={model_dir}", f"data.train=[{work / 'train.jsonl'}]",
-                                    f"output_dir={work / 'out'}", "max_seq_len=512", "batch_size=2", "lr=1e-5",
-                                    "progress=false", "resume=never", f"precision={args.precision}",
-                                    f"data.cache_dir={work / 'cache'}"])
-        run = build_run(config)
+        run = onepass_run(work, model_dir, args.precision)
         batches = [run.plan.step_batches(step) for step in range(args.steps + 1)]
         train_step(run.objective, run.optimizer, run.scheduler, batches[0], run.step_options)  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as profiler:

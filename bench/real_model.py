@@ -44,16 +44,22 @@ def setup(work: Path, conversations: int) -> Path:
     return smollm2()
 
 
-def run_onepass(work: Path, model_dir: str, max_seq_len: int, rows_per_step: int, precision: str) -> dict:
+def onepass_run(work: Path, model_dir: str | Path, precision: str, max_seq_len: int = 512, rows_per_step: int = 2):
+    """The onepass run every real-model benchmark measures (this one, bench/profile_step.py, bench/memory.py)."""
     from onepass.config import load_config
     from onepass.train.run import build_run
-    from onepass.train.step import train_step
 
     config = load_config(None, [f"model={model_dir}", f"data.train=[{work / 'train.jsonl'}]",
                                 f"output_dir={work / 'onepass'}", f"max_seq_len={max_seq_len}",
                                 f"batch_size={rows_per_step}", "grad_accum=1", "lr=1e-5", "progress=false",
                                 "resume=never", f"data.cache_dir={work / 'cache'}", f"precision={precision}"])
-    run = build_run(config)
+    return build_run(config)
+
+
+def run_onepass(work: Path, model_dir: str, max_seq_len: int, rows_per_step: int, precision: str) -> dict:
+    from onepass.train.step import train_step
+
+    run = onepass_run(work, model_dir, precision, max_seq_len, rows_per_step)
     batches = [run.plan.step_batches(step) for step in range(run.plan.steps_per_epoch)]
     train_step(run.objective, run.optimizer, run.scheduler, batches[0], run.step_options)  # warm-up, not timed
     start = time.perf_counter()
@@ -63,30 +69,46 @@ def run_onepass(work: Path, model_dir: str, max_seq_len: int, rows_per_step: int
     timed = batches[1:]
     tokens = sum(b.num_tokens for step in timed for b in step)
     trained = sum(b.num_trained_tokens for step in timed for b in step)
-    parameters = sum(p.numel() for p in run.model.parameters())
-    embedding = run.model.get_input_embeddings().weight.numel()  # tied: also the output layer
-    # forward + backward matmul FLOPs: 6 per weight per token in the body; the output layer on trained
-    # positions only (onepass projects nothing else); attention scores left out (short conversations)
-    flops = 6 * ((parameters - embedding) * tokens + embedding * trained)
+    flops = model_flops(run.model, tokens, trained)
     return {"seconds": seconds, "tokens": tokens, "trained_tokens": trained, "steps": len(timed),
-            "model_flops": flops, "matmul_peak_flops": linear_peak(precision)}
+            "model_flops": flops, "matmul_peak_flops": linear_peak(precision, run.model)}
 
 
-def linear_peak(precision: str) -> float:
-    """FLOP/s of the model's own MLP shape (576 → 1536 on 1,024 tokens) in this precision."""
+def model_flops(model, tokens: int, trained: int) -> float:
+    """Forward + backward matmul FLOPs: 6 per weight per token in the body; the output layer on trained
+    positions only (onepass projects nothing else); attention scores left out (short conversations)."""
+    parameters = sum(p.numel() for p in model.parameters())
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    body = parameters - embedding.numel() - (0 if head is embedding else head.numel())
+    return 6 * (body * tokens + head.numel() * trained)
+
+
+def linear_peak(precision: str, model=None) -> float:
+    """FLOP/s of the model's own MLP shape (hidden → intermediate on 1,024 tokens; SmolLM2's 576 → 1536
+    without a model) in this precision, on the GPU when there is one."""
     import torch
 
+    cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    x, w = torch.randn(1024, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
+    config = getattr(model, "config", None)
+    hidden, inner = (config.hidden_size, config.intermediate_size) if config is not None else (576, 1536)
+    rows = 8192 if cuda else 1024
+    device = "cuda" if cuda else "cpu"
+    x, w = torch.randn(rows, hidden, dtype=dtype, device=device), torch.randn(inner, hidden, dtype=dtype, device=device)
     for _ in range(5):
         x @ w.T
+    if cuda:
+        torch.cuda.synchronize()
     start, repeats = time.perf_counter(), 50
     for _ in range(repeats):
         x @ w.T
-    return 2 * 1024 * 576 * 1536 * repeats / (time.perf_counter() - start)
+    if cuda:
+        torch.cuda.synchronize()
+    return 2 * rows * hidden * inner * repeats / (time.perf_counter() - start)
 
 
-def run_trl(work: Path, model_dir: str, max_seq_len: int, tokens_per_step: int, precision: str) -> dict:
+def run_trl(work: Path, model_dir: str, max_seq_len: int, tokens_per_step: int, precision: str,
+            liger: bool = False) -> dict:
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -102,7 +124,7 @@ def run_trl(work: Path, model_dir: str, max_seq_len: int, tokens_per_step: int, 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     args = SFTConfig(output_dir=str(work / "trl"), assistant_only_loss=True, max_length=max_seq_len, packing=False,
                      per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=1e-5, report_to=[],
-                     use_cpu=True, save_strategy="no", logging_strategy="no", dataloader_num_workers=0,
+                     use_cpu=not torch.cuda.is_available(), use_liger_kernel=liger, save_strategy="no", logging_strategy="no", dataloader_num_workers=0,
                      disable_tqdm=True, bf16=precision == "bf16")
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
                          train_dataset=datasets.Dataset.from_list(records))
@@ -141,12 +163,14 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        tool, precision = args.run.split("-")
+        tool, precision = args.run.split("-")  # tool: onepass, trl or trl_liger
         tokens_per_step = args.rows_per_step * args.max_seq_len
         result = run_onepass(Path(args.work), args.model_dir, args.max_seq_len, args.rows_per_step, precision) \
             if tool == "onepass" else run_trl(Path(args.work), args.model_dir, args.max_seq_len, tokens_per_step,
-                                              precision)
+                                              precision, liger=tool == "trl_liger")
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if torch.cuda.is_available():
+            result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
         print("RESULT " + json.dumps(result))
         return
     results = {}

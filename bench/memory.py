@@ -1,0 +1,89 @@
+"""Where a training run's memory goes, on the real model (SmolLM2-135M-Instruct, the data and step size
+of bench/real_model.py): resident memory measured at each stage of one process, and the parts that
+can be counted exactly (weights, gradients, AdamW state, bf16 weight copies under autocast, the loss
+chunk's logits); the rest of the peak is activations, allocator slack and the runtime.
+
+    .venv/bin/python bench/memory.py [--precision bf16|fp32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from real_model import onepass_run, setup  # noqa: E402
+
+MIB = 2 ** 20
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--steps", type=int, default=0, help="default: one epoch, as bench/real_model.py runs")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    stages = {"python + imports": None}
+    import torch
+
+    from onepass.train.step import train_step
+
+    torch.set_num_threads(2)
+    stages["python + imports"] = rss_mib()
+    with tempfile.TemporaryDirectory() as temp:
+        work = Path(temp)
+        model_dir = setup(work, 160)
+        run = onepass_run(work, model_dir, args.precision)
+        config = run.config
+        stages["+ data and model (build_run)"] = rss_mib()
+        steps = args.steps or run.plan.steps_per_epoch
+        for step in range(steps):
+            train_step(run.objective, run.optimizer, run.scheduler, run.plan.step_batches(step), run.step_options)
+            if step < 2 or (step + 1) % 10 == 0 or step + 1 == steps:
+                stages[f"after step {step + 1}"] = rss_mib()
+        parameters = sum(p.numel() for p in run.model.parameters())
+        trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+        vocab = run.model.get_output_embeddings().weight.shape[0]
+        chunk = min(config.loss_chunk_size, max(b.num_trained_tokens for s in range(steps)
+                                                 for b in run.plan.step_batches(s)))
+    counted = {
+        "weights (fp32)": parameters * 4 / MIB,
+        "gradients (fp32, freed after each step)": trainable * 4 / MIB,
+        "AdamW state (fp32 exp_avg + exp_avg_sq)": trainable * 8 / MIB,
+        "bf16 weight copies (autocast cache, per micro-batch)": parameters * 2 / MIB if args.precision == "bf16"
+        else 0.0,
+        "loss chunk: logits + their gradient (fp32)": 2 * chunk * vocab * 4 / MIB,
+    }
+    peak = peak_mib()
+    rest = peak - stages["python + imports"] - sum(counted.values())
+    print(f"{args.precision}: peak RSS {peak:,.0f} MiB")
+    print("  resident memory by stage:")
+    for name, value in stages.items():
+        print(f"    {name:52s} {value:8,.0f} MiB")
+    print("  parts of the peak:")
+    print(f"    {'python, torch, transformers (after imports)':52s} {stages['python + imports']:8,.0f} MiB")
+    for name, value in counted.items():
+        print(f"    {name:52s} {value:8,.0f} MiB")
+    print(f"    {'activations, data, allocator slack (the rest)':52s} {rest:8,.0f} MiB")
+    out = Path(args.out or f"bench/results/memory_{args.precision}.json")
+    out.write_text(json.dumps({"precision": args.precision, "peak_rss_mib": peak, "stages_mib": stages,
+                               "counted_mib": counted, "rest_mib": rest}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
