@@ -78,6 +78,18 @@ def test_tensorboard_and_wandb_receive_the_config_every_metrics_row_and_the_samp
     assert logged == [[s["step"], s["prompt"], s["reply"], s["reference"]] for s in samples]
 
 
+def test_a_resumed_run_continues_its_tensorboard_log_with_each_step_once(run_assets, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = make_config(run_assets, tmp_path / "out", "max_steps=4", "save_every=1", "report_to=[tensorboard]")
+    assert trained(config).fit(stop_at=2).steps == 2
+    trained(config).fit()
+    events = EventAccumulator(str(tmp_path / "out" / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in rows if "loss" in r])
+
+
 def test_a_missing_tracker_package_is_a_one_line_error_naming_the_extra():
     with pytest.raises(OnepassError, match=r"pip install 'onepass\[wandb\]'"):
         check_trackers(["wandb"], find_spec=lambda name: None)

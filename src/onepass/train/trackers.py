@@ -30,7 +30,8 @@ class TensorBoard:
 
         import yaml
 
-        self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step or None)
+        # resumed: events a stopped run logged past its checkpoint are dropped, as in metrics.jsonl
+        self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
         if not resume_step:
             self.writer.add_text("config", _code_block(yaml.safe_dump(config, sort_keys=False)), 0)
 
