@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/profile_step.py --precision fp32
 	$(BIN)/python bench/memory.py --precision bf16
 	$(BIN)/python bench/memory.py --precision fp32
+	$(BIN)/python bench/attention_blocks.py
 	$(BIN)/python bench/tree_speedup.py
 
 clean:
