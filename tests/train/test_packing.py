@@ -111,3 +111,19 @@ def test_output_projection_sees_only_trained_positions_in_bounded_chunks(model):
     assert trained < batch.num_tokens
     assert max(seen_rows) <= 16  # never a (tokens x vocabulary) logits tensor, whatever the prompt length
     assert sum(seen_rows) == 2 * trained  # forward, and its recomputation in backward (checkpointed chunks)
+
+
+def test_short_blocks_attend_in_fp32_under_bf16_autocast_on_the_cpu():
+    """The CPU's bf16 flash kernel is several times slower than fp32 below CPU_BF16_MIN_KEYS keys
+    (bench/attention_blocks.py), so those blocks compute in fp32: bit for bit the fp32 result."""
+    import torch.nn.functional as F
+
+    from onepass.train.model import CPU_BF16_MIN_KEYS, _attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, heads, 20, 16) for heads in (4, 2, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        short = _attention(None, q, k, v.bfloat16(), None, 0.0, None, {})
+    expected = F.scaled_dot_product_attention(q, k, v.bfloat16().float(), is_causal=True, enable_gqa=True)
+    assert 20 < CPU_BF16_MIN_KEYS and short.dtype == torch.bfloat16
+    assert torch.equal(short, expected.bfloat16())

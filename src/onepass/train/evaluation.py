@@ -33,13 +33,13 @@ def evaluate(objective: Any, examples: list[Example], max_seq_len: int, batch_si
     batches = [collate([examples[i] for i in micro], "token") for micro in mine]
     if padding:  # this rank's share is short: pass on the shortest example with zero weight
         batches += [padding_batch(min(examples, key=len))] * padding
-    nll_sum, count = torch.zeros(()), 0
     with evaluating(objective):
         device = device_of(objective)
+        nll_sum, count = torch.zeros((), device=device), 0
         for batch in batches:
             with autocast(precision, device):
                 _, batch_nll = objective(batch.to(device), 1.0)
-            nll_sum = nll_sum.to(batch_nll.device) + batch_nll.float()
+            nll_sum += batch_nll.float()
             count += batch.num_trained_tokens
     nll_sum, count = distributed.all_reduce_sum([float(nll_sum), count], cluster)  # one device sync
     loss = nll_sum / max(count, 1)

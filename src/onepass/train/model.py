@@ -112,14 +112,13 @@ def _attention(module: Any, query: Any, key: Any, value: Any, scaling: float | N
                                          **extras)
         return output.transpose(1, 2)
     gqa = query.shape[1] != key.shape[1]
-    if query.device.type == "cpu" and keys < CPU_BF16_MIN_KEYS and _bf16(query, key, value):
-        with torch.autocast("cpu", enabled=False):
-            output = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask=mask,
-                                                    dropout_p=dropout, is_causal=mask is None, scale=scaling,
-                                                    enable_gqa=gqa)
-        return output.to(torch.bfloat16)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
-                                          is_causal=mask is None, scale=scaling, enable_gqa=gqa)
+    upcast = query.device.type == "cpu" and keys < CPU_BF16_MIN_KEYS and _bf16(query, key, value)
+    if upcast:
+        query, key, value = query.float(), key.float(), value.float()
+    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+        output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
+                                                is_causal=mask is None, scale=scaling, enable_gqa=gqa)
+    return output.to(torch.bfloat16) if upcast else output
 
 
 def _bf16(*tensors: Any) -> bool:

@@ -109,8 +109,9 @@ class StepPlan:
 
     def epoch_steps(self, epoch: int) -> int:
         while len(self._epoch_steps) <= epoch:
-            self._epoch_steps.append(len(self.epoch(len(self._epoch_steps))) if self.mixture is not None
-                                     or not self._epoch_steps else self._epoch_steps[0])
+            known = len(self._epoch_steps)
+            same = self.mixture is None and known > 0  # without a mixture every epoch packs the same lengths
+            self._epoch_steps.append(self._epoch_steps[0] if same else len(self.epoch(known)))
         return self._epoch_steps[epoch]
 
     def total_steps(self, epochs: int) -> int:

@@ -83,8 +83,7 @@ class Trackers:
 
     def __init__(self, names: list[str], output_dir: str | Path, config: dict[str, Any], run_name: str | None = None,
                  resume_step: int = 0, enabled: bool = True):
-        output_dir = Path(output_dir)
-        check_trackers(names)
+        output_dir = Path(output_dir)  # the packages were checked by build_run (check_trackers)
         name = run_name or output_dir.resolve().name
         self.trackers = [TRACKERS[n](output_dir, config, name, resume_step) for n in names] if enabled else []
 
