@@ -18,6 +18,22 @@ def test_jinja_templates_compile_in_transformers_environment_with_its_helpers():
         template.render(messages=[{"content": "hi"}], x=True)
 
 
+def test_jinja_renderer_renders_what_the_template_renders():
+    source = ("{% set ns = namespace(n=0) %}{% set greeting = 'hi' %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+              "{{ greeting }} {{ m['content'] | tojson }} {{ eos_token }}{{ ns.n }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ strftime_now('%Y') | length }}{% endif %}"
+              "{% if tools %}{{ raise_exception('no tools here') }}{% endif %}")
+    renderer = compat.JinjaRenderer(source, {"eos_token": "</s>", "tools": None})
+    template = compat.compile_jinja_template(source)
+    messages = [{"content": "a"}, {"content": "b"}]
+    for prompt in (False, True):
+        expected = template.render(messages=messages, add_generation_prompt=prompt, eos_token="</s>", tools=None)
+        assert renderer.render(messages=messages, add_generation_prompt=prompt) == expected
+    assert renderer.render(messages=[], add_generation_prompt=False) == ""  # no state kept between calls
+    with pytest.raises(Exception, match="no tools here"):
+        renderer.render(messages=messages, tools=[{"name": "x"}])
+
+
 def test_ddp_buffer_sync_keyword_is_one_distributed_data_parallel_accepts():
     from torch.nn.parallel import DistributedDataParallel
 

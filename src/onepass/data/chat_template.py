@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from onepass.compat import compile_jinja_template
+from onepass.compat import JinjaRenderer
 from onepass.errors import OnepassError, TemplateRenderError
 
 BUILTIN_TEMPLATES = ("chatml", "llama3", "gemma", "mistral", "qwen3")
@@ -73,10 +73,14 @@ def with_json_arguments(message: dict[str, Any]) -> dict[str, Any]:
 def _render(source: str, variables: tuple[tuple[str, str], ...], name: str, messages: list[dict[str, Any]],
             add_generation_prompt: bool) -> str:
     try:
-        return compile_jinja_template(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                     tools=None, documents=None, **dict(variables))
+        return _renderer(source, variables).render(messages=messages, add_generation_prompt=add_generation_prompt)
     except Exception as error:  # jinja raises TemplateError, and templates raise via raise_exception
         raise TemplateRenderError(f"chat template '{name}' failed to render: {error}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _renderer(source: str, variables: tuple[tuple[str, str], ...]) -> JinjaRenderer:
+    return JinjaRenderer(source, {"tools": None, "documents": None, **dict(variables)})
 
 
 @functools.lru_cache(maxsize=64)
