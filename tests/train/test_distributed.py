@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -146,3 +147,74 @@ def test_fsdp_with_lora_and_gradient_checkpointing_matches_one_process(assets, t
 
     base = load_file(str(assets[0] / "model" / "model.safetensors"))
     assert max((got[name] - base[name]).abs().max().item() for name in base) > 1e-3  # the adapters learned
+
+
+MAIN_FIRST_SCRIPT = """
+import sys, time
+import torch.distributed as dist
+from onepass.train import distributed
+
+cluster = distributed.init(timeout_minutes=1 / 60)  # collectives give up after one second
+with distributed.main_first(cluster, notice_seconds=0.5):
+    print(f"rank {cluster.rank} enters at {time.time()}", flush=True)
+    if cluster.rank == 0:
+        time.sleep(3)  # preparing data, three times the process group's timeout
+    print(f"rank {cluster.rank} leaves at {time.time()}", flush=True)
+with distributed.main_first(cluster):  # a second use keeps the waves apart too
+    print(f"rank {cluster.rank} enters again at {time.time()}", flush=True)
+distributed.shutdown()
+"""
+
+
+def test_ranks_wait_for_rank_0_to_prepare_data_longer_than_the_process_group_timeout(tmp_path):
+    script = tmp_path / "main_first.py"
+    script.write_text(MAIN_FIRST_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    times = {" ".join(line.split()[:-2]): float(line.split()[-1]) for line in result.stdout.splitlines()}
+    assert times["rank 1 enters"] >= times["rank 0 leaves"] >= times["rank 0 enters"] + 3
+    assert times["rank 1 enters again"] >= times["rank 0 enters again"]
+    assert "rank 1: waiting for rank 0 to prepare the data" in result.stderr
+
+
+def test_fsdp_in_bf16_gathers_bf16_parameters_keeps_fp32_masters_and_tracks_one_process(assets, tmp_path):
+    """FSDP2's mixed-precision policy: bf16 all-gathers and compute, fp32 gradient reduction and
+    sharded fp32 master weights; the loss curve follows one process's bf16 autocast run."""
+    extra = {"precision": "bf16", "epochs": 1}
+    onepass_train(write_config(assets, tmp_path / "one", grad_accum=4, **extra))
+    result = onepass_train(write_config(assets, tmp_path / "two", grad_accum=2, strategy="fsdp", **extra), 2)
+    assert "FSDP2 gathers parameters in bf16 and reduces gradients in fp32" in result.stderr
+    expected_train, _ = losses(tmp_path / "one" / "out")
+    got_train, _ = losses(tmp_path / "two" / "out")
+    torch.testing.assert_close(got_train, expected_train, rtol=1e-3, atol=0)
+    weights = final_weights(tmp_path / "two" / "out")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fsdp_computes_with_bf16_copies_of_fp32_sharded_parameters_under_bf16(tmp_path, bf16):
+    import torch.distributed as dist
+
+    from onepass.train import distributed
+    from onepass.data.types import Example
+    from onepass.train.batch import collate
+    from onepass.train.loss import SFTObjective
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = build_model(None, vocab_size=64, hidden_size=32, intermediate_size=64)
+        layer = distributed.decoder_layers(model)[0]
+        objective = distributed.parallelize(SFTObjective(model), distributed.current(), "fsdp", bf16=bf16)
+        seen = []
+        layer.mlp.up_proj.register_forward_hook(lambda module, args, out: seen.append(module.weight.dtype))
+        example = Example(np.array([1, 2, 3, 4], dtype=np.int32), np.array([0, 0, 1, 1], dtype=np.int8),
+                          np.array([0, 0, 0, 0], dtype=np.int32))
+        loss, _ = objective(collate([example]), 2.0)
+        loss.backward()
+        assert seen == [torch.bfloat16 if bf16 else torch.float32]
+        # the sharded masters the optimizer steps, and their gradients, stay fp32
+        assert {(p.dtype, p.grad.dtype) for p in model.parameters()} == {(torch.float32, torch.float32)}
+    finally:
+        dist.destroy_process_group()

@@ -16,8 +16,10 @@ Two rules make N ranks equal one process with the same global batch:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -126,26 +128,51 @@ def barrier(cluster: Cluster) -> None:
         dist.barrier()
 
 
+_main_first_calls = itertools.count()  # every rank enters main_first the same number of times
+
+
 @contextlib.contextmanager
-def main_first(cluster: Cluster) -> Iterator[None]:
+def main_first(cluster: Cluster, poll_seconds: float = 0.2, notice_seconds: float = 300.0) -> Iterator[None]:
     """Run the block in three waves: rank 0, then the first rank of every other machine, then the
     rest; e.g. rank 0 fills the prepared-data cache, and where machines do not share it, each
-    machine fills its own once. Every rank passes the same two barriers, even when its block raises."""
+    machine fills its own once. A wave starts when every rank of the waves before it has left the
+    block, even by raising.
+
+    The waiting ranks poll a counter in the process group's key-value store instead of sitting in a
+    collective barrier, so preparing a large dataset may take longer than the process group's
+    timeout (an NCCL barrier would abort the job). If rank 0 dies instead, torchrun stops every rank.
+    A waiting rank says every `notice_seconds` what it waits for."""
+    if not cluster.is_distributed:
+        yield
+        return
+    call = next(_main_first_calls)
     wave = 0 if cluster.rank == 0 else 1 if cluster.local_rank == 0 else 2
-    for _ in range(wave):
-        barrier(cluster)
+    waves: list[int] = [0] * cluster.world_size
+    dist.all_gather_object(waves, wave)  # how many ranks each wave has (no assumption about machine sizes)
+    store = distributed_store()
+    started = time.monotonic()
+    noticed = started
+    for earlier in range(wave):
+        key, expected = f"onepass/main_first/{call}/{earlier}", waves.count(earlier)
+        while store.add(key, 0) < expected:
+            time.sleep(poll_seconds)
+            if time.monotonic() - noticed >= notice_seconds:
+                noticed = time.monotonic()
+                print(f"rank {cluster.rank}: waiting for rank 0 to prepare the data "
+                      f"({(noticed - started) / 60:.0f} min so far)", file=sys.stderr, flush=True)
     try:
         yield
     finally:
-        for _ in range(wave, 2):
-            barrier(cluster)
+        store.add(f"onepass/main_first/{call}/{wave}", 1)
 
 
 def parallelize(module: torch.nn.Module, cluster: Cluster, strategy: Strategy,
-                find_unused_parameters: bool = False) -> torch.nn.Module:
+                find_unused_parameters: bool = False, bf16: bool = False) -> torch.nn.Module:
     """Wrap the loss module for data parallelism: DDP (replicated weights, all-reduced gradients) or
     FSDP2 (`fully_shard` per decoder layer and at the root: sharded parameters, gradients and
-    optimizer state). One process without a process group trains the module as it is."""
+    optimizer state; with `bf16`, parameters are gathered and computed in bf16 while the sharded
+    master weights, the gradient reduction and the optimizer stay fp32). One process without a
+    process group trains the module as it is."""
     if not cluster.is_distributed:
         return module
     if strategy == "ddp":
@@ -158,14 +185,16 @@ def parallelize(module: torch.nn.Module, cluster: Cluster, strategy: Strategy,
         return DistributedDataParallel(module, gradient_as_bucket_view=True,
                                        find_unused_parameters=find_unused_parameters, **ddp_without_buffer_sync())
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(cluster.device.type, (cluster.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
     for layer in decoder_layers(module):
-        fully_shard(layer, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
     # The root keeps its parameters (embeddings, final norm, output layer) gathered from forward to
     # backward: the loss recomputes output-layer chunks during the backward pass.
-    fully_shard(module, mesh=mesh, reshard_after_forward=False)
+    fully_shard(module, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
     return module
 
 
@@ -188,20 +217,15 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def gradient_sync(module: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """Skip the gradient all-reduce / reduce-scatter for all but the last micro-batch of a step."""
-    if enabled or not dist.is_initialized():
+    """DDP: skip the gradient all-reduce for all but the last micro-batch of a step (each rank holds
+    whole gradients anyway). FSDP2 reduce-scatters after every micro-batch: skipping it would hold
+    the whole model's unsharded fp32 gradients on every rank across the step, which is what
+    sharding is there to avoid."""
+    if enabled or not dist.is_initialized() or not hasattr(module, "no_sync"):
         yield
-    elif hasattr(module, "no_sync"):  # DDP
+    else:
         with module.no_sync():
             yield
-    elif hasattr(module, "set_requires_gradient_sync"):  # FSDP2
-        module.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            module.set_requires_gradient_sync(True)
-    else:
-        yield
 
 
 def gradient_scale(cluster: Cluster) -> float:

@@ -30,7 +30,7 @@ from onepass.train.loss import SFTObjective
 from onepass.train.mixture import Mixture, describe as describe_mixture
 from onepass.train.model import build_model, check_model_dir, use_tree_attention
 from onepass.train.plan import StepPlan
-from onepass.train.step import StepOptions, describe_precision
+from onepass.train.step import StepOptions, describe_precision, uses_bf16
 from onepass.train.trackers import check_trackers
 
 
@@ -86,7 +86,7 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
     if any(e.is_tree for e in [*train_data.examples, *eval_examples]):
         use_tree_attention(model)
     objective = distributed.parallelize(SFTObjective(model, config.loss_chunk_size), cluster, config.strategy,
-                                         config.ddp_find_unused_parameters)
+                                         config.ddp_find_unused_parameters, uses_bf16(config.precision, cluster.device))
     optimizer, scheduler = build_optimizer(distributed.unwrap(objective), config, total_steps)
     checkpointer = Checkpointer(config.output_dir, config.save_every, config.keep_last,
                                 yaml.safe_dump(to_dict(config), sort_keys=False), cluster)
@@ -96,7 +96,11 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
     samples = _sample_replies(config, cluster)
     step_options = StepOptions(config.precision, config.max_grad_norm, config.on_nonfinite)
     if cluster.is_main:
-        print(describe_precision(config.precision, cluster.device), file=sys.stderr)
+        sharded_bf16 = cluster.is_distributed and config.strategy == "fsdp" and uses_bf16(config.precision,
+                                                                                           cluster.device)
+        print(describe_precision(config.precision, cluster.device)
+              + ("; FSDP2 gathers parameters in bf16 and reduces gradients in fp32" if sharded_bf16 else ""),
+              file=sys.stderr)
     return Run(config, cluster, tokenizer, template, train_data, plan, total_steps, model, objective, optimizer,
                scheduler, step_options, checkpointer, evaluator, early_stopping, samples)
 
