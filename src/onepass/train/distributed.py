@@ -198,6 +198,27 @@ def parallelize(module: torch.nn.Module, cluster: Cluster, strategy: Strategy,
     return module
 
 
+def loads_weights(cluster: Cluster, strategy: Strategy) -> bool:
+    """Whether this rank reads the model's weights from disk: under FSDP2 only rank 0 does; the others
+    build the model on the meta device and receive their shards from it (`receive_weights`), so a
+    machine with N ranks holds one full copy of the weights while loading, not N."""
+    return not (cluster.is_distributed and strategy == "fsdp") or cluster.is_main
+
+
+def receive_weights(module: torch.nn.Module, rank0_state: dict[str, torch.Tensor] | None, cluster: Cluster) -> None:
+    """After `parallelize` under FSDP2: each rank's shards of rank 0's weights (`rank0_state`, the
+    module's state dict taken before sharding; None elsewhere), and rank 0's buffers, including those
+    not in a state dict (rotary frequency tables)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not cluster.is_main:
+        module.to_empty(device=cluster.device)
+    set_model_state_dict(module, rank0_state if cluster.is_main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated transformer blocks, found by the classes transformers marks `_no_split_modules`."""
     names: set[str] = set()

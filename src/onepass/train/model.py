@@ -170,17 +170,22 @@ def describe_attention(attention: str) -> str:
 
 
 def load_model(path: str | Path, device: torch.device | str | None = None, dtype: Any = None,
-               compute_dtype: Any = None) -> Any:
+               compute_dtype: Any = None, weights: bool = True) -> Any:
     """AutoModelForCausalLM from a local directory, with packed attention, on `device` (default: the
     process's device). `compute_dtype`: what attention computes in (bf16 under autocast), which decides
-    whether flash-attention can run; default: the weights' dtype."""
-    from transformers import AutoModelForCausalLM
+    whether flash-attention can run; default: the weights' dtype. Without `weights`, the model is built
+    from its config on the meta device (no memory; FSDP ranks that receive their shards from rank 0)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = check_model_dir(path)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or torch.float32
     attention = choose_attention(device.type, compute_dtype or dtype)
     try:
+        if not weights:
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)),
+                                                        attn_implementation=attention, dtype=dtype)
         model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=attention, dtype=dtype)
     except (OSError, ValueError, ImportError) as error:
         raise OnepassError(f"{path}: could not load the model ({error}).") from None
@@ -203,11 +208,12 @@ def use_tree_attention(model: Any) -> None:
         use_packed_attention(base)
 
 
-def build_model(config: TrainConfig, device: torch.device, announce: bool = False) -> Any:
-    """The model to train: loaded, with LoRA adapters, activation checkpointing and compile as configured."""
+def build_model(config: TrainConfig, device: torch.device, announce: bool = False, weights: bool = True) -> Any:
+    """The model to train: loaded, with LoRA adapters, activation checkpointing and compile as configured
+    (without `weights`: on the meta device, see `load_model`)."""
     from onepass.train.step import uses_bf16
 
-    model = load_model(config.model, device,
+    model = load_model(config.model, device, weights=weights,
                        compute_dtype=torch.bfloat16 if uses_bf16(config.precision, device) else torch.float32)
     if announce:
         print(describe_attention(model.config._attn_implementation), file=sys.stderr)

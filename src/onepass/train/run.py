@@ -82,11 +82,17 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
     plan = StepPlan(train_data.examples, config.max_seq_len, config.batch_size, config.grad_accum, config.seed,
                     config.loss_normalization, cluster, mixture)
     total_steps = config.max_steps or plan.total_steps(config.epochs)
-    model = model if model is not None else build_model(config, cluster.device, announce=cluster.is_main)
+    weights = model is not None or distributed.loads_weights(cluster, config.strategy)
+    model = model if model is not None else build_model(config, cluster.device, announce=cluster.is_main,
+                                                        weights=weights)
     if any(e.is_tree for e in [*train_data.examples, *eval_examples]):
         use_tree_attention(model)
-    objective = distributed.parallelize(SFTObjective(model, config.loss_chunk_size), cluster, config.strategy,
-                                         config.ddp_find_unused_parameters, uses_bf16(config.precision, cluster.device))
+    objective = SFTObjective(model, config.loss_chunk_size)
+    rank0_state = objective.state_dict() if cluster.is_main and config.strategy == "fsdp" else None
+    objective = distributed.parallelize(objective, cluster, config.strategy, config.ddp_find_unused_parameters,
+                                        uses_bf16(config.precision, cluster.device))
+    if cluster.is_distributed and config.strategy == "fsdp":
+        distributed.receive_weights(objective, rank0_state, cluster)
     optimizer, scheduler = build_optimizer(distributed.unwrap(objective), config, total_steps)
     checkpointer = Checkpointer(config.output_dir, config.save_every, config.keep_last,
                                 yaml.safe_dump(to_dict(config), sort_keys=False), cluster)
