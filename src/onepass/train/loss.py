@@ -1,9 +1,11 @@
 """The SFT objective: weighted next-token negative log-likelihood on trained positions only.
 
 Only the hidden states of positions with a label go through the output projection, chunk by
-chunk, and each chunk is recomputed in the backward pass (activation checkpointing), so the
-(tokens × vocabulary) logits tensor is never materialised and the loss's peak memory does not
-grow with the number of prompt tokens.
+chunk, so the (tokens × vocabulary) logits tensor is never materialised and the loss's peak memory
+does not grow with the number of prompt tokens. In training, each chunk's gradients are made in the
+forward pass while its logits exist (`_FusedLinearNLL`: the loss is linear in each label's NLL, with
+coefficients known up front), so nothing is kept or recomputed for the backward pass; soft-capped or
+wrapped output layers take the same chunks with activation checkpointing instead.
 """
 
 from __future__ import annotations
@@ -59,6 +61,81 @@ def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, head: Any, transform
     return F.cross_entropy(transform(head(hidden)), targets, reduction="none")
 
 
+def _fusable(head: Any, transform: OutputTransform) -> bool:
+    """The fused path covers a plain bias-free output layer (LoRA leaves it plain) and a logit scale;
+    soft-capping (Gemma-2/3) and a wrapped or biased head take the checkpointed path."""
+    return type(head) is torch.nn.Linear and head.bias is None and not transform.softcap
+
+
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    device = weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
+def _fused_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coefficients: torch.Tensor | None,
+                  scale: float, chunk_size: int, want_weight_grad: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-label NLL of `targets` under softmax(scale · hidden @ weightᵀ), chunk by chunk, in the
+    compute dtype (bf16 under autocast) with the softmax in fp32 (or fp64). With `coefficients` (d loss / d nll
+    per label), also the gradients of Σ coefficients · nll with respect to hidden and weight, made
+    from the same chunk's logits while they exist: softmax − one-hot, in place."""
+    dtype = _compute_dtype(weight)
+    softmax_dtype = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 where the model is
+    with torch.autocast(weight.device.type, enabled=False):
+        w, h_all = weight.to(dtype), hidden.to(dtype)
+        nll = torch.empty(len(targets), dtype=softmax_dtype, device=hidden.device)
+        grad_hidden = torch.empty_like(h_all) if coefficients is not None else None
+        grad_weight = None
+        for start in range(0, len(targets), chunk_size):
+            end = min(start + chunk_size, len(targets))
+            h, t = h_all[start:end], targets[start:end]
+            logits = (h @ w.T).to(softmax_dtype)
+            if scale != 1.0:
+                logits.mul_(scale)
+            # log-sum-exp by hand so that its exp is the softmax's too, all in the logits' memory
+            peak = logits.amax(dim=-1, keepdim=True)
+            target = logits.gather(1, t[:, None]).squeeze(1)
+            exps = logits.sub_(peak).exp_()
+            total = exps.sum(dim=-1)
+            nll[start:end] = peak.squeeze(1) + total.log() - target
+            if coefficients is None:
+                continue
+            # d nll / d logits = softmax - one-hot = (exps - total · one-hot) / total, times the coefficient
+            exps[torch.arange(end - start, device=exps.device), t] -= total
+            grad_logits = exps.mul_((coefficients[start:end] * scale / total)[:, None]).to(dtype)
+            grad_hidden[start:end] = grad_logits @ w
+            if want_weight_grad:  # one chunk: the product as is; several: summed in fp32 (or fp64)
+                part = grad_logits.T @ h
+                grad_weight = part if grad_weight is None else grad_weight.to(softmax_dtype).add_(part)
+    if grad_weight is not None:  # kept until the backward pass in the compute dtype, as autocast makes it
+        grad_weight = grad_weight.to(dtype)
+    return nll, grad_hidden, grad_weight
+
+
+class _FusedLinearNLL(torch.autograd.Function):
+    """Σ coefficients · NLL through the output layer, with the gradients made in the forward pass
+    (the loss is linear in each label's NLL, and d loss / d nll = coefficients is known then): one
+    output-layer matmul forward and two backward, one fp32 softmax pass, and no logits kept for the
+    backward pass nor recomputed in it. Returns the weighted sum and the per-label NLL (no gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                coefficients: torch.Tensor, scale: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        nll, grad_hidden, grad_weight = _fused_chunks(hidden, weight, targets, coefficients, scale, chunk_size,
+                                                      ctx.needs_input_grad[1])
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        ctx.mark_non_differentiable(nll)
+        return (nll * coefficients).sum(), nll
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_nll: Any) -> tuple[Any, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = (grad_hidden * grad_loss).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
 def label_nll(model: Any, batch: Batch, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-label NLL (in label order) and the flat positions they belong to."""
     hidden = hidden_states(model, batch)[0]
@@ -74,6 +151,8 @@ def nll_at(model: Any, hidden: torch.Tensor, positions: torch.Tensor, targets: t
     _, head = backbone_and_head(model)
     transform = OutputTransform.of(model)
     selected = hidden[positions]
+    if _fusable(head, transform) and not torch.is_grad_enabled():
+        return _fused_chunks(selected, head.weight, targets, None, transform.scale, chunk_size, False)[0]
     pieces = []
     for start in range(0, len(positions), chunk_size):
         args = (selected[start:start + chunk_size], targets[start:start + chunk_size], head, transform)
@@ -92,13 +171,20 @@ def sft_loss(model: Any, batch: Batch, denominator: float, chunk_size: int = 102
 
     Returns the loss to backpropagate and the unweighted NLL sum of the trained labels (for logging; a
     tensor, so a caller can sum micro-batches on the device and synchronise once)."""
-    nll, positions = label_nll(model, batch, chunk_size)
-    weights = batch.label_weights[0, positions]
-    weighted = (nll * weights).sum()
+    hidden = hidden_states(model, batch)[0]
+    positions = (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1)
+    targets, weights = batch.labels[0, positions], batch.label_weights[0, positions]
+    _, head = backbone_and_head(model)
+    transform = OutputTransform.of(model)
+    if _fusable(head, transform) and torch.is_grad_enabled():
+        weighted, nll = _FusedLinearNLL.apply(hidden[positions], head.weight, targets, weights.float(),
+                                              transform.scale, chunk_size)
+    else:
+        nll = nll_at(model, hidden, positions, targets, chunk_size)
+        weighted = (nll * weights).sum()
     if positions.numel() == 0 and torch.is_grad_enabled():
         # No trained label here, so the output layer took no part; a zero term keeps it in the graph,
         # because DDP expects a gradient (here exactly zero) for every parameter on every rank.
-        _, head = backbone_and_head(model)
         weighted = weighted + sum(p.sum() for p in head.parameters() if p.requires_grad) * 0.0
     if denominator <= 0:  # a step with no trained token: nothing to learn, and no division by zero
         return weighted * 0.0, weighted.new_zeros(())

@@ -1,0 +1,73 @@
+"""The fused output layer + NLL (gradients made in the forward pass) is the plain one: F.linear,
+logit scale, cross-entropy, autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from onepass.train.loss import _FusedLinearNLL, _fused_chunks
+
+
+def reference(hidden, weight, targets, coefficients, scale):
+    logits = F.linear(hidden, weight)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * scale  # the softmax in fp32 at least
+    nll = F.cross_entropy(logits, targets, reduction="none")
+    return (nll * coefficients).sum(), nll
+
+
+def inputs(dtype, vocab=37, width=8, rows=23, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, width, generator=generator, dtype=dtype)
+    weight = torch.randn(vocab, width, generator=generator, dtype=dtype)
+    targets = torch.randint(0, vocab, (rows,), generator=generator)
+    coefficients = torch.rand(rows, generator=generator, dtype=torch.float64 if dtype == torch.float64 else None)
+    return hidden, weight, targets, coefficients
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.0625])
+@pytest.mark.parametrize("chunk_size", [5, 1024])
+def test_fused_loss_and_gradients_equal_linear_then_cross_entropy(scale, chunk_size):
+    hidden, weight, targets, coefficients = inputs(torch.float64)
+    results = []
+    for fused in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, nll = _FusedLinearNLL.apply(h, w, targets, coefficients, scale, chunk_size) if fused \
+            else reference(h, w, targets, coefficients, scale)
+        (loss * 3.0).backward()  # the upstream gradient scales both gradients
+        results.append((loss.detach(), nll.detach(), h.grad, w.grad))
+    for expected, got in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_loss_under_bf16_autocast_matches_autocast_linear_then_cross_entropy():
+    hidden, weight, targets, coefficients = inputs(torch.float32, vocab=300, width=64, rows=50)
+    results = []
+    for fused in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, nll = _FusedLinearNLL.apply(h, w, targets, coefficients, 1.0, 16) if fused \
+                else reference(h, w, targets, coefficients, 1.0)
+        loss.backward()
+        assert h.grad.dtype == w.grad.dtype == torch.float32
+        results.append((loss.detach(), nll.detach(), h.grad, w.grad))
+    for expected, got in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-3)
+
+
+def test_a_frozen_output_layer_gets_no_gradient_and_no_gradient_work():
+    hidden, weight, targets, coefficients = inputs(torch.float64)
+    h = hidden.clone().requires_grad_()
+    loss, _ = _FusedLinearNLL.apply(h, weight, targets, coefficients, 1.0, 8)
+    loss.backward()
+    assert weight.grad is None and h.grad is not None
+    assert _fused_chunks(hidden, weight, targets, coefficients, 1.0, 8, want_weight_grad=False)[2] is None
+
+
+def test_without_gradients_only_the_nll_is_computed():
+    hidden, weight, targets, _ = inputs(torch.float64)
+    nll, grad_hidden, grad_weight = _fused_chunks(hidden, weight, targets, None, 1.0, 8, want_weight_grad=True)
+    torch.testing.assert_close(nll, reference(hidden, weight, targets, torch.ones(len(targets), dtype=torch.float64),
+                                              1.0)[1], rtol=1e-10, atol=1e-12)
+    assert grad_hidden is None and grad_weight is None
