@@ -69,3 +69,25 @@ def test_bf16_matrix_units_are_found_as_proc_cpuinfo_lists_them():
     except OSError:
         pytest.skip("no /proc/cpuinfo")
     assert compat.cpu_has_fast_bf16() == ("amx_bf16" in flags or "avx512_bf16" in flags)
+
+
+def test_after_keep_freed_memory_training_steps_reuse_their_memory_without_page_faults():
+    """Steps that allocate and free the same mix of large tensors (weight casts, gradients, logits):
+    without the setting each step faults in most of its ~370 MB afresh (about 57,000 faults a step)."""
+    import random
+    import resource
+
+    if not compat.keep_freed_memory():
+        pytest.skip("not glibc")
+    sizes = random.Random(0).choices([400_000, 885_000, 3 * 2**20, 14_000_000], k=20)
+
+    def step() -> None:
+        tensors = [torch.empty(n).fill_(1.0) for n in sizes]
+        del tensors
+
+    for _ in range(5):
+        step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        step()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 9_000  # a tenth of one step's pages

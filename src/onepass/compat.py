@@ -3,7 +3,9 @@ here, each with a test (tests/test_compat.py), so an upgrade that breaks one fai
 
 from __future__ import annotations
 
+import ctypes
 import inspect
+import sys
 from typing import Any
 
 
@@ -76,3 +78,22 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def keep_freed_memory() -> bool:
+    """glibc's malloc, for a CPU training loop: serve large blocks from the heap rather than a fresh
+    mmap each (every block over 32 MB, and a changing threshold below), and keep freed memory instead
+    of returning it to the system. A training step frees and re-allocates the same large tensors
+    (weight casts, gradients, logits chunks) every step; from fresh pages each is a page fault per
+    4 KiB plus the kernel zeroing it: 2.4 million faults in 8 SmolLM2 steps, 12-20% of the step.
+    Peak memory stays the peak; it is just not handed back between steps. False where the C library
+    has no `mallopt` (not glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # glibc's <malloc.h>
+    return all(mallopt(option, value) == 1 for option, value in
+               ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 256 * 2**20)))
