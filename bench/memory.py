@@ -1,7 +1,7 @@
 """Where a training run's memory goes, on the real model (SmolLM2-135M-Instruct, the data and step size
 of bench/real_model.py): resident memory measured at each stage of one process, and the parts that
 can be counted exactly (weights, gradients, AdamW state, bf16 weight copies under autocast, the loss
-chunk's logits); the rest of the peak is activations, allocator slack and the runtime.
+chunk's logits and the output layer's gradient); the rest of the peak is activations, allocator slack and the runtime.
 
     .venv/bin/python bench/memory.py [--precision bf16|fp32]
 """
@@ -58,7 +58,7 @@ def main() -> None:
                 stages[f"after step {step + 1}"] = rss_mib()
         parameters = sum(p.numel() for p in run.model.parameters())
         trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
-        vocab = run.model.get_output_embeddings().weight.shape[0]
+        vocab, width = run.model.get_output_embeddings().weight.shape
         chunk = min(config.loss_chunk_size, max(b.num_trained_tokens for s in range(steps)
                                                  for b in run.plan.step_batches(s)))
     counted = {
@@ -67,7 +67,11 @@ def main() -> None:
         "AdamW state (fp32 exp_avg + exp_avg_sq)": trainable * 8 / MIB,
         "bf16 weight copies (autocast cache, per micro-batch)": parameters * 2 / MIB if args.precision == "bf16"
         else 0.0,
-        "loss chunk: logits + their gradient (fp32)": 2 * chunk * vocab * 4 / MIB,
+        # the fused loss: one chunk's logits in fp32, reused in place for their gradient (under bf16 also
+        # the matmul's bf16 output and the bf16 gradient), and the output layer's gradient made in forward
+        "loss chunk: logits and their gradient, output-layer gradient": (
+            chunk * vocab * (8 if args.precision == "bf16" else 4)
+            + vocab * width * (2 if args.precision == "bf16" else 4)) / MIB,
     }
     peak = peak_mib()
     rest = peak - stages["python + imports"] - sum(counted.values())

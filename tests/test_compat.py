@@ -72,14 +72,14 @@ def test_bf16_matrix_units_are_found_as_proc_cpuinfo_lists_them():
 
 
 def test_after_keep_freed_memory_training_steps_reuse_their_memory_without_page_faults():
-    """Steps that allocate and free the same mix of large tensors (weight casts, gradients, logits):
-    without the setting each step faults in most of its ~370 MB afresh (about 57,000 faults a step)."""
+    """Steps that allocate and free the same mix of tensors of 1.5-28 MB (weight casts, activations,
+    gradients): without the setting glibc returns and re-faults much of it every step."""
     import random
     import resource
 
     if not compat.keep_freed_memory():
         pytest.skip("not glibc")
-    sizes = random.Random(0).choices([400_000, 885_000, 3 * 2**20, 14_000_000], k=20)
+    sizes = random.Random(0).choices([400_000, 885_000, 3 * 2**20, 7_000_000], k=20)
 
     def step() -> None:
         tensors = [torch.empty(n).fill_(1.0) for n in sizes]
@@ -90,4 +90,4 @@ def test_after_keep_freed_memory_training_steps_reuse_their_memory_without_page_
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(10):
         step()
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 9_000  # a tenth of one step's pages
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 15_000  # glibc by default: about 34,000
