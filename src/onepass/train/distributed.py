@@ -193,7 +193,8 @@ def parallelize(module: torch.nn.Module, cluster: Cluster, strategy: Strategy,
     for layer in decoder_layers(module):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     # The root keeps its parameters (embeddings, final norm, output layer) gathered from forward to
-    # backward: the loss recomputes output-layer chunks during the backward pass.
+    # backward: the output layer's gradient arrives there (made in forward by the fused loss, or from
+    # chunks recomputed in backward for soft-capped heads), and the embeddings' follows it.
     fully_shard(module, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
     return module
 

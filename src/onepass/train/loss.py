@@ -136,10 +136,15 @@ class _FusedLinearNLL(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
+def trained_positions(batch: Batch) -> torch.Tensor:
+    """Flat positions of the packed row that have a label."""
+    return (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1)
+
+
 def label_nll(model: Any, batch: Batch, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-label NLL (in label order) and the flat positions they belong to."""
     hidden = hidden_states(model, batch)[0]
-    positions = (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1)
+    positions = trained_positions(batch)
     return nll_at(model, hidden, positions, batch.labels[0, positions], chunk_size), positions
 
 
@@ -172,7 +177,7 @@ def sft_loss(model: Any, batch: Batch, denominator: float, chunk_size: int = 102
     Returns the loss to backpropagate and the unweighted NLL sum of the trained labels (for logging; a
     tensor, so a caller can sum micro-batches on the device and synchronise once)."""
     hidden = hidden_states(model, batch)[0]
-    positions = (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1)
+    positions = trained_positions(batch)
     targets, weights = batch.labels[0, positions], batch.label_weights[0, positions]
     _, head = backbone_and_head(model)
     transform = OutputTransform.of(model)
