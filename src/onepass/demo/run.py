@@ -73,10 +73,13 @@ def run_demo(output_dir: str | Path, steps: int = 400, num_train: int = 3000, nu
     tokenizer = build_tokenizer(output / "base_model", extra_text=corpus * 2, vocab_size=640)
     build_model(output / "base_model", vocab_size=len(tokenizer), hidden_size=128, num_layers=4, num_heads=4,
                 num_kv_heads=2, intermediate_size=256, max_position_embeddings=512)
+    # lr 1e-3: at 3e-3 whether the tiny model learns the task within 400 steps depended on the seed and on
+    # the last bits of the loss's rounding (held-out accuracy 1.0, 0.63 and 0.18 across such changes);
+    # at 1e-3 it reached 1.0 for seeds 0, 1 and 2
     config = load_config(None, [
         f"model={output / 'base_model'}", f"output_dir={output}", f"data.train=[{output / 'train.jsonl'}]",
         f"data.eval=[{output / 'eval.jsonl'}]", f"data.cache_dir={output / 'cache'}", "max_seq_len=512",
-        "batch_size=2", "grad_accum=1", "lr=3e-3", "warmup_steps=20", f"max_steps={steps}", "weight_decay=0.01",
+        "batch_size=2", "grad_accum=1", "lr=1e-3", "warmup_steps=20", f"max_steps={steps}", "weight_decay=0.01",
         "seed=0", "eval_every=50", "precision=fp32", f"progress={str(progress).lower()}", "resume=never"])
     console.print(f"[bold]onepass demo[/bold]: {num_train} three-turn dialogues, tiny Llama "
                   "(4 layers, 128 wide), CPU")
