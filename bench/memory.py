@@ -3,7 +3,7 @@ of bench/real_model.py): resident memory measured at each stage of one process, 
 can be counted exactly (weights, gradients, AdamW state, bf16 weight copies under autocast, the loss
 chunk's logits and the output layer's gradient); the rest of the peak is activations, allocator slack and the runtime.
 
-    .venv/bin/python bench/memory.py [--precision bf16|fp32]
+    .venv/bin/python bench/memory.py [--precision bf16|fp32] [--checkpointing]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--steps", type=int, default=0, help="default: one epoch, as bench/real_model.py runs")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient_checkpointing: true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     stages = {"python + imports": None}
@@ -48,7 +49,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temp:
         work = Path(temp)
         model_dir = setup(work, 160)
-        run = onepass_run(work, model_dir, args.precision)
+        run = onepass_run(work, model_dir, args.precision, checkpointing=args.checkpointing)
         config = run.config
         stages["+ data and model (build_run)"] = rss_mib()
         steps = args.steps or run.plan.steps_per_epoch
@@ -84,8 +85,8 @@ def main() -> None:
     for name, value in counted.items():
         print(f"    {name:52s} {value:8,.0f} MiB")
     print(f"    {'activations, data, allocator slack (the rest)':52s} {rest:8,.0f} MiB")
-    out = Path(args.out or f"bench/results/memory_{args.precision}.json")
-    out.write_text(json.dumps({"precision": args.precision, "peak_rss_mib": peak, "stages_mib": stages,
+    out = Path(args.out or f"bench/results/memory_{args.precision}{'_ckpt' * args.checkpointing}.json")
+    out.write_text(json.dumps({"precision": args.precision, "checkpointing": args.checkpointing, "peak_rss_mib": peak, "stages_mib": stages,
                                "counted_mib": counted, "rest_mib": rest}, indent=2) + "\n")
 
 

@@ -5,10 +5,13 @@ English multi-turn dialogues: no dataset can be downloaded here), same ~1,000 re
 step, same threads, same machine; each configuration runs in its own process so peak memory (max RSS)
 is its own. TRL gets `assistant_only_loss=True` with a `{% generation %}`-tagged copy of the model's
 template: it refuses the model's own ("not training-compatible"); onepass uses the model's own.
-Reported: real and trained tokens/s, peak RSS, ratios, and onepass's model FLOPs/s against the matmul
-peak of the same precision measured in the same process at the model's own shapes.
+Each tool runs without activation checkpointing (its fastest) and with it (`_ckpt`; TRL's default:
+`SFTConfig(gradient_checkpointing=True)`, onepass's `gradient_checkpointing: true`), and the ratios
+compare like with like. Reported: real and trained tokens/s, peak RSS, ratios, and onepass's model
+FLOPs/s against the matmul peak of the same precision measured in the same process at the model's
+own shapes.
 
-    .venv/bin/python bench/real_model.py [--conversations 160] [--max-seq-len 512]
+    .venv/bin/python bench/real_model.py [--conversations 160] [--max-seq-len 512] [--runs onepass-bf16,trl-bf16]
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ def setup(work: Path, conversations: int) -> Path:
     return smollm2()
 
 
-def onepass_run(work: Path, model_dir: str | Path, precision: str, max_seq_len: int = 512, rows_per_step: int = 2):
+def onepass_run(work: Path, model_dir: str | Path, precision: str, max_seq_len: int = 512, rows_per_step: int = 2,
+                checkpointing: bool = False):
     """The onepass run every real-model benchmark measures (this one, bench/profile_step.py, bench/memory.py)."""
     from onepass.config import load_config
     from onepass.train.run import build_run
@@ -52,14 +56,16 @@ def onepass_run(work: Path, model_dir: str | Path, precision: str, max_seq_len: 
     config = load_config(None, [f"model={model_dir}", f"data.train=[{work / 'train.jsonl'}]",
                                 f"output_dir={work / 'onepass'}", f"max_seq_len={max_seq_len}",
                                 f"batch_size={rows_per_step}", "grad_accum=1", "lr=1e-5", "progress=false",
-                                "resume=never", f"data.cache_dir={work / 'cache'}", f"precision={precision}"])
+                                "resume=never", f"data.cache_dir={work / 'cache'}", f"precision={precision}",
+                                f"gradient_checkpointing={str(checkpointing).lower()}"])
     return build_run(config)
 
 
-def run_onepass(work: Path, model_dir: str, max_seq_len: int, rows_per_step: int, precision: str) -> dict:
+def run_onepass(work: Path, model_dir: str, max_seq_len: int, rows_per_step: int, precision: str,
+                checkpointing: bool = False) -> dict:
     from onepass.train.step import train_step
 
-    run = onepass_run(work, model_dir, precision, max_seq_len, rows_per_step)
+    run = onepass_run(work, model_dir, precision, max_seq_len, rows_per_step, checkpointing)
     batches = [run.plan.step_batches(step) for step in range(run.plan.steps_per_epoch)]
     train_step(run.objective, run.optimizer, run.scheduler, batches[0], run.step_options)  # warm-up, not timed
     start = time.perf_counter()
@@ -108,7 +114,7 @@ def linear_peak(precision: str, model=None) -> float:
 
 
 def run_trl(work: Path, model_dir: str, max_seq_len: int, tokens_per_step: int, precision: str,
-            liger: bool = False) -> dict:
+            liger: bool = False, checkpointing: bool = False) -> dict:
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -125,7 +131,8 @@ def run_trl(work: Path, model_dir: str, max_seq_len: int, tokens_per_step: int, 
     args = SFTConfig(output_dir=str(work / "trl"), assistant_only_loss=True, max_length=max_seq_len, packing=False,
                      per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=1e-5, report_to=[],
                      use_cpu=not torch.cuda.is_available(), use_liger_kernel=liger, save_strategy="no", logging_strategy="no", dataloader_num_workers=0,
-                     disable_tqdm=True, bf16=precision == "bf16")
+                     disable_tqdm=True, bf16=precision == "bf16",
+                     gradient_checkpointing=checkpointing)  # TRL's own default is True
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
                          train_dataset=datasets.Dataset.from_list(records))
     counts = {"tokens": 0, "trained": 0, "steps": 0, "start": None}
@@ -148,6 +155,10 @@ def run_trl(work: Path, model_dir: str, max_seq_len: int, tokens_per_step: int, 
             "steps": counts["steps"] - 1, "batch": batch}
 
 
+RUNS = tuple(f"{tool}-{precision}" for precision in ("fp32", "bf16")
+             for tool in ("onepass", "trl", "onepass_ckpt", "trl_ckpt"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conversations", type=int, default=160)
@@ -155,6 +166,7 @@ def main() -> None:
     parser.add_argument("--rows-per-step", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench/results/real_model.json")
+    parser.add_argument("--runs", default=",".join(RUNS), help="which configurations, comma-separated")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -163,11 +175,14 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        tool, precision = args.run.split("-")  # tool: onepass, trl or trl_liger
+        tool, precision = args.run.split("-")  # tool: onepass, trl or trl_liger, "_ckpt": activation checkpointing
+        checkpointing = tool.endswith("_ckpt")
+        tool = tool.removesuffix("_ckpt")
         tokens_per_step = args.rows_per_step * args.max_seq_len
-        result = run_onepass(Path(args.work), args.model_dir, args.max_seq_len, args.rows_per_step, precision) \
+        result = run_onepass(Path(args.work), args.model_dir, args.max_seq_len, args.rows_per_step, precision,
+                             checkpointing) \
             if tool == "onepass" else run_trl(Path(args.work), args.model_dir, args.max_seq_len, tokens_per_step,
-                                              precision, liger=tool == "trl_liger")
+                                              precision, liger=tool == "trl_liger", checkpointing=checkpointing)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if torch.cuda.is_available():
             result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -176,20 +191,26 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as temp:
         model_dir = setup(Path(temp), args.conversations)
-        for run in ("onepass-fp32", "trl-fp32", "onepass-bf16", "trl-bf16"):
+        for run in args.runs.split(","):
             command = [sys.executable, __file__, "--run", run, "--work", temp, "--model-dir", str(model_dir),
                        "--max-seq-len", str(args.max_seq_len), "--rows-per-step", str(args.rows_per_step),
                        "--threads", str(args.threads)]
             results[run] = result = run_child(run, command, {**os.environ, "ONEPASS_CACHE": temp})
-            print(f"{run:13s} {result['seconds']:7.1f} s  {result['tokens_per_sec']:7,.0f} tok/s  "
+            print(f"{run:18s} {result['seconds']:7.1f} s  {result['tokens_per_sec']:7,.0f} tok/s  "
                   f"{result['trained_tokens_per_sec']:7,.0f} trained tok/s  peak RSS {result['peak_rss_mib']:,.0f} MiB")
     summary = {}
     for precision in ("fp32", "bf16"):
-        one, trl = results[f"onepass-{precision}"], results[f"trl-{precision}"]
-        summary[f"tokens_per_sec_ratio_{precision}"] = one["tokens_per_sec"] / trl["tokens_per_sec"]
-        summary[f"peak_rss_ratio_{precision}"] = one["peak_rss_mib"] / trl["peak_rss_mib"]
-        summary[f"onepass_model_flops_share_of_linear_peak_{precision}"] = \
-            one["model_flops"] / one["seconds"] / one["matmul_peak_flops"]
+        # like for like: both without activation checkpointing (each tool's fastest), and both with it
+        # (TRL's default, SFTConfig(gradient_checkpointing=True))
+        for suffix in ("", "_ckpt"):
+            one, trl = results.get(f"onepass{suffix}-{precision}"), results.get(f"trl{suffix}-{precision}")
+            if one is None or trl is None:
+                continue
+            summary[f"tokens_per_sec_ratio{suffix}_{precision}"] = one["tokens_per_sec"] / trl["tokens_per_sec"]
+            summary[f"peak_rss_ratio{suffix}_{precision}"] = one["peak_rss_mib"] / trl["peak_rss_mib"]
+            if not suffix:
+                summary[f"onepass_model_flops_share_of_linear_peak_{precision}"] = \
+                    one["model_flops"] / one["seconds"] / one["matmul_peak_flops"]
     for key, value in summary.items():
         print(f"{key}: {value:.2f}")
     results["summary"] = summary

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import inspect
+import os
 
 import pytest
 import torch
@@ -91,3 +93,51 @@ def test_after_keep_freed_memory_training_steps_reuse_their_memory_without_page_
     for _ in range(10):
         step()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 15_000  # glibc by default: about 34,000
+
+
+KERNEL_CACHE_PROBE = """
+import ctypes, sys
+import torch
+from onepass import compat
+if sys.argv[1] == "bounded":
+    compat.bound_kernel_caches()
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Mallinfo2
+weight = torch.randn(256, 256, dtype=torch.bfloat16)
+torch.randn(8, 256, dtype=torch.bfloat16) @ weight
+before = libc.mallinfo2().uordblks
+for rows in range(100, 400):  # a packed row of a new length every step
+    torch.randn(rows, 256, dtype=torch.bfloat16) @ weight
+print((libc.mallinfo2().uordblks - before) / 2**20)
+"""
+
+
+def test_bf16_matmuls_of_ever_new_shapes_keep_a_bounded_number_of_kernels_after_bound_kernel_caches():
+    """oneDNN and ideep cache a kernel per matmul shape (1,024 each by default, ~0.5 MB apiece); packed
+    rows meet a new length every step. 300 new shapes: ~160 MB held by default, ~30 with the cap."""
+    import subprocess
+    import sys
+
+    if not compat.cpu_has_fast_bf16():
+        pytest.skip("bf16 matmuls do not go through oneDNN's bf16 kernels here")
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("not glibc >= 2.33")
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+
+    def held_mib(mode: str) -> float:
+        done = subprocess.run([sys.executable, "-c", KERNEL_CACHE_PROBE, mode], capture_output=True, text=True,
+                              env=env, check=True)
+        return float(done.stdout.split()[-1])
+
+    unbounded, bounded = held_mib("default"), held_mib("bounded")
+    assert bounded < 60 < unbounded, (bounded, unbounded)
+
+
+def test_bound_kernel_caches_keeps_a_capacity_the_user_set(monkeypatch):
+    monkeypatch.setattr(os, "environ", {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "512"})
+    compat.bound_kernel_caches()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"
+    assert os.environ["LRU_CACHE_CAPACITY"] == str(compat.KERNEL_CACHE_CAPACITY)

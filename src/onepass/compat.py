@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import inspect
+import os
 import sys
 from typing import Any
 
@@ -63,6 +64,21 @@ def enable_activation_checkpointing(model: Any) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# oneDNN (the CPU's bf16 matmuls) and ideep keep a compiled kernel for every matrix shape they meet,
+# up to 1,024 of each, at about half a MB apiece. Packed rows change length every step, so a long bf16
+# run fills both caches: SmolLM2-135M's resident memory grew by ~12 MB a step until they were full
+# (and the kernels pinned the heap between activations). A step meets a few dozen shapes.
+KERNEL_CACHE_CAPACITY = 64
+
+
+def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> None:
+    """Cap oneDNN's primitive cache and ideep's LRU cache through their environment variables, which
+    they read when first used: so call this before the process's first bf16 matmul (later it does
+    nothing). A value the user set is kept."""
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(name, str(capacity))
 
 
 def cpu_has_fast_bf16() -> bool:

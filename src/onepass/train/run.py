@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import yaml
 
-from onepass.compat import keep_freed_memory
+from onepass.compat import bound_kernel_caches, keep_freed_memory
 from onepass.config import TrainConfig, to_dict
 from onepass.data.cache import PreparedData
 from onepass.data.chat_template import ChatTemplate, load_chat_template
@@ -68,6 +68,7 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
     cluster = distributed.init()  # joins torchrun's process group if there is one (once)
     if cluster.device.type == "cpu":
         keep_freed_memory()  # each step re-allocates the same large tensors: reuse them, do not re-fault them
+        bound_kernel_caches()  # before the first matmul: packed rows' new lengths would fill them
     torch.manual_seed(config.seed)  # the same initial weights (e.g. LoRA adapters) on every rank
     if model is None:
         check_model_dir(config.model)  # a bad model dir fails now, not after data preparation
