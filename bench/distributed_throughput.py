@@ -36,7 +36,7 @@ def run_onepass(work: Path, max_seq_len: int, rows_per_rank: int, strategy: str)
                                 f"output_dir={work / ('onepass-' + strategy)}", f"max_seq_len={max_seq_len}",
                                 f"batch_size={rows_per_rank}", "grad_accum=1", "lr=1e-4", "progress=false",
                                 "resume=never", f"data.cache_dir={work / 'cache'}", f"strategy={strategy}",
-                                "precision=fp32"])  # TRL runs fp32 here
+                                "precision=fp32"])  # as TRL runs here
     run = build_run(config)
     torch.manual_seed(0)
     batches = [run.plan.step_batches(step) for step in range(run.plan.steps_per_epoch)]

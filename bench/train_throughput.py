@@ -49,7 +49,7 @@ def run_onepass(work: Path, max_seq_len: int, rows_per_step: int) -> dict:
     config = load_config(None, [f"model={work / 'model'}", f"data.train=[{work / 'train.jsonl'}]",
                                 f"output_dir={work / 'onepass'}", f"max_seq_len={max_seq_len}",
                                 f"batch_size={rows_per_step}", "grad_accum=1", "lr=1e-4", "progress=false",
-                                "resume=never", f"data.cache_dir={work / 'cache'}", "precision=fp32"])  # TRL runs fp32 here
+                                "resume=never", f"data.cache_dir={work / 'cache'}", "precision=fp32"])  # as TRL runs here
     run = build_run(config)
     torch.manual_seed(0)
     batches = [run.plan.step_batches(step) for step in range(run.plan.steps_per_epoch)]
@@ -87,7 +87,10 @@ def run_trl(work: Path, max_seq_len: int, rows_per_step: int, packing: bool) -> 
     args = SFTConfig(output_dir=str(work / "trl"), assistant_only_loss=True, max_length=max_seq_len,
                      packing=packing, per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=1e-4,
                      report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
-                     dataloader_num_workers=0, disable_tqdm=True)
+                     dataloader_num_workers=0, disable_tqdm=True,
+                     # as onepass runs here: fp32, no activation checkpointing (SFTConfig's defaults are
+                     # bf16=True and gradient_checkpointing=True)
+                     bf16=False, gradient_checkpointing=False)
     counts = {"tokens": 0, "padding": 0, "trained": 0}
 
     class Count(TrainerCallback):
