@@ -100,3 +100,20 @@ def test_response_openings_are_counted(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [chat("q", "Of course! Paris."), chat("q", "Of course! Rome."),
                                               chat("q", "No.")])
     assert run([path], tokenizer, use_cache=False).stats.openings == {"Of course!": 2, "No.": 1}
+
+
+def test_load_conversations_with_a_limit_reads_only_that_many_records(tmp_path):
+    """eval_samples: N reads the first N held-out conversations, not the whole file."""
+    from onepass.data.prepare import load_conversations
+    from onepass.data.stats import Stats
+
+    first = tmp_path / "a.jsonl"
+    write_jsonl(first, [chat("hi", "hello"), {"messages": []}, chat("one", "two")])
+    second = tmp_path / "b.jsonl"
+    second.write_text(json.dumps(chat("three", "four")) + "\n" + "{not json\n")
+    stats, rejects = Stats(), []
+    conversations = load_conversations([first, second], None, "skip", stats, rejects, limit=3)
+    assert [c.messages[0].content for c in conversations] == ["hi", "one", "three"]
+    assert stats.records == 4 and stats.conversations == 3 and len(rejects) == 1  # the broken line is not read
+    everything = load_conversations([first, second], None, "skip", Stats(), [])
+    assert len(everything) == 3

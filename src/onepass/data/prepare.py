@@ -30,8 +30,9 @@ CHUNK_SIZE = 512  # conversations per tokenizer batch and per worker task
 
 
 def load_conversations(paths: Sequence[str | Path], format_name: str | None, on_bad_record: OnBadRecord,
-                       stats: Stats, rejects: list[dict[str, Any]]) -> list[Conversation]:
-    """Read and validate every record of every file; bad ones raise or are counted and kept in `rejects`."""
+                       stats: Stats, rejects: list[dict[str, Any]], limit: int | None = None) -> list[Conversation]:
+    """Read and validate every record of every file (or until `limit` conversations are read); bad ones
+    raise or are counted and kept in `rejects`."""
     if format_name is not None and format_name not in FORMATS:
         raise OnepassError(f"unknown format '{format_name}'. Fix: use one of {', '.join(FORMATS)}.")
     conversations = []
@@ -59,6 +60,9 @@ def load_conversations(paths: Sequence[str | Path], format_name: str | None, on_
                                     f"give every record {expected_keys(file_format)}, or split the file by format",
                                     code="other_format")
                 conversations.append(to_conversation(record, file_format))
+                if len(conversations) == limit:
+                    stats.conversations = limit
+                    return conversations
             except DataError as error:
                 if on_bad_record == "error":
                     raise

@@ -162,9 +162,9 @@ def _sample_replies(config: TrainConfig, cluster: Cluster) -> SampleReplies:
     if cluster.is_distributed and config.strategy == "fsdp":
         raise OnepassError("eval_samples needs the whole model on rank 0, which strategy: fsdp shards. Fix: use "
                            "strategy: ddp, or set eval_samples: 0.")
-    conversations = load_conversations(config.data.eval, config.data.format, "skip", Stats(), []) \
-        if cluster.is_main else []
-    return SampleReplies(conversations[:config.eval_samples], Path(config.output_dir), enabled=cluster.is_main)
+    conversations = load_conversations(config.data.eval, config.data.format, "skip", Stats(), [],
+                                       limit=config.eval_samples) if cluster.is_main else []
+    return SampleReplies(conversations, Path(config.output_dir), enabled=cluster.is_main)
 
 
 def build_optimizer(model: Any, config: TrainConfig, total_steps: int) -> tuple[Any, Any]:
