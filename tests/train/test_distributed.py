@@ -218,3 +218,48 @@ def test_fsdp_computes_with_bf16_copies_of_fp32_sharded_parameters_under_bf16(tm
         assert {(p.dtype, p.grad.dtype) for p in model.parameters()} == {(torch.float32, torch.float32)}
     finally:
         dist.destroy_process_group()
+
+
+FSDP_LOAD_SCRIPT = """
+import sys
+import torch
+from safetensors.torch import load_file
+import onepass.train.run as run_module
+from onepass.config import load_config
+from onepass.train import distributed
+
+built = []
+build_model = run_module.build_model
+def recording_build_model(*args, **kwargs):
+    model = build_model(*args, **kwargs)
+    built.append(next(model.parameters()).device.type)
+    return model
+run_module.build_model = recording_build_model
+run = run_module.build_run(load_config(sys.argv[1]))
+rank = run.cluster.rank
+on_disk = load_file(sys.argv[2])
+model = distributed.unwrap(run.objective).model
+state = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for name, p in model.state_dict().items()}
+same = all(torch.equal(state[name], tensor) for name, tensor in on_disk.items() if name in state)
+buffers = [b for b in model.buffers() if b.device.type == "meta"]
+print(f"rank {rank} built on {built[0]}; weights equal the file: {same}; meta buffers left: {len(buffers)}", flush=True)
+distributed.shutdown()
+"""
+
+
+def test_under_fsdp_only_rank_0_reads_the_weights_and_the_others_receive_them(assets, tmp_path):
+    """Ranks other than 0 build the model on the meta device (no memory, no file read) and end with
+    rank 0's weights, shard by shard, and its buffers (rotary tables)."""
+    script = tmp_path / "fsdp_load.py"
+    script.write_text(FSDP_LOAD_SCRIPT)
+    config = write_config(assets, tmp_path, strategy="fsdp")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(config), str(assets[0] / "model" / "model.safetensors")],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    import re
+
+    lines = sorted(re.findall(r"rank \d built on [a-z]+; weights equal the file: \w+; meta buffers left: \d+",
+                              result.stdout))  # the ranks' lines may interleave
+    assert lines == ["rank 0 built on cpu; weights equal the file: True; meta buffers left: 0",
+                     "rank 1 built on meta; weights equal the file: True; meta buffers left: 0"]
