@@ -86,8 +86,9 @@ def main() -> None:
         print(f"    {name:52s} {value:8,.0f} MiB")
     print(f"    {'activations, data, allocator slack (the rest)':52s} {rest:8,.0f} MiB")
     out = Path(args.out or f"bench/results/memory_{args.precision}{'_ckpt' * args.checkpointing}.json")
-    out.write_text(json.dumps({"precision": args.precision, "checkpointing": args.checkpointing, "peak_rss_mib": peak, "stages_mib": stages,
-                               "counted_mib": counted, "rest_mib": rest}, indent=2) + "\n")
+    out.write_text(json.dumps({"precision": args.precision, "checkpointing": args.checkpointing,
+                               "peak_rss_mib": peak, "stages_mib": stages, "counted_mib": counted,
+                               "rest_mib": rest}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
