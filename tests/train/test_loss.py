@@ -56,6 +56,27 @@ def test_fused_loss_under_bf16_autocast_matches_autocast_linear_then_cross_entro
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_softmax_blocks_of_a_few_rows_compute_what_one_block_does(monkeypatch, autocast):
+    """On the CPU the softmax runs a few rows at a time (CPU_SOFTMAX_BLOCK_BYTES): blocks that split a
+    chunk unevenly give the loss and gradients of the whole chunk at once."""
+    from onepass.train import loss as module
+
+    dtype = torch.float32 if autocast else torch.float64
+    hidden, weight, targets, coefficients = inputs(dtype, vocab=300, width=64, rows=50)
+    results = []
+    for block_bytes in (2**30, 3 * 300 * 8):  # one block per chunk; 3 rows (6 when the softmax is fp32)
+        monkeypatch.setattr(module, "CPU_SOFTMAX_BLOCK_BYTES", block_bytes)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, nll = _FusedLinearNLL.apply(h, w, targets, coefficients, 0.5, 16)
+        (loss * 2.0).backward()
+        assert w.grad.dtype == dtype
+        results.append((loss.detach(), nll, h.grad, w.grad))
+    for expected, got in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_a_frozen_output_layer_gets_no_gradient_and_no_gradient_work():
     hidden, weight, targets, coefficients = inputs(torch.float64)
     h = hidden.clone().requires_grad_()

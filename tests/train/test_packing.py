@@ -126,17 +126,46 @@ def test_output_projection_sees_only_trained_positions_in_bounded_chunks(model):
     assert sum(logits_rows) == trained  # only trained positions, once
 
 
-def test_short_blocks_attend_in_fp32_under_bf16_autocast_on_the_cpu():
-    """The CPU's bf16 flash kernel is several times slower than fp32 below CPU_BF16_MIN_KEYS keys
-    (bench/attention_blocks.py), so those blocks compute in fp32: bit for bit the fp32 result."""
+def _attention_and_grads(attend, q, k, v):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = attend(q, k, v)
+    out.float().pow(2).sum().backward()
+    return out, q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("queries", [20, 7])  # a whole block, and a tree path's last nodes over all its keys
+def test_short_blocks_under_bf16_autocast_attend_as_grouped_bf16_matmuls_equal_to_sdpa(queries):
+    """Under bf16 on the CPU, blocks of up to CPU_MATH_MAX_KEYS keys attend as two bf16 matmuls with the
+    query heads of each key/value head stacked (bench/attention_blocks.py: faster than either flash
+    kernel there). Output and gradients equal fp32 SDPA to bf16 precision, with grouped-query heads and
+    with fewer queries than keys."""
     import torch.nn.functional as F
 
-    from onepass.train.model import CPU_BF16_MIN_KEYS, _attention
+    from onepass.train.model import CPU_MATH_MAX_KEYS, _attention, _grouped_attention
 
     torch.manual_seed(0)
-    q, k, v = (torch.randn(3, heads, 20, 16) for heads in (4, 2, 2))
+    q, k, v = torch.randn(3, 4, queries, 16), torch.randn(3, 2, 20, 16), torch.randn(3, 2, 20, 16)
+    distance = torch.arange(20 - queries, 20)[:, None] - torch.arange(20)[None, :]
+    mask = None if queries == 20 else distance >= 0
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        short = _attention(None, q, k, v.bfloat16(), None, 0.0, None, {})
-    expected = F.scaled_dot_product_attention(q, k, v.bfloat16().float(), is_causal=True, enable_gqa=True)
-    assert 20 < CPU_BF16_MIN_KEYS and short.dtype == torch.bfloat16
-    assert torch.equal(short, expected.bfloat16())
+        routed = _attention(None, q, k, v.bfloat16(), None, 0.0, None, {})
+        got = _attention_and_grads(lambda *t: _grouped_attention(*t, mask, None), q, k, v)
+    assert 20 <= CPU_MATH_MAX_KEYS and routed.dtype == torch.bfloat16 and torch.equal(routed, got[0])
+    expected = _attention_and_grads(lambda *t: F.scaled_dot_product_attention(
+        *t, attn_mask=mask, is_causal=mask is None, enable_gqa=True), q, k, v)
+    for value, reference in zip(got, expected):
+        torch.testing.assert_close(value.float(), reference, atol=3e-2, rtol=3e-2)
+
+
+def test_blocks_longer_than_the_matmul_limit_attend_with_sdpa(monkeypatch):
+    import torch.nn.functional as F
+
+    from onepass.train import model
+
+    monkeypatch.setattr(model, "CPU_MATH_MAX_KEYS", 10)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 20, 16), torch.randn(2, 2, 20, 16), torch.randn(2, 2, 20, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model._attention(None, q, k, v, None, 0.0, None, {})
+        expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.equal(got, expected)

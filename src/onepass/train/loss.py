@@ -72,13 +72,20 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
+# The softmax of a chunk's logits runs this many bytes of rows at a time on the CPU: each block's
+# passes (max, exp, sum, softmax - one-hot) stay in cache, and the fp32 copy of bf16 logits is a small
+# block the allocator reuses, never a fresh (rows × vocabulary) tensor. On a GPU the chunk is one block.
+CPU_SOFTMAX_BLOCK_BYTES = 4 * 2**20
+
+
 def _fused_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coefficients: torch.Tensor | None,
                   scale: float, chunk_size: int, want_weight_grad: bool
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per-label NLL of `targets` under softmax(scale · hidden @ weightᵀ), chunk by chunk, in the
     compute dtype (bf16 under autocast) with the softmax in fp32 (or fp64). With `coefficients` (d loss / d nll
-    per label), also the gradients of Σ coefficients · nll with respect to hidden and weight, made
-    from the same chunk's logits while they exist: softmax − one-hot, in place."""
+    per label), also the gradients of Σ coefficients · nll with respect to hidden (in the compute dtype) and
+    weight (in the weight's dtype, summed over chunks in at least fp32), made from the same chunk's logits
+    while they exist: softmax − one-hot, written over the logits block by block."""
     dtype = _compute_dtype(weight)
     softmax_dtype = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 where the model is
     with torch.autocast(weight.device.type, enabled=False):
@@ -86,30 +93,47 @@ def _fused_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         nll = torch.empty(len(targets), dtype=softmax_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(h_all) if coefficients is not None else None
         grad_weight = None
+        block = max(1, CPU_SOFTMAX_BLOCK_BYTES // (w.shape[0] * softmax_dtype.itemsize)) \
+            if w.device.type == "cpu" else chunk_size
         for start in range(0, len(targets), chunk_size):
             end = min(start + chunk_size, len(targets))
-            h, t = h_all[start:end], targets[start:end]
-            logits = (h @ w.T).to(softmax_dtype)
-            if scale != 1.0:
-                logits.mul_(scale)
-            # log-sum-exp by hand so that its exp is the softmax's too, all in the logits' memory
-            peak = logits.amax(dim=-1, keepdim=True)
-            target = logits.gather(1, t[:, None]).squeeze(1)
-            exps = logits.sub_(peak).exp_()
-            total = exps.sum(dim=-1)
-            nll[start:end] = peak.squeeze(1) + total.log() - target
+            h, logits = h_all[start:end], h_all[start:end] @ w.T
+            for first in range(start, end, block):
+                last = min(first + block, end)
+                _softmax_block(logits[first - start:last - start], targets[first:last], nll[first:last],
+                               None if coefficients is None else coefficients[first:last], scale, softmax_dtype)
             if coefficients is None:
                 continue
-            # d nll / d logits = softmax - one-hot = (exps - total · one-hot) / total, times the coefficient
-            exps[torch.arange(end - start, device=exps.device), t] -= total
-            grad_logits = exps.mul_((coefficients[start:end] * scale / total)[:, None]).to(dtype)
-            grad_hidden[start:end] = grad_logits @ w
-            if want_weight_grad:  # one chunk: the product as is; several: summed in fp32 (or fp64)
-                part = grad_logits.T @ h
-                grad_weight = part if grad_weight is None else grad_weight.to(softmax_dtype).add_(part)
-    if grad_weight is not None:  # kept until the backward pass in the compute dtype, as autocast makes it
-        grad_weight = grad_weight.to(dtype)
+            grad_hidden[start:end] = logits @ w  # the logits now hold d loss / d logits
+            if want_weight_grad:
+                part = logits.T @ h
+                grad_weight = part.to(torch.promote_types(weight.dtype, softmax_dtype)) if grad_weight is None \
+                    else grad_weight.add_(part)
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(weight.dtype)
     return nll, grad_hidden, grad_weight
+
+
+def _softmax_block(logits: torch.Tensor, targets: torch.Tensor, nll: torch.Tensor, coefficients: torch.Tensor | None,
+                   scale: float, softmax_dtype: torch.dtype) -> None:
+    """NLL of a block of logit rows into `nll`; with `coefficients`, the rows are overwritten with
+    coefficient · d nll / d logits = coefficient · scale · (softmax − one-hot), in their own dtype."""
+    values = logits.to(softmax_dtype)  # a copy for bf16 logits; the rows themselves when already fp32
+    if scale != 1.0:
+        values.mul_(scale)
+    # log-sum-exp by hand so that its exp is the softmax's too, all in the block's memory
+    peak = values.amax(dim=-1, keepdim=True)
+    target = values.gather(1, targets[:, None]).squeeze(1)
+    exps = values.sub_(peak).exp_()
+    total = exps.sum(dim=-1)
+    nll.copy_(peak.squeeze(1) + total.log() - target)
+    if coefficients is None:
+        return
+    # d nll / d logits = softmax - one-hot = (exps - total · one-hot) / total, times the coefficient
+    exps[torch.arange(len(targets), device=exps.device), targets] -= total
+    exps.mul_((coefficients * scale / total)[:, None])
+    if exps.data_ptr() != logits.data_ptr():
+        logits.copy_(exps)
 
 
 class _FusedLinearNLL(torch.autograd.Function):
@@ -124,7 +148,7 @@ class _FusedLinearNLL(torch.autograd.Function):
         nll, grad_hidden, grad_weight = _fused_chunks(hidden, weight, targets, coefficients, scale, chunk_size,
                                                       ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        ctx.hidden_dtype = hidden.dtype
         ctx.mark_non_differentiable(nll)
         return (nll * coefficients).sum(), nll
 
@@ -132,7 +156,8 @@ class _FusedLinearNLL(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: torch.Tensor, _grad_nll: Any) -> tuple[Any, ...]:
         grad_hidden, grad_weight = ctx.saved_tensors
         grad_hidden = (grad_hidden * grad_loss).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None
+        if grad_weight is not None:  # the output layer's (vocabulary × width) gradient: scaled where it lies
+            grad_weight = grad_weight.mul_(grad_loss)
         return grad_hidden, grad_weight, None, None, None, None
 
 

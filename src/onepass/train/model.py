@@ -111,14 +111,27 @@ def _attention(module: Any, query: Any, key: Any, value: Any, scaling: float | N
         output, _ = _model_eager(module)(module, query, key, value, additive, dropout=dropout, scaling=scaling,
                                          **extras)
         return output.transpose(1, 2)
-    gqa = query.shape[1] != key.shape[1]
-    upcast = query.device.type == "cpu" and keys < CPU_BF16_MIN_KEYS and _bf16(query, key, value)
-    if upcast:
-        query, key, value = query.float(), key.float(), value.float()
-    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
-        output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,
-                                                is_causal=mask is None, scale=scaling, enable_gqa=gqa)
-    return output.to(torch.bfloat16) if upcast else output
+    if query.device.type == "cpu" and keys <= CPU_MATH_MAX_KEYS and dropout == 0.0 and _bf16(query, key, value):
+        return _grouped_attention(query, key, value, mask, scaling)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                          scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+
+
+def _grouped_attention(query: Any, key: Any, value: Any, mask: Any, scaling: float | None) -> Any:
+    """Causal attention in bf16 as two batched matmuls, for short blocks on the CPU: the query heads
+    that share a key/value head are stacked as rows of one product (grouped-query attention without
+    copying keys and values), the softmax runs over the whole (rows × keys) block, and autograd keeps
+    the bf16 probabilities (tokens × heads × keys × 2 bytes a layer) for the backward pass."""
+    with torch.autocast("cpu", enabled=False):
+        n, heads, queries, dim = query.shape
+        groups, keys = key.shape[1], key.shape[2]
+        scale = scaling if scaling is not None else dim ** -0.5
+        rows = (query.to(torch.bfloat16) * scale).reshape(n, groups, heads // groups * queries, dim)
+        if mask is None:
+            mask = torch.ones(queries, keys, dtype=torch.bool, device=query.device).tril(keys - queries)
+        scores = rows @ key.to(torch.bfloat16).transpose(-1, -2)
+        probabilities = scores.masked_fill_(~mask.repeat(heads // groups, 1), float("-inf")).softmax(-1)
+        return (probabilities @ value.to(torch.bfloat16)).view(n, heads, queries, dim)
 
 
 def _bf16(*tensors: Any) -> bool:
@@ -127,10 +140,12 @@ def _bf16(*tensors: Any) -> bool:
         torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
-# The CPU's bf16 flash-attention kernel costs 2-10x the fp32 one on short blocks (forward + backward,
-# 1,024 tokens as n blocks of L, 9 heads of 64, 2 threads: L=16 33 vs 3.4 ms, L=64 18 vs 4.8, L=128
-# 20 vs 9.3, L=256 13 vs 13.5, L=1024 25 vs 39): blocks shorter than this attend in fp32.
-CPU_BF16_MIN_KEYS = 256
+# Under bf16 on the CPU, blocks of up to this many keys attend as two bf16 matmuls (`_grouped_attention`):
+# the CPU's bf16 flash kernel costs several times its fp32 one on short blocks, and both cost more than
+# the matmuls (forward + backward over 1,024 tokens as blocks of L, 9 query heads and 3 key/value heads
+# of 64, 2 threads: bench/attention_blocks.py). Longer blocks take flash attention, which keeps no
+# (queries × keys) probabilities.
+CPU_MATH_MAX_KEYS = 256
 
 
 def _model_eager(module: Any) -> Any:
