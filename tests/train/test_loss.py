@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from onepass.train.loss import _FusedLinearNLL, _fused_chunks
+from onepass.train.loss import LossWorkspace, _FusedLinearNLL, _fused_chunks
 
 
 def reference(hidden, weight, targets, coefficients, scale):
@@ -75,6 +75,30 @@ def test_softmax_blocks_of_a_few_rows_compute_what_one_block_does(monkeypatch, a
         results.append((loss.detach(), nll, h.grad, w.grad))
     for expected, got in zip(*results):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_a_reused_workspace_changes_no_result_and_nothing_returned_lies_in_it():
+    """The CPU loss reuses its vocabulary-sized bf16 temporaries from call to call (`LossWorkspace`): calls of
+    different sizes give exactly what they give without one, and the gradients they return (which
+    autograd keeps and accumulates) are their own memory, so a later call cannot overwrite them."""
+    workspace = LossWorkspace()
+    kept = []
+    for rows, chunk_size in ((50, 16), (23, 1024), (40, 7)):
+        hidden, weight, targets, coefficients = inputs(torch.float32, vocab=300, width=64, rows=rows, seed=rows)
+        results = []
+        for space in (None, workspace):
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, nll = _FusedLinearNLL.apply(h, w, targets, coefficients, 1.0, chunk_size, space)
+            loss.backward()
+            results.append((loss.detach(), nll, h.grad, w.grad))
+        for expected, got in zip(*results):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        kept.append((results[1][3], results[1][3].clone()))
+    buffers = [b.untyped_storage().data_ptr() for b in workspace._buffers.values()]
+    assert buffers and all(grad.untyped_storage().data_ptr() not in buffers for grad, _ in kept)
+    for grad, copy in kept:  # untouched by the calls after it
+        assert torch.equal(grad, copy)
 
 
 def test_a_frozen_output_layer_gets_no_gradient_and_no_gradient_work():

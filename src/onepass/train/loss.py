@@ -10,6 +10,7 @@ wrapped output layers take the same chunks with activation checkpointing instead
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,27 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
+class LossWorkspace:
+    """Buffers the fused loss reuses from one micro-batch to the next on the CPU, for its temporaries
+    of vocabulary size: the output layer's weight in the compute dtype, a chunk's logits, the output
+    layer's gradient before it is cast to the weight's dtype (all under bf16 autocast). Tensors that large are each a fresh
+    mapping from the system when allocated (glibc serves blocks over 32 MB by mmap), paid for in page
+    faults on every use; these are the same size every step, and they are alive at the loss anyway,
+    where a step's memory peaks. Nothing returned from the loss lies in them."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised tensor of `shape`, in the buffer called `name` (grown when too small)."""
+        numel = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
+            self._buffers.pop(name, None)  # the old buffer goes before the new one is allocated
+            buffer = self._buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
+
+
 # The softmax of a chunk's logits runs this many bytes of rows at a time on the CPU: each block's
 # passes (max, exp, sum, softmax - one-hot) stay in cache, and the fp32 copy of bf16 logits is a small
 # block the allocator reuses, never a fresh (rows × vocabulary) tensor. On a GPU the chunk is one block.
@@ -79,17 +101,28 @@ CPU_SOFTMAX_BLOCK_BYTES = 4 * 2**20
 
 
 def _fused_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coefficients: torch.Tensor | None,
-                  scale: float, chunk_size: int, want_weight_grad: bool
+                  scale: float, chunk_size: int, want_weight_grad: bool, workspace: LossWorkspace | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per-label NLL of `targets` under softmax(scale · hidden @ weightᵀ), chunk by chunk, in the
     compute dtype (bf16 under autocast) with the softmax in fp32 (or fp64). With `coefficients` (d loss / d nll
     per label), also the gradients of Σ coefficients · nll with respect to hidden (in the compute dtype) and
     weight (in the weight's dtype, summed over chunks in at least fp32), made from the same chunk's logits
-    while they exist: softmax − one-hot, written over the logits block by block."""
+    while they exist: softmax − one-hot, written over the logits block by block. A `workspace` holds
+    the temporaries of vocabulary size."""
     dtype = _compute_dtype(weight)
     softmax_dtype = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 where the model is
+    grad_dtype = torch.promote_types(weight.dtype, softmax_dtype)  # the weight's gradient is summed in this
+
+    def temporary(name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """A workspace buffer for the compute-dtype temporaries under autocast. In fp32 the logits are
+        the only one, and keeping them would add to the peak that the backward pass reaches."""
+        return workspace.take(name, shape, dtype, weight.device) if workspace is not None and \
+            dtype != weight.dtype else None
+
     with torch.autocast(weight.device.type, enabled=False):
-        w, h_all = weight.to(dtype), hidden.to(dtype)
+        h_all = hidden.to(dtype)
+        w = weight if weight.dtype == dtype else weight.to(dtype) if workspace is None \
+            else temporary("weight", tuple(weight.shape)).copy_(weight)
         nll = torch.empty(len(targets), dtype=softmax_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(h_all) if coefficients is not None else None
         grad_weight = None
@@ -97,7 +130,8 @@ def _fused_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
             if w.device.type == "cpu" else chunk_size
         for start in range(0, len(targets), chunk_size):
             end = min(start + chunk_size, len(targets))
-            h, logits = h_all[start:end], h_all[start:end] @ w.T
+            h = h_all[start:end]
+            logits = torch.mm(h, w.T, out=temporary("logits", (end - start, w.shape[0])))
             for first in range(start, end, block):
                 last = min(first + block, end)
                 _softmax_block(logits[first - start:last - start], targets[first:last], nll[first:last],
@@ -105,10 +139,10 @@ def _fused_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
             if coefficients is None:
                 continue
             grad_hidden[start:end] = logits @ w  # the logits now hold d loss / d logits
-            if want_weight_grad:
-                part = logits.T @ h
-                grad_weight = part.to(torch.promote_types(weight.dtype, softmax_dtype)) if grad_weight is None \
-                    else grad_weight.add_(part)
+            if want_weight_grad:  # a temporary only where it is cast or added to the sum, never returned
+                part = torch.mm(logits.T, h, out=temporary("part", tuple(w.shape))
+                                if grad_weight is not None or dtype != grad_dtype else None)
+                grad_weight = part.to(grad_dtype) if grad_weight is None else grad_weight.add_(part)
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
     return nll, grad_hidden, grad_weight
@@ -144,9 +178,10 @@ class _FusedLinearNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                coefficients: torch.Tensor, scale: float, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                coefficients: torch.Tensor, scale: float, chunk_size: int, workspace: LossWorkspace | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         nll, grad_hidden, grad_weight = _fused_chunks(hidden, weight, targets, coefficients, scale, chunk_size,
-                                                      ctx.needs_input_grad[1])
+                                                      ctx.needs_input_grad[1], workspace)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.hidden_dtype = hidden.dtype
         ctx.mark_non_differentiable(nll)
@@ -158,7 +193,7 @@ class _FusedLinearNLL(torch.autograd.Function):
         grad_hidden = (grad_hidden * grad_loss).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
         if grad_weight is not None:  # the output layer's (vocabulary × width) gradient: scaled where it lies
             grad_weight = grad_weight.mul_(grad_loss)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def trained_positions(batch: Batch) -> torch.Tensor:
@@ -193,8 +228,8 @@ def nll_at(model: Any, hidden: torch.Tensor, positions: torch.Tensor, targets: t
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def sft_loss(model: Any, batch: Batch, denominator: float, chunk_size: int = 1024
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def sft_loss(model: Any, batch: Batch, denominator: float, chunk_size: int = 1024,
+             workspace: LossWorkspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """This micro-batch's share of the step loss: sum(weight · nll) / denominator, where the
     denominator is the step's total units (trained tokens, sequences or turns, over every
     micro-batch and rank), so summing gradients over micro-batches is exact.
@@ -208,7 +243,7 @@ def sft_loss(model: Any, batch: Batch, denominator: float, chunk_size: int = 102
     transform = OutputTransform.of(model)
     if _fusable(head, transform) and torch.is_grad_enabled():
         weighted, nll = _FusedLinearNLL.apply(hidden[positions], head.weight, targets, weights.float(),
-                                              transform.scale, chunk_size)
+                                              transform.scale, chunk_size, workspace)
     else:
         nll = nll_at(model, hidden, positions, targets, chunk_size)
         weighted = (nll * weights).sum()
@@ -223,12 +258,16 @@ def sft_loss(model: Any, batch: Batch, denominator: float, chunk_size: int = 102
 
 class SFTObjective(torch.nn.Module):
     """The model with the SFT loss as its forward, so DDP and FSDP2 wrap one module whose forward
-    does all the work: their hooks (gradient all-reduce, parameter gathering) run around it."""
+    does all the work: their hooks (gradient all-reduce, parameter gathering) run around it. On the
+    CPU it keeps the loss's workspace from one micro-batch to the next (a GPU's caching allocator
+    already reuses those blocks)."""
 
     def __init__(self, model: Any, chunk_size: int = 1024):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.workspace = LossWorkspace()
 
     def forward(self, batch: Batch, denominator: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return sft_loss(self.model, batch, denominator, self.chunk_size)
+        on_cpu = batch.input_ids.device.type == "cpu"
+        return sft_loss(self.model, batch, denominator, self.chunk_size, self.workspace if on_cpu else None)
