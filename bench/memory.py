@@ -68,11 +68,12 @@ def main() -> None:
         "AdamW state (fp32 exp_avg + exp_avg_sq)": trainable * 8 / MIB,
         "bf16 weight copies (autocast cache, per micro-batch)": parameters * 2 / MIB if args.precision == "bf16"
         else 0.0,
-        # the fused loss: one chunk's logits in fp32, reused in place for their gradient (under bf16 also
-        # the matmul's bf16 output and the bf16 gradient), and the output layer's gradient made in forward
+        # the fused loss: one chunk's logits in the compute dtype, overwritten by their gradient (the fp32
+        # softmax runs 4 MiB of rows at a time), and the output layer's gradient made in forward, in fp32
+        # (under bf16 also its bf16 matmul output before the cast)
         "loss chunk: logits and their gradient, output-layer gradient": (
-            chunk * vocab * (8 if args.precision == "bf16" else 4)
-            + vocab * width * (2 if args.precision == "bf16" else 4)) / MIB,
+            chunk * vocab * (2 if args.precision == "bf16" else 4)
+            + vocab * width * (6 if args.precision == "bf16" else 4)) / MIB,
     }
     peak = peak_mib()
     rest = peak - stages["python + imports"] - sum(counted.values())

@@ -180,7 +180,8 @@ def choose_attention(device_type: str, compute_dtype: Any = torch.float32,
 
 def describe_attention(attention: str) -> str:
     if attention == PACKED_ATTENTION:
-        return "attention: onepass packed SDPA (conversations of similar length share one call per layer)"
+        return ("attention: onepass packed SDPA (conversations of similar length share one call per layer; "
+                f"under bf16 on the CPU, blocks of up to {CPU_MATH_MAX_KEYS} keys as two bf16 matmuls)")
     return f"attention: {attention} (varlen: each conversation attends to itself only)"
 
 
