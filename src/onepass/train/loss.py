@@ -75,11 +75,11 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 class LossWorkspace:
     """Buffers the fused loss reuses from one micro-batch to the next on the CPU, for its temporaries
-    of vocabulary size: the output layer's weight in the compute dtype, a chunk's logits, the output
-    layer's gradient before it is cast to the weight's dtype (all under bf16 autocast). Tensors that large are each a fresh
-    mapping from the system when allocated (glibc serves blocks over 32 MB by mmap), paid for in page
-    faults on every use; these are the same size every step, and they are alive at the loss anyway,
-    where a step's memory peaks. Nothing returned from the loss lies in them."""
+    of vocabulary size under bf16 autocast: the output layer's bf16 weight, a chunk's logits, the
+    output layer's gradient before it is cast to the weight's dtype. Tensors that large are each a
+    fresh mapping from the system when allocated (glibc serves blocks over 32 MB by mmap), paid for in
+    page faults on every use; these are the same size every step, and they are alive at the loss
+    anyway, where a step's memory peaks. Nothing returned from the loss lies in them."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
