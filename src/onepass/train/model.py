@@ -135,7 +135,7 @@ def _grouped_attention(query: Any, key: Any, value: Any, mask: Any, scaling: flo
 
 
 def _bf16(*tensors: Any) -> bool:
-    """Would SDPA run in bf16 here (a bf16 input, or bf16 autocast, which casts fp32 inputs down)?"""
+    """Would attention run in bf16 here (a bf16 input, or bf16 autocast, which casts fp32 inputs down)?"""
     return any(t.dtype == torch.bfloat16 for t in tensors) or (
         torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
