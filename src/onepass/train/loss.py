@@ -121,8 +121,8 @@ def _fused_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
     with torch.autocast(weight.device.type, enabled=False):
         h_all = hidden.to(dtype)
-        w = weight if weight.dtype == dtype else weight.to(dtype) if workspace is None \
-            else temporary("weight", tuple(weight.shape)).copy_(weight)
+        buffer = temporary("weight", tuple(weight.shape))
+        w = buffer.copy_(weight) if buffer is not None else weight.to(dtype)  # .to: the weight itself in fp32
         nll = torch.empty(len(targets), dtype=softmax_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(h_all) if coefficients is not None else None
         grad_weight = None

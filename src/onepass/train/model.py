@@ -102,9 +102,7 @@ def _attention(module: Any, query: Any, key: Any, value: Any, scaling: float | N
     queries, keys = query.shape[2], key.shape[2]
     mask = None
     if queries != keys or (window is not None and window < keys) or extras:
-        distance = torch.arange(keys - queries, keys, device=query.device)[:, None] - \
-            torch.arange(keys, device=query.device)[None, :]
-        mask = (distance >= 0) & (distance < window) if window is not None else distance >= 0
+        mask = _causal_mask(queries, keys, window, query.device)
     if extras:  # key j is seen from query i where the mask is True; the model's eager attention adds it
         additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
         additive = additive.masked_fill(~mask, torch.finfo(query.dtype).min)[None, None]
@@ -115,6 +113,13 @@ def _attention(module: Any, query: Any, key: Any, value: Any, scaling: float | N
         return _grouped_attention(query, key, value, mask, scaling)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
                                           scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+
+
+def _causal_mask(queries: int, keys: int, window: int | None, device: Any) -> Any:
+    """(queries × keys) bool, True where query i (at key position i + keys - queries) sees key j:
+    j at or before it, and within the sliding window if there is one."""
+    distance = torch.arange(keys - queries, keys, device=device)[:, None] - torch.arange(keys, device=device)[None, :]
+    return (distance >= 0) & (distance < window) if window is not None else distance >= 0
 
 
 def _grouped_attention(query: Any, key: Any, value: Any, mask: Any, scaling: float | None) -> Any:
@@ -128,7 +133,7 @@ def _grouped_attention(query: Any, key: Any, value: Any, mask: Any, scaling: flo
         scale = scaling if scaling is not None else dim ** -0.5
         rows = (query.to(torch.bfloat16) * scale).reshape(n, groups, heads // groups * queries, dim)
         if mask is None:
-            mask = torch.ones(queries, keys, dtype=torch.bool, device=query.device).tril(keys - queries)
+            mask = _causal_mask(queries, keys, None, query.device)
         scores = rows @ key.to(torch.bfloat16).transpose(-1, -2)
         probabilities = scores.masked_fill_(~mask.repeat(heads // groups, 1), float("-inf")).softmax(-1)
         return (probabilities @ value.to(torch.bfloat16)).view(n, heads, queries, dim)
