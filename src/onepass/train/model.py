@@ -15,6 +15,7 @@ import torch
 from onepass.compat import enable_activation_checkpointing
 from onepass.errors import OnepassError
 from onepass.train.batch import LAYOUT_KWARG
+from onepass.train.casts import cast_once
 from onepass.train.layout import AttentionLayout, TreeBlocks
 
 if TYPE_CHECKING:
@@ -230,8 +231,9 @@ def use_tree_attention(model: Any) -> None:
 
 
 def build_model(config: TrainConfig, device: torch.device, announce: bool = False, weights: bool = True) -> Any:
-    """The model to train: loaded, with LoRA adapters, activation checkpointing and compile as configured
-    (without `weights`: on the meta device, see `load_model`)."""
+    """The model to train: loaded, with LoRA adapters, activation checkpointing and compile as configured,
+    and autocast's repeated casts done once (`casts.cast_once`; without `weights`: on the meta device,
+    see `load_model`)."""
     from onepass.train.step import uses_bf16
 
     model = load_model(config.model, device, weights=weights,
@@ -251,6 +253,7 @@ def build_model(config: TrainConfig, device: torch.device, announce: bool = Fals
         enable_activation_checkpointing(model)
         if config.lora.enabled:
             model.enable_input_require_grads()
+    cast_once(model)
     if config.compile:
         backbone_and_head(model)[0].compile()
     model.train()
