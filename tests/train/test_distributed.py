@@ -149,6 +149,20 @@ def test_fsdp_with_lora_and_gradient_checkpointing_matches_one_process(assets, t
     assert max((got[name] - base[name]).abs().max().item() for name in base) > 1e-3  # the adapters learned
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_tied_output_layer_trains_on_two_ranks_as_in_one_process(assets, tmp_path, strategy):
+    """The tied weight's one gradient (the loss's, with the embedding's rows added in place) is what
+    DDP all-reduces and FSDP2 reduce-scatters."""
+    build_model(tmp_path / "tied", vocab_size=512, hidden_size=32, intermediate_size=64, tie_embeddings=True)
+    extra = {"model": str(tmp_path / "tied"), "epochs": 1}
+    onepass_train(write_config(assets, tmp_path / "one", grad_accum=4, **extra))
+    onepass_train(write_config(assets, tmp_path / "two", grad_accum=2, strategy=strategy, **extra), 2)
+    torch.testing.assert_close(losses(tmp_path / "two" / "out"), losses(tmp_path / "one" / "out"), rtol=0, atol=1e-5)
+    expected, got = final_weights(tmp_path / "one" / "out"), final_weights(tmp_path / "two" / "out")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5)
+
+
 MAIN_FIRST_SCRIPT = """
 import sys, time
 import torch.distributed as dist

@@ -116,3 +116,58 @@ def test_without_gradients_only_the_nll_is_computed():
     torch.testing.assert_close(nll, reference(hidden, weight, targets, torch.ones(len(targets), dtype=torch.float64),
                                               1.0)[1], rtol=1e-10, atol=1e-12)
     assert grad_hidden is None and grad_weight is None
+
+
+def tied_model(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from onepass.train.model import use_packed_attention
+
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, pad_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return use_packed_attention(LlamaForCausalLM(config)).to(torch.float64)
+
+
+class Calls(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.__name__)
+        return func(*args, **kwargs or {})
+
+
+def test_a_tied_output_layer_gets_the_embedding_rows_added_into_the_loss_gradient_in_place():
+    """With the output layer tied to the input embedding, the embedding's backward adds its rows into the
+    fused loss's weight gradient (`TiedGradient`) instead of autograd making a dense zeros gradient and
+    adding the two: the same gradient, the padding id's row included (it gets the output layer's part only)."""
+    import numpy as np
+
+    from onepass.data.types import Example
+    from onepass.train.batch import collate
+    from onepass.train.loss import SFTObjective, sft_loss
+
+    rng = np.random.default_rng(0)
+    examples = []
+    for length in (9, 14, 6):
+        ids = rng.integers(0, 50, length).astype(np.int32)
+        ids[1] = 2  # the padding id appears in the input
+        mask = (rng.random(length) < 0.6).astype(np.int8)
+        examples.append(Example(ids, mask, np.where(mask == 1, 0, -1).astype(np.int32)))
+    batch = collate(examples)
+    grads, calls = [], []
+    for tied in (False, True):
+        model = tied_model()
+        objective = SFTObjective(model) if tied else None
+        assert (objective is not None and objective.tie is not None) or not tied
+        with Calls() as seen:
+            loss, _ = objective(batch, 7.0) if tied else sft_loss(model, batch, 7.0)
+            loss.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+        calls.append(seen.names)
+    assert "embedding_dense_backward.default" in calls[0] and "embedding_dense_backward.default" not in calls[1]
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-12, atol=1e-14)

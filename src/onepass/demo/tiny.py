@@ -43,15 +43,16 @@ def build_tokenizer(output_dir: str | Path, extra_text: list[str] | None = None,
 
 def build_model(output_dir: str | Path | None, vocab_size: int, hidden_size: int = 64, num_layers: int = 2,
                 num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
-                max_position_embeddings: int = 2048, seed: int = 0) -> Any:
-    """A small random Llama-style causal LM (GQA, RoPE, SwiGLU), saved if `output_dir` is given."""
+                max_position_embeddings: int = 2048, seed: int = 0, tie_embeddings: bool = False) -> Any:
+    """A small random Llama-style causal LM (GQA, RoPE, SwiGLU; the output layer tied to the input
+    embedding if `tie_embeddings`), saved if `output_dir` is given."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                          num_hidden_layers=num_layers, num_attention_heads=num_heads,
                          num_key_value_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False)
+                         bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=tie_embeddings)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     if output_dir is not None:

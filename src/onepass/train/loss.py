@@ -178,11 +178,12 @@ class _FusedLinearNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                coefficients: torch.Tensor, scale: float, chunk_size: int, workspace: LossWorkspace | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                coefficients: torch.Tensor, scale: float, chunk_size: int, workspace: LossWorkspace | None = None,
+                tie: TiedGradient | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         nll, grad_hidden, grad_weight = _fused_chunks(hidden, weight, targets, coefficients, scale, chunk_size,
                                                       ctx.needs_input_grad[1], workspace)
         ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.tie = tie.claim() if tie is not None else None
         ctx.hidden_dtype = hidden.dtype
         ctx.mark_non_differentiable(nll)
         return (nll * coefficients).sum(), nll
@@ -193,7 +194,70 @@ class _FusedLinearNLL(torch.autograd.Function):
         grad_hidden = (grad_hidden * grad_loss).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
         if grad_weight is not None:  # the output layer's (vocabulary × width) gradient: scaled where it lies
             grad_weight = grad_weight.mul_(grad_loss)
-        return grad_hidden, grad_weight, None, None, None, None, None
+            if ctx.tie is not None:  # the tied input embedding's backward adds its rows and returns the sum
+                ctx.tie.gradient, grad_weight = grad_weight, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+class TiedGradient:
+    """Where the output layer shares its weight with a plain input embedding (SmolLM2, Llama-3.2, small
+    Qwen models), the weight gets one gradient tensor: the fused loss's (vocabulary × width) gradient,
+    into which the embedding's backward adds its rows (`index_add_`) before returning it. Autograd
+    would make the embedding's own gradient a fresh dense zeros tensor of vocabulary size and then add
+    the two: two more such tensors and two more passes over them in every micro-batch. The embedding
+    hands over only when it ran with gradients in this forward pass (`claim`), so a loss without it,
+    or without a weight gradient, leaves autograd to sum as usual."""
+
+    def __init__(self) -> None:
+        self.pending = False  # the embedding ran in this forward pass and will take the loss's gradient
+        self.gradient: torch.Tensor | None = None
+
+    @classmethod
+    def install(cls, model: Any) -> TiedGradient | None:
+        embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if type(embedding) is not torch.nn.Embedding or head is None or head.weight is not embedding.weight or \
+                embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
+            return None
+        tie = cls()
+        embedding.register_forward_hook(tie._route)
+        return tie
+
+    def _route(self, module: torch.nn.Embedding, args: tuple[Any, ...], output: torch.Tensor) -> Any:
+        if not (torch.is_grad_enabled() and module.weight.requires_grad):
+            return None
+        self.pending, self.gradient = True, None
+        return _TiedEmbedding.apply(args[0], module.weight, module.padding_idx, self)
+
+    def claim(self) -> TiedGradient | None:
+        """This forward pass's tie, taken by the loss (at most once), or None when the embedding did not run."""
+        claimed, self.pending = self.pending, False
+        return self if claimed else None
+
+    def take(self) -> torch.Tensor | None:
+        gradient, self.gradient = self.gradient, None
+        return gradient
+
+
+class _TiedEmbedding(torch.autograd.Function):
+    """The embedding lookup, whose weight gradient is added into the tied loss gradient in place."""
+
+    @staticmethod
+    def forward(ctx: Any, ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None,
+                tie: TiedGradient) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.padding_idx, ctx.tie, ctx.weight_shape, ctx.weight_dtype = padding_idx, tie, weight.shape, weight.dtype
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        (ids,) = ctx.saved_tensors
+        gradient = ctx.tie.take()
+        if gradient is None:
+            gradient = grad.new_zeros(ctx.weight_shape, dtype=ctx.weight_dtype)
+        ids, rows = ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+        if ctx.padding_idx is not None:  # the padding row gets no gradient, as in torch's embedding
+            rows = rows.masked_fill((ids == ctx.padding_idx)[:, None], 0)
+        return None, gradient.index_add_(0, ids, rows.to(gradient.dtype)), None, None
 
 
 def trained_positions(batch: Batch) -> torch.Tensor:
@@ -229,7 +293,8 @@ def nll_at(model: Any, hidden: torch.Tensor, positions: torch.Tensor, targets: t
 
 
 def sft_loss(model: Any, batch: Batch, denominator: float, chunk_size: int = 1024,
-             workspace: LossWorkspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             workspace: LossWorkspace | None = None, tie: TiedGradient | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """This micro-batch's share of the step loss: sum(weight · nll) / denominator, where the
     denominator is the step's total units (trained tokens, sequences or turns, over every
     micro-batch and rank), so summing gradients over micro-batches is exact.
@@ -243,7 +308,7 @@ def sft_loss(model: Any, batch: Batch, denominator: float, chunk_size: int = 102
     transform = OutputTransform.of(model)
     if _fusable(head, transform) and torch.is_grad_enabled():
         weighted, nll = _FusedLinearNLL.apply(hidden[positions], head.weight, targets, weights.float(),
-                                              transform.scale, chunk_size, workspace)
+                                              transform.scale, chunk_size, workspace, tie)
     else:
         nll = nll_at(model, hidden, positions, targets, chunk_size)
         weighted = (nll * weights).sum()
@@ -260,14 +325,17 @@ class SFTObjective(torch.nn.Module):
     """The model with the SFT loss as its forward, so DDP and FSDP2 wrap one module whose forward
     does all the work: their hooks (gradient all-reduce, parameter gathering) run around it. On the
     CPU it keeps the loss's workspace from one micro-batch to the next (a GPU's caching allocator
-    already reuses those blocks)."""
+    already reuses those blocks). An output layer tied to the input embedding gets one gradient
+    tensor (`TiedGradient`)."""
 
     def __init__(self, model: Any, chunk_size: int = 1024):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.workspace = LossWorkspace()
+        self.tie = TiedGradient.install(model)
 
     def forward(self, batch: Batch, denominator: float) -> tuple[torch.Tensor, torch.Tensor]:
         on_cpu = batch.input_ids.device.type == "cpu"
-        return sft_loss(self.model, batch, denominator, self.chunk_size, self.workspace if on_cpu else None)
+        return sft_loss(self.model, batch, denominator, self.chunk_size, self.workspace if on_cpu else None,
+                        self.tie)
