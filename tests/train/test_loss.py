@@ -123,8 +123,8 @@ def tied_model(seed: int = 0):
 
     from onepass.train.model import use_packed_attention
 
-    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, pad_token_id=2, tie_word_embeddings=True)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=2, tie_word_embeddings=True)
     torch.manual_seed(seed)
     return use_packed_attention(LlamaForCausalLM(config)).to(torch.float64)
 
