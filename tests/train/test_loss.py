@@ -171,3 +171,29 @@ def test_a_tied_output_layer_gets_the_embedding_rows_added_into_the_loss_gradien
     assert grads[0].keys() == grads[1].keys()
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-12, atol=1e-14)
+
+
+def test_a_compiled_trunk_leaves_a_tied_output_layer_to_autograd_with_the_same_gradients():
+    """torch.compile does not replay `TiedGradient`'s state from a traced graph, so under it the tie
+    stands aside and autograd sums the two gradients (before, the compiled run lost a part)."""
+    import numpy as np
+
+    from onepass.data.types import Example
+    from onepass.train.batch import collate
+    from onepass.train.loss import SFTObjective
+    from onepass.train.model import backbone_and_head
+
+    rng = np.random.default_rng(1)
+    examples = [Example(rng.integers(3, 50, n).astype(np.int32), np.ones(n, dtype=np.int8), np.zeros(n, np.int32))
+                for n in (11, 7)]
+    batch = collate(examples)
+    grads = []
+    for compiled in (False, True):
+        model = tied_model().float()
+        objective = SFTObjective(model)
+        if compiled:
+            backbone_and_head(model)[0].compile()
+        objective(batch, 5.0)[0].backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-5)

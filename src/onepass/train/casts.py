@@ -7,7 +7,8 @@ in fp32 (the residual stream's dtype), so the rotation of the bf16 queries and k
 autocast casts the result back down before attention. `cast_once(model)` makes the projections share
 one cast of their input (the same rounding as autocast's, so the forward pass is unchanged; the input's
 gradient contributions are summed in bf16 before the cast's backward) and hands the rotary tables over
-in the compute dtype, as a model loaded in bf16 has them. Outside autocast both hooks do nothing.
+in the compute dtype, as a model loaded in bf16 has them. Outside autocast, and inside a graph that
+torch.compile traces, both hooks do nothing.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ HOOKED = "_onepass_cast_once"
 def _autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast would cast this fp32 tensor to, or None when it would not."""
     device = tensor.device.type
-    if tensor.dtype != torch.float32 or not torch.is_autocast_enabled(device):
-        return None
+    if tensor.dtype != torch.float32 or not torch.is_autocast_enabled(device) or torch.compiler.is_compiling():
+        return None  # a compiled graph shares repeated casts by itself
     dtype = torch.get_autocast_dtype(device)
     return dtype if dtype != torch.float32 else None
 

@@ -223,9 +223,10 @@ class TiedGradient:
         return tie
 
     def _route(self, module: torch.nn.Embedding, args: tuple[Any, ...], output: torch.Tensor) -> Any:
-        if not (torch.is_grad_enabled() and module.weight.requires_grad):
-            return None
-        self.pending, self.gradient = True, None
+        self.pending, self.gradient = False, None
+        if not torch.is_grad_enabled() or not module.weight.requires_grad or torch.compiler.is_compiling():
+            return None  # (a traced graph would not replay this object's state): autograd sums as usual
+        self.pending = True
         return _TiedEmbedding.apply(args[0], module.weight, module.padding_idx, self)
 
     def claim(self) -> TiedGradient | None:
