@@ -115,3 +115,17 @@ def test_with_both_casts_bf16_logits_still_track_fp32():
     reference, _ = forward_backward(tiny(), ids, autocast=False)
     logits, _ = forward_backward(cast_once(tiny()), ids)
     torch.testing.assert_close(logits, reference, rtol=0, atol=0.05 * reference.abs().max().item())
+
+
+def test_the_training_model_shares_casts_under_bf16_only(run_assets, tmp_path):
+    from conftest import make_config
+
+    from onepass.train.casts import HOOKED
+    from onepass.train.model import build_model as build_training_model
+
+    for precision, hooked in (("bf16", True), ("fp32", False)):
+        config = make_config(run_assets, tmp_path / precision, f"precision={precision}")
+        model = build_training_model(config, torch.device("cpu"))
+        linear = next(module for module in model.modules() if isinstance(module, torch.nn.Linear))
+        assert getattr(model, HOOKED, False) is hooked
+        assert any(isinstance(hook, SharedInputCast) for hook in linear._forward_pre_hooks.values()) is hooked

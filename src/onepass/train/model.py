@@ -232,12 +232,12 @@ def use_tree_attention(model: Any) -> None:
 
 def build_model(config: TrainConfig, device: torch.device, announce: bool = False, weights: bool = True) -> Any:
     """The model to train: loaded, with LoRA adapters, activation checkpointing and compile as configured,
-    and autocast's repeated casts done once (`casts.cast_once`; without `weights`: on the meta device,
-    see `load_model`)."""
+    and, under bf16, autocast's repeated casts done once (`casts.cast_once`; without `weights`: on the
+    meta device, see `load_model`)."""
     from onepass.train.step import uses_bf16
 
-    model = load_model(config.model, device, weights=weights,
-                       compute_dtype=torch.bfloat16 if uses_bf16(config.precision, device) else torch.float32)
+    bf16 = uses_bf16(config.precision, device)
+    model = load_model(config.model, device, weights=weights, compute_dtype=torch.bfloat16 if bf16 else torch.float32)
     if announce:
         print(describe_attention(model.config._attn_implementation), file=sys.stderr)
     if config.lora.enabled:
@@ -253,7 +253,8 @@ def build_model(config: TrainConfig, device: torch.device, announce: bool = Fals
         enable_activation_checkpointing(model)
         if config.lora.enabled:
             model.enable_input_require_grads()
-    cast_once(model)
+    if bf16:  # under autocast only; elsewhere the hooks would be a Python call per layer for nothing
+        cast_once(model)
     if config.compile:
         backbone_and_head(model)[0].compile()
     model.train()
