@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from onepass.demo.tiny import build_model
-from onepass.train.casts import SharedInputCast, cast_once, is_rotary
+from onepass.train.casts import SharedInputCast, cast_once, is_rotary, share_input_casts
 from onepass.train.model import use_packed_attention
 
 HIDDEN = 64
@@ -31,14 +31,6 @@ class ActivationCasts(TorchDispatchMode):
 
 def tiny(seed: int = 0):
     return use_packed_attention(build_model(None, vocab_size=100, hidden_size=HIDDEN, seed=seed))
-
-
-def only_shared_linear_casts(model):
-    shared = SharedInputCast()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.register_forward_pre_hook(shared)
-    return model
 
 
 def forward_backward(model, ids, autocast: bool = True):
@@ -69,7 +61,7 @@ def test_a_shared_cast_computes_the_same_forward_pass_and_gradients_to_bf16_prec
     torch.manual_seed(0)
     ids = torch.randint(3, 100, (2, 24))
     plain_logits, plain_grads = forward_backward(tiny(), ids)
-    shared_logits, shared_grads = forward_backward(only_shared_linear_casts(tiny()), ids)
+    shared_logits, shared_grads = forward_backward(share_input_casts(tiny()), ids)
     assert torch.equal(plain_logits, shared_logits)  # the same rounding as autocast's own casts
     for name, grad in plain_grads.items():  # the input's gradient parts are summed in bf16 before its cast
         torch.testing.assert_close(shared_grads[name], grad, rtol=2e-2, atol=2e-2 * grad.abs().max().item())

@@ -3,11 +3,16 @@ logit scale, cross-entropy, autograd."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from onepass.train.loss import LossWorkspace, _FusedLinearNLL, _fused_chunks
+from onepass.data.types import Example
+from onepass.train.batch import collate
+from onepass.train.loss import LossWorkspace, SFTObjective, _FusedLinearNLL, _fused_chunks, sft_loss
+from onepass.train.model import backbone_and_head, use_packed_attention
 
 
 def reference(hidden, weight, targets, coefficients, scale):
@@ -119,10 +124,6 @@ def test_without_gradients_only_the_nll_is_computed():
 
 
 def tied_model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from onepass.train.model import use_packed_attention
-
     config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=2, tie_word_embeddings=True)
     torch.manual_seed(seed)
@@ -143,12 +144,6 @@ def test_a_tied_output_layer_gets_the_embedding_rows_added_into_the_loss_gradien
     """With the output layer tied to the input embedding, the embedding's backward adds its rows into the
     fused loss's weight gradient (`TiedGradient`) instead of autograd making a dense zeros gradient and
     adding the two: the same gradient, the padding id's row included (it gets the output layer's part only)."""
-    import numpy as np
-
-    from onepass.data.types import Example
-    from onepass.train.batch import collate
-    from onepass.train.loss import SFTObjective, sft_loss
-
     rng = np.random.default_rng(0)
     examples = []
     for length in (9, 14, 6):
@@ -176,13 +171,6 @@ def test_a_tied_output_layer_gets_the_embedding_rows_added_into_the_loss_gradien
 def test_a_compiled_trunk_leaves_a_tied_output_layer_to_autograd_with_the_same_gradients():
     """torch.compile does not replay `TiedGradient`'s state from a traced graph, so under it the tie
     stands aside and autograd sums the two gradients (before, the compiled run lost a part)."""
-    import numpy as np
-
-    from onepass.data.types import Example
-    from onepass.train.batch import collate
-    from onepass.train.loss import SFTObjective
-    from onepass.train.model import backbone_and_head
-
     rng = np.random.default_rng(1)
     examples = [Example(rng.integers(3, 50, n).astype(np.int32), np.ones(n, dtype=np.int8), np.zeros(n, np.int32))
                 for n in (11, 7)]

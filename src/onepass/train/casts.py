@@ -69,15 +69,22 @@ def is_rotary(module: Any) -> bool:
     return type(module).__name__.endswith("RotaryEmbedding")
 
 
-def cast_once(model: Any) -> Any:
-    """Install both hooks on every linear layer and rotary-embedding module of `model` (once)."""
-    if getattr(model, HOOKED, False):
-        return model
+def share_input_casts(model: Any) -> Any:
+    """One `SharedInputCast` on every linear layer of `model`."""
     shared = SharedInputCast()
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.register_forward_pre_hook(shared)
-        elif is_rotary(module):
+    return model
+
+
+def cast_once(model: Any) -> Any:
+    """Install both hooks on every linear layer and rotary-embedding module of `model` (once)."""
+    if getattr(model, HOOKED, False):
+        return model
+    share_input_casts(model)
+    for module in model.modules():
+        if is_rotary(module):
             module.register_forward_hook(_rotary_in_compute_dtype)
     setattr(model, HOOKED, True)
     return model
