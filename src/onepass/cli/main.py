@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from onepass import allocator
 from onepass.cli import chat, data, demo, score, train
 from onepass.errors import OnepassError
 
 COMMANDS = (train, data, score, chat, demo)  # each has add_parsers(subparsers)
+RUN_MODELS = ("train", "score", "chat", "demo")  # these start again on mimalloc (see onepass.allocator)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if argv is None and args.command in RUN_MODELS:  # a command line, not a call from Python
+            allocator.restart_on_mimalloc()
         return args.handler(args)
     except OnepassError as error:
         if args.debug:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import yaml
 
+from onepass import allocator
 from onepass.compat import bound_kernel_caches, keep_freed_memory
 from onepass.config import TrainConfig, to_dict
 from onepass.data.cache import PreparedData
@@ -67,7 +68,8 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
     preparation, and data checks before the model is loaded. Given pieces are used as they are."""
     cluster = distributed.init()  # joins torchrun's process group if there is one (once)
     if cluster.device.type == "cpu":
-        keep_freed_memory()  # each step re-allocates the same large tensors: reuse them, do not re-fault them
+        if allocator.active() == "system":
+            keep_freed_memory()  # each step re-allocates the same large tensors: reuse them, do not re-fault them
         bound_kernel_caches()  # before the first matmul: packed rows' new lengths would fill them
     torch.manual_seed(config.seed)  # the same initial weights (e.g. LoRA adapters) on every rank
     if model is None:
@@ -111,6 +113,8 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
         print(describe_precision(config.precision, cluster.device)
               + ("; FSDP2 gathers parameters in bf16 and reduces gradients in fp32" if sharded_bf16 else ""),
               file=sys.stderr)
+        if cluster.device.type == "cpu":
+            print(allocator.describe(), file=sys.stderr)
     return Run(config, cluster, tokenizer, template, train_data, plan, total_steps, model, objective, optimizer,
                scheduler, step_options, checkpointer, evaluator, early_stopping, samples)
 
