@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import MODEL, run_child, run_trl, setup  # noqa: E402  (same model, data and TRL set-up)
+from train_throughput import MODEL, on_mimalloc, run_child, run_trl, setup  # noqa: E402  (shared set-up)
 
 
 def run_onepass(work: Path, max_seq_len: int, rows_per_rank: int, strategy: str) -> dict:
@@ -82,7 +82,7 @@ def launch(run: str, nproc: int, args: argparse.Namespace, work: str) -> dict:
     env = {**os.environ, "ONEPASS_CACHE": work}
     if nproc > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    return run_child(run, [*launcher, *script], env)
+    return run_child(run, [*launcher, *script], on_mimalloc(env) if run.startswith("onepass") else env)
 
 
 def main() -> None:

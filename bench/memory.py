@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="gradient_checkpointing: true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    from onepass import allocator
+
+    allocator.restart_on_mimalloc()  # the allocator `onepass train` runs on (ONEPASS_ALLOCATOR=system: glibc's)
     stages = {"python + imports": None}
     import torch
 
@@ -77,7 +80,7 @@ def main() -> None:
     }
     peak = peak_mib()
     rest = peak - stages["python + imports"] - sum(counted.values())
-    print(f"{args.precision}: peak RSS {peak:,.0f} MiB")
+    print(f"{args.precision}: peak RSS {peak:,.0f} MiB ({allocator.active()} allocator)")
     print("  resident memory by stage:")
     for name, value in stages.items():
         print(f"    {name:52s} {value:8,.0f} MiB")
@@ -87,7 +90,8 @@ def main() -> None:
         print(f"    {name:52s} {value:8,.0f} MiB")
     print(f"    {'activations, data, allocator slack (the rest)':52s} {rest:8,.0f} MiB")
     out = Path(args.out or f"bench/results/memory_{args.precision}{'_ckpt' * args.checkpointing}.json")
-    out.write_text(json.dumps({"precision": args.precision, "checkpointing": args.checkpointing,
+    out.write_text(json.dumps({"precision": args.precision, "allocator": allocator.active(),
+                               "checkpointing": args.checkpointing,
                                "peak_rss_mib": peak, "stages_mib": stages, "counted_mib": counted,
                                "rest_mib": rest}, indent=2) + "\n")
 

@@ -39,6 +39,7 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from onepass import allocator
     from onepass.train.step import train_step
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    allocator.restart_on_mimalloc()  # the allocator `onepass train` runs on (ONEPASS_ALLOCATOR=system: glibc's)
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as temp:
         work = Path(temp)
@@ -70,7 +72,8 @@ def main() -> None:
     for name, value in rows.items():
         print(f"  {name:40s} {value:8.2f}  {value / wall:6.1%}")
     out = Path(args.out or f"bench/results/profile_step_{args.precision}.json")
-    out.write_text(json.dumps({"precision": args.precision, "steps": args.steps, "wall_seconds": wall,
+    out.write_text(json.dumps({"precision": args.precision, "allocator": allocator.active(), "steps": args.steps,
+                               "wall_seconds": wall,
                                "cpu_seconds_by_category": rows}, indent=2) + "\n")
 
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_throughput import run_child  # noqa: E402  (one helper runs every benchmark child)
+from train_throughput import on_mimalloc, run_child  # noqa: E402  (one helper runs every benchmark child)
 
 TAGGED_SMOLLM2 = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -155,8 +155,10 @@ def run_trl(work: Path, model_dir: str, max_seq_len: int, tokens_per_step: int, 
             "steps": counts["steps"] - 1, "batch": batch}
 
 
+# onepass runs on the allocator `onepass train` starts on (mimalloc, onepass.allocator); TRL as its users
+# run it (the C library's malloc) and, like for like, on mimalloc too (`trl_mimalloc`)
 RUNS = tuple(f"{tool}-{precision}" for precision in ("fp32", "bf16")
-             for tool in ("onepass", "trl", "onepass_ckpt", "trl_ckpt"))
+             for tool in ("onepass", "trl", "onepass_ckpt", "trl_ckpt", "trl_mimalloc"))
 
 
 def main() -> None:
@@ -175,9 +177,10 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        tool, precision = args.run.split("-")  # tool: onepass, trl or trl_liger, "_ckpt": activation checkpointing
+        # tool: onepass, trl or trl_liger; "_ckpt": activation checkpointing; "_mimalloc": the parent's choice
+        tool, precision = args.run.split("-")
         checkpointing = tool.endswith("_ckpt")
-        tool = tool.removesuffix("_ckpt")
+        tool = tool.removesuffix("_ckpt").removesuffix("_mimalloc")
         tokens_per_step = args.rows_per_step * args.max_seq_len
         result = run_onepass(Path(args.work), args.model_dir, args.max_seq_len, args.rows_per_step, precision,
                              checkpointing) \
@@ -195,7 +198,9 @@ def main() -> None:
             command = [sys.executable, __file__, "--run", run, "--work", temp, "--model-dir", str(model_dir),
                        "--max-seq-len", str(args.max_seq_len), "--rows-per-step", str(args.rows_per_step),
                        "--threads", str(args.threads)]
-            results[run] = result = run_child(run, command, {**os.environ, "ONEPASS_CACHE": temp})
+            env = {**os.environ, "ONEPASS_CACHE": temp}
+            on = run.startswith("onepass") or "_mimalloc" in run
+            results[run] = result = run_child(run, command, on_mimalloc(env) if on else env)
             print(f"{run:18s} {result['seconds']:7.1f} s  {result['tokens_per_sec']:7,.0f} tok/s  "
                   f"{result['trained_tokens_per_sec']:7,.0f} trained tok/s  peak RSS {result['peak_rss_mib']:,.0f} MiB")
     summary = {}
@@ -211,6 +216,12 @@ def main() -> None:
             if not suffix:
                 summary[f"onepass_model_flops_share_of_linear_peak_{precision}"] = \
                     one["model_flops"] / one["seconds"] / one["matmul_peak_flops"]
+                trl_mimalloc = results.get(f"trl_mimalloc-{precision}")
+                if trl_mimalloc is not None:  # both on the same allocator
+                    summary[f"tokens_per_sec_ratio_vs_trl_mimalloc_{precision}"] = \
+                        one["tokens_per_sec"] / trl_mimalloc["tokens_per_sec"]
+                    summary[f"peak_rss_ratio_vs_trl_mimalloc_{precision}"] = \
+                        one["peak_rss_mib"] / trl_mimalloc["peak_rss_mib"]
     for key, value in summary.items():
         print(f"{key}: {value:.2f}")
     results["summary"] = summary

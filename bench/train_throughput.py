@@ -116,6 +116,14 @@ def run_trl(work: Path, max_seq_len: int, rows_per_step: int, packing: bool) -> 
             "padding_tokens": counts["padding"], "steps": result.global_step, "batch": batch}
 
 
+def on_mimalloc(env: dict[str, str]) -> dict[str, str]:
+    """A child's environment on the allocator `onepass train` starts on (onepass.allocator: mimalloc where
+    it is installed, unless ONEPASS_ALLOCATOR=system)."""
+    from onepass import allocator
+
+    return allocator.preload_environment(env) or env
+
+
 def run_child(name: str, command: list[str], env: dict[str, str]) -> dict:
     """Run one measured configuration in its own process; its `RESULT {...}` line, with rates added."""
     output = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -172,7 +180,8 @@ def main() -> None:
         for run in ("onepass", "trl", "trl-packing"):
             command = [sys.executable, __file__, "--run", run, "--work", temp, "--max-seq-len", str(args.max_seq_len),
                        "--rows-per-step", str(args.rows_per_step)]
-            result = run_child(run, command, {**os.environ, "ONEPASS_CACHE": temp})
+            env = {**os.environ, "ONEPASS_CACHE": temp}
+            result = run_child(run, command, on_mimalloc(env) if run == "onepass" else env)
             results[run] = result
             print(f"{run:12s} {result['seconds']:7.1f} s  {result['tokens_per_sec']:9,.0f} tok/s  "
                   f"{result['trained_tokens_per_sec']:9,.0f} trained tok/s  padding {result['padding_tokens']:,}  "
