@@ -27,7 +27,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BENCH))
 from real_model import TAGGED_SMOLLM2  # noqa: E402
-from train_throughput import run_child  # noqa: E402
+from train_throughput import on_mimalloc, run_child  # noqa: E402
 
 UNTAGGED = TAGGED_SMOLLM2.replace("{% generation %}", "").replace("{% endgeneration %}", "")
 LLAMA_05B = dict(hidden_size=1024, num_layers=24, num_heads=16, num_kv_heads=8, intermediate_size=4096,
@@ -110,7 +110,8 @@ def throughput(work: Path, name: str, model_dir: Path, dry_run: bool) -> dict:
         command = [sys.executable, str(BENCH / "real_model.py"), "--run", f"{tool}-bf16", "--work", str(work),
                    "--model-dir", str(model_dir), "--max-seq-len", "1024" if dry_run else "2048",
                    "--rows-per-step", "2" if dry_run else "8", "--threads", str(os.cpu_count() or 1)]
-        results[tool] = result = run_child(f"{name} {tool}", command, {**os.environ, "ONEPASS_CACHE": str(work)})
+        env = {**os.environ, "ONEPASS_CACHE": str(work)}  # onepass on the allocator `onepass train` starts on
+        results[tool] = result = run_child(f"{name} {tool}", command, on_mimalloc(env) if tool == "onepass" else env)
         result["mfu"] = result["model_flops"] / result["seconds"] / result["matmul_peak_flops"] \
             if "model_flops" in result else None
     return results
