@@ -12,6 +12,11 @@ FLOPs/s against the matmul peak of the same precision measured in the same proce
 own shapes.
 
     .venv/bin/python bench/real_model.py [--conversations 160] [--max-seq-len 512] [--runs onepass-bf16,trl-bf16]
+
+The allocator alone (onepass on mimalloc, as `onepass train` runs, against the C library's malloc):
+
+    .venv/bin/python bench/real_model.py --runs onepass_glibc-bf16,onepass-bf16,onepass_glibc-fp32,onepass-fp32 \
+        --out bench/results/allocator.json
 """
 
 from __future__ import annotations
@@ -177,10 +182,11 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        # tool: onepass, trl or trl_liger; "_ckpt": activation checkpointing; "_mimalloc": the parent's choice
+        # tool: onepass, trl or trl_liger; "_ckpt": activation checkpointing; "_mimalloc" (TRL on mimalloc) and
+        # "_glibc" (onepass on the C library's malloc): the parent sets the environment
         tool, precision = args.run.split("-")
         checkpointing = tool.endswith("_ckpt")
-        tool = tool.removesuffix("_ckpt").removesuffix("_mimalloc")
+        tool = tool.removesuffix("_ckpt").removesuffix("_mimalloc").removesuffix("_glibc")
         tokens_per_step = args.rows_per_step * args.max_seq_len
         result = run_onepass(Path(args.work), args.model_dir, args.max_seq_len, args.rows_per_step, precision,
                              checkpointing) \
@@ -199,6 +205,8 @@ def main() -> None:
                        "--max-seq-len", str(args.max_seq_len), "--rows-per-step", str(args.rows_per_step),
                        "--threads", str(args.threads)]
             env = {**os.environ, "ONEPASS_CACHE": temp}
+            if "_glibc" in run:
+                env["ONEPASS_ALLOCATOR"] = "system"
             on = run.startswith("onepass") or "_mimalloc" in run
             results[run] = result = run_child(run, command, on_mimalloc(env) if on else env)
             print(f"{run:18s} {result['seconds']:7.1f} s  {result['tokens_per_sec']:7,.0f} tok/s  "

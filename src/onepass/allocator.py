@@ -4,9 +4,9 @@ A CPU training step frees and re-allocates thousands of tensors of 1-6 MB (activ
 gradients, bf16 copies), at new sizes every step as packed rows change length. glibc's malloc serves
 them all from one heap and splits and merges its free blocks, so the heap ends up ~0.7 GB larger than
 what is in use at once (SmolLM2-135M, bf16: 2.6 GB in use at the peak, 3.4 GB of heap). mimalloc keeps
-freed blocks in pages of one size class and hands them out again: the same run is 13-19% faster in bf16
-and 4-7% in fp32, with a slightly lower peak (bench/real_model.py; PyTorch's CPU tuning guide recommends
-a preloaded jemalloc or tcmalloc for the same reason).
+freed blocks in pages of one size class and hands them out again: the same bf16 run is 13-25% faster
+with a slightly lower peak; fp32 is within noise (bench/real_model.py's onepass_glibc runs; PyTorch's CPU
+tuning guide recommends a preloaded jemalloc or tcmalloc for the same reason).
 
 An allocator must be in place before the process's first malloc, so it cannot be switched on from
 Python: `onepass train`, `score`, `chat` and `demo` start again once, in the same process (same pid, so
