@@ -54,6 +54,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/profile_step.py --precision fp32
 	$(BIN)/python bench/memory.py --precision bf16
 	$(BIN)/python bench/memory.py --precision fp32
+	$(BIN)/python bench/heap_slack.py --precision bf16
+	$(BIN)/python bench/real_model.py --runs onepass_glibc-bf16,onepass-bf16,onepass_glibc-fp32,onepass-fp32 --out bench/results/allocator.json
 	$(BIN)/python bench/attention_blocks.py
 	$(BIN)/python bench/tree_speedup.py
 

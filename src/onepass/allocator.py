@@ -2,8 +2,8 @@
 
 A CPU training step frees and re-allocates thousands of tensors of 1-6 MB (activations, their
 gradients, bf16 copies), at new sizes every step as packed rows change length. glibc's malloc serves
-them all from one heap and splits and merges its free blocks, so the heap ends up ~0.7 GB larger than
-what is in use at once (SmolLM2-135M, bf16: 2.6 GB in use at the peak, 3.4 GB of heap). mimalloc keeps
+them all from one heap and splits and merges its free blocks, so it holds ~1 GB more than is ever in
+use at once (SmolLM2-135M, bf16: 2.6 GB in use at the peak, 3.6 GB held; bench/heap_slack.py). mimalloc keeps
 freed blocks in pages of one size class and hands them out again: the same bf16 run is 13-25% faster
 with a slightly lower peak; fp32 is within noise (bench/real_model.py's onepass_glibc runs; PyTorch's CPU
 tuning guide recommends a preloaded jemalloc or tcmalloc for the same reason).
