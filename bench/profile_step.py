@@ -36,18 +36,20 @@ def category(name: str) -> str:
 
 
 def main() -> None:
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
     from onepass import allocator
-    from onepass.train.step import train_step
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    allocator.restart_on_mimalloc()  # the allocator `onepass train` runs on (ONEPASS_ALLOCATOR=system: glibc's)
+    # the allocator `onepass train` runs on (ONEPASS_ALLOCATOR=system: glibc's); before torch is imported
+    allocator.restart_on_mimalloc()
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from onepass.train.step import train_step
+
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as temp:
         work = Path(temp)
