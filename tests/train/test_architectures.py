@@ -88,3 +88,25 @@ def test_packed_log_probs_equal_the_models_own_forward_on_each_conversation_alon
     np.testing.assert_allclose(-nll.double().numpy(), expected, rtol=0, atol=1e-5)
     scored = np.concatenate(token_logprobs(model, examples))  # the scoring path
     np.testing.assert_allclose(scored, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(configs()))
+def test_lean_activations_give_every_architecture_the_same_loss_and_gradients(name):
+    """Norms and MLPs that keep fewer tensors for backward (where their arithmetic is Llama's) change
+    nothing the loss or the optimizer sees."""
+    from onepass.train.activations import lean_activations
+
+    batch = collate(conversations())
+    results = []
+    for lean in (False, True):
+        model = use_packed_attention(build(name).train())
+        if lean:
+            lean_activations(model)
+        nll, _ = label_nll(model, batch)
+        nll.sum().backward()
+        results.append((nll.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (plain_nll, plain_grads), (lean_nll, lean_grads) = results
+    assert torch.equal(plain_nll, lean_nll)
+    assert plain_grads.keys() == lean_grads.keys()
+    for key, grad in plain_grads.items():
+        torch.testing.assert_close(lean_grads[key], grad, rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from onepass.demo.tiny import build_model
-from onepass.train.casts import SharedInputCast, cast_once, is_rotary, share_input_casts
+from onepass.train.casts import SharedInputCast, cast_once, is_rotary, recast_weights, share_input_casts
 from onepass.train.model import use_packed_attention
 
 HIDDEN = 64
@@ -65,6 +65,33 @@ def test_a_shared_cast_computes_the_same_forward_pass_and_gradients_to_bf16_prec
     assert torch.equal(plain_logits, shared_logits)  # the same rounding as autocast's own casts
     for name, grad in plain_grads.items():  # the input's gradient parts are summed in bf16 before its cast
         torch.testing.assert_close(shared_grads[name], grad, rtol=2e-2, atol=2e-2 * grad.abs().max().item())
+
+
+def saved_bytes(model, ids) -> int:
+    """Bytes autograd keeps for backward under bf16 autocast, each storage once, parameters left out."""
+    parameters, storages = {p.data_ptr() for p in model.parameters()}, {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in parameters:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids).logits.float().sum().backward()
+    return sum(storages.values())
+
+
+def test_linear_layers_keep_their_fp32_weight_for_backward_not_a_bf16_copy():
+    ids = torch.randint(3, 100, (2, 24))
+    plain_logits, plain_grads = forward_backward(share_input_casts(tiny()), ids)
+    recast_logits, recast_grads = forward_backward(recast_weights(share_input_casts(tiny())), ids)
+    assert torch.equal(plain_logits, recast_logits)
+    for name, grad in plain_grads.items():  # the same bf16 matmuls; only their summation order may differ
+        torch.testing.assert_close(recast_grads[name], grad, rtol=1e-2, atol=1e-3 * grad.abs().max().item())
+    model = share_input_casts(tiny())
+    copies = sum(m.weight.numel() * 2 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert saved_bytes(model, ids) - saved_bytes(recast_weights(share_input_casts(tiny())), ids) == copies
 
 
 def test_a_tensor_changed_in_place_between_two_readers_is_cast_again():

@@ -14,6 +14,7 @@ import torch
 
 from onepass.compat import enable_activation_checkpointing
 from onepass.errors import OnepassError
+from onepass.train.activations import lean_activations
 from onepass.train.batch import LAYOUT_KWARG
 from onepass.train.casts import cast_once
 from onepass.train.layout import AttentionLayout, TreeBlocks
@@ -232,8 +233,9 @@ def use_tree_attention(model: Any) -> None:
 
 def build_model(config: TrainConfig, device: torch.device, announce: bool = False, weights: bool = True) -> Any:
     """The model to train: loaded, with LoRA adapters, activation checkpointing and compile as configured,
-    and, under bf16, autocast's repeated casts done once (`casts.cast_once`; without `weights`: on the
-    meta device, see `load_model`)."""
+    norms and MLPs that keep fewer activations for backward (`activations.lean_activations`), and, under
+    bf16, autocast's repeated casts done once and its weight copies not kept (`casts.cast_once`; without
+    `weights`: on the meta device, see `load_model`)."""
     from onepass.train.step import uses_bf16
 
     bf16 = uses_bf16(config.precision, device)
@@ -253,6 +255,7 @@ def build_model(config: TrainConfig, device: torch.device, announce: bool = Fals
         enable_activation_checkpointing(model)
         if config.lora.enabled:
             model.enable_input_require_grads()
+    lean_activations(model)
     if bf16:  # under autocast only; elsewhere the hooks would be a Python call per layer for nothing
         cast_once(model)
     if config.compile:

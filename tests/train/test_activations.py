@@ -1,0 +1,139 @@
+"""Leaner saved activations: the same forward pass bit for bit, the same gradients to float rounding,
+and fewer bytes kept for the backward pass (counted, not timed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from onepass.demo.tiny import build_model
+from onepass.train.activations import RMSNormFunction, SwiGLUFunction, lean_activations
+from onepass.train.casts import cast_once
+from onepass.train.model import use_packed_attention
+
+HIDDEN, INTERMEDIATE, LAYERS = 64, 160, 2
+
+
+def tiny():
+    model = build_model(None, vocab_size=100, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                        num_layers=LAYERS)
+    return use_packed_attention(model)
+
+
+def forward_backward(model, ids, autocast: bool):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids).logits
+    logits.float().square().mean().backward()
+    return logits.detach().float(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Bytes autograd keeps for backward, each storage once, parameters (kept anyway) left out."""
+
+    def __init__(self, model) -> None:
+        self.parameters = {p.data_ptr() for p in model.parameters()}
+        self.storages: dict[int, int] = {}
+        super().__init__(self.pack, lambda tensor: tensor)
+
+    def pack(self, tensor):
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in self.parameters:
+            self.storages[pointer] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def saved_bytes(model, ids, autocast: bool) -> int:
+    saved = SavedBytes(model)
+    with saved, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model(input_ids=ids).logits.float().sum().backward()
+    return saved.total
+
+
+def test_lean_norms_and_mlps_compute_the_same_forward_pass_and_the_same_gradients_in_fp32():
+    ids = torch.randint(3, 100, (2, 24))
+    plain_logits, plain_grads = forward_backward(tiny(), ids, autocast=False)
+    model = tiny()
+    assert lean_activations(model) == 3 * LAYERS + 1  # two norms and an MLP a layer, and the final norm
+    lean_logits, lean_grads = forward_backward(model, ids, autocast=False)
+    assert torch.equal(plain_logits, lean_logits)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_lean_norms_and_mlps_compute_the_same_forward_pass_and_the_same_gradients_under_bf16_autocast():
+    ids = torch.randint(3, 100, (2, 24))
+    plain_logits, plain_grads = forward_backward(cast_once(tiny()), ids, autocast=True)
+    model = tiny()
+    lean_activations(model)
+    lean_logits, lean_grads = forward_backward(cast_once(model), ids, autocast=True)
+    assert torch.equal(plain_logits, lean_logits)
+    for name, grad in plain_grads.items():  # the same bf16 roundings; only the fp32 norm's sums may differ
+        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-2, atol=1e-3 * grad.abs().max().item())
+
+
+def test_each_layer_keeps_its_norms_normalised_outputs_and_its_mlps_activation_and_product_no_more():
+    ids = torch.randint(3, 100, (1, 24))
+    plain = saved_bytes(tiny(), ids, autocast=False)
+    model = tiny()
+    lean_activations(model)
+    lean = saved_bytes(model, ids, autocast=False)
+    tokens = ids.numel()
+    # per token: each norm drops its fp32 normalised output (the final norm too), each MLP SiLU's
+    # output and the down projection's input (fp32 here)
+    assert plain - lean == tokens * 4 * ((2 * LAYERS + 1) * HIDDEN + LAYERS * 2 * INTERMEDIATE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_norm_function_equals_transformers_llama_rmsnorm(dtype):
+    """fp32 is the residual stream under autocast; bf16 inputs reach Qwen3's query and key norms."""
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(HIDDEN, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(HIDDEN) * 0.1)
+    x = torch.randn(3, 5, HIDDEN, dtype=dtype, requires_grad=True)
+    grad = torch.randn(3, 5, HIDDEN)
+    expected = norm(x)
+    expected_x, expected_weight = torch.autograd.grad(expected, (x, norm.weight), grad)
+    out = RMSNormFunction.apply(x, norm.weight, norm.variance_epsilon)
+    got_x, got_weight = torch.autograd.grad(out, (x, norm.weight), grad)
+    assert out.dtype == expected.dtype and torch.equal(out, expected)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got_x, expected_x, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(got_weight, expected_weight, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_swiglu_function_with_a_biased_down_projection_equals_the_modules_autograd(autocast):
+    torch.manual_seed(0)
+    gate, up = torch.nn.Linear(HIDDEN, INTERMEDIATE), torch.nn.Linear(HIDDEN, INTERMEDIATE)
+    down = torch.nn.Linear(INTERMEDIATE, HIDDEN)
+    x = torch.randn(2, 7, HIDDEN, requires_grad=True)
+    parameters = (x, *gate.parameters(), *up.parameters(), *down.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        expected = down(torch.nn.functional.silu(gate(x)) * up(x))
+        out = SwiGLUFunction.apply(gate(x), up(x), down.weight, down.bias)
+    grad = torch.randn_like(expected)
+    assert out.dtype == expected.dtype and torch.equal(out, expected)
+    for got, want in zip(torch.autograd.grad(out, parameters, grad), torch.autograd.grad(expected, parameters, grad)):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_norm_with_other_arithmetic_and_a_lora_wrapped_mlp_keep_their_own_forward():
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GemmaConfig
+
+    gemma = AutoModelForCausalLM.from_config(GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                         num_hidden_layers=1, num_attention_heads=4,
+                                                         num_key_value_heads=2, head_dim=8))
+    assert lean_activations(gemma) == 0  # Gemma's norm scales by 1 + weight, its MLP runs GELU
+    lora = get_peft_model(tiny(), LoraConfig(r=4, target_modules=["down_proj"], task_type="CAUSAL_LM"))
+    assert lean_activations(lora) == 2 * LAYERS + 1  # the norms only
+    mlp = lora.get_base_model().model.layers[0].mlp
+    assert "forward" not in vars(mlp)
