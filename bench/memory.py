@@ -1,7 +1,8 @@
 """Where a training run's memory goes, on the real model (SmolLM2-135M-Instruct, the data and step size
 of bench/real_model.py): resident memory measured at each stage of one process, and the parts that
-can be counted exactly (weights, gradients, AdamW state, bf16 weight copies under autocast, the loss
-chunk's logits and the output layer's gradient); the rest of the peak is activations, allocator slack and the runtime.
+can be counted exactly (weights, gradients, AdamW state, the loss chunk's logits and the output layer's
+gradient, the activations a step keeps for its backward pass, counted by a saved-tensors hook); the
+rest of the peak is data, allocator slack and what the runtime grows by (kernel caches, threads).
 
     .venv/bin/python bench/memory.py [--precision bf16|fp32] [--checkpointing]
 """
@@ -45,6 +46,7 @@ def main() -> None:
     stages = {"python + imports": None}
     import torch
 
+    from onepass.train.activations import SavedBytes
     from onepass.train.step import train_step
 
     torch.set_num_threads(2)
@@ -56,8 +58,13 @@ def main() -> None:
         config = run.config
         stages["+ data and model (build_run)"] = rss_mib()
         steps = args.steps or run.plan.steps_per_epoch
+        activations = 0  # the most bytes a step's forward pass kept for its backward pass
         for step in range(steps):
-            train_step(run.objective, run.optimizer, run.scheduler, run.plan.step_batches(step), run.step_options)
+            saved = SavedBytes(run.model.parameters())
+            with saved:
+                train_step(run.objective, run.optimizer, run.scheduler, run.plan.step_batches(step),
+                           run.step_options)
+            activations = max(activations, saved.total)
             if step < 2 or (step + 1) % 10 == 0 or step + 1 == steps:
                 stages[f"after step {step + 1}"] = rss_mib()
         parameters = sum(p.numel() for p in run.model.parameters())
@@ -65,35 +72,43 @@ def main() -> None:
         vocab, width = run.model.get_output_embeddings().weight.shape
         chunk = min(config.loss_chunk_size, max(b.num_trained_tokens for s in range(steps)
                                                  for b in run.plan.step_batches(s)))
-    counted = {
+    held = {
+        "python, torch, transformers (after imports)": stages["python + imports"],
         "weights (fp32)": parameters * 4 / MIB,
-        "gradients (fp32, freed after each step)": trainable * 4 / MIB,
         "AdamW state (fp32 exp_avg + exp_avg_sq)": trainable * 8 / MIB,
-        "bf16 weight copies (autocast cache, per micro-batch)": parameters * 2 / MIB if args.precision == "bf16"
-        else 0.0,
+        # (no bf16 copy of the decoder's weights: linear layers keep their fp32 weight for backward and
+        # cast it again there, casts.recast_weights; the output layer's bf16 copy is the loss's, below)
+    }
+    step_parts = {
+        "activations kept for backward (the largest step's)": activations / MIB,
         # the fused loss: one chunk's logits in the compute dtype, overwritten by their gradient (the fp32
         # softmax runs 4 MiB of rows at a time), and the output layer's gradient made in forward, in fp32
         # (under bf16 also its bf16 matmul output before the cast)
         "loss chunk: logits and their gradient, output-layer gradient": (
             chunk * vocab * (2 if args.precision == "bf16" else 4)
             + vocab * width * (6 if args.precision == "bf16" else 4)) / MIB,
+        "gradients (fp32, made in backward, freed after the step)": trainable * 4 / MIB,
     }
     peak = peak_mib()
-    rest = peak - stages["python + imports"] - sum(counted.values())
+    step = peak - sum(held.values())
+    other = step - sum(step_parts.values())
     print(f"{args.precision}: peak RSS {peak:,.0f} MiB ({allocator.active()} allocator)")
     print("  resident memory by stage:")
     for name, value in stages.items():
-        print(f"    {name:52s} {value:8,.0f} MiB")
-    print("  parts of the peak:")
-    print(f"    {'python, torch, transformers (after imports)':52s} {stages['python + imports']:8,.0f} MiB")
-    for name, value in counted.items():
-        print(f"    {name:52s} {value:8,.0f} MiB")
-    print(f"    {'activations, data, allocator slack (the rest)':52s} {rest:8,.0f} MiB")
+        print(f"    {name:60s} {value:8,.0f} MiB")
+    print(f"  held through the run: {sum(held.values()):,.0f} MiB")
+    for name, value in held.items():
+        print(f"    {name:60s} {value:8,.0f} MiB")
+    print(f"  what a step adds at the peak: {step:,.0f} MiB")
+    for name, value in step_parts.items():
+        print(f"    {name:60s} {value:8,.0f} MiB")
+    # negative when the parts were not all alive at once (gradients fill as activations are freed)
+    print(f"    {'the rest (data, allocator slack, runtime growth)':60s} {other:8,.0f} MiB")
     out = Path(args.out or f"bench/results/memory_{args.precision}{'_ckpt' * args.checkpointing}.json")
     out.write_text(json.dumps({"precision": args.precision, "allocator": allocator.active(),
-                               "checkpointing": args.checkpointing,
-                               "peak_rss_mib": peak, "stages_mib": stages, "counted_mib": counted,
-                               "rest_mib": rest}, indent=2) + "\n")
+                               "checkpointing": args.checkpointing, "peak_rss_mib": peak, "stages_mib": stages,
+                               "held_mib": held, "step_mib": step, "step_parts_mib": step_parts,
+                               "rest_mib": other}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from onepass.demo.tiny import build_model
-from onepass.train.activations import RMSNormFunction, SwiGLUFunction, lean_activations
+from onepass.train.activations import RMSNormFunction, SavedBytes, SwiGLUFunction, lean_activations
 from onepass.train.casts import cast_once
 from onepass.train.model import use_packed_attention
 
@@ -29,27 +29,8 @@ def forward_backward(model, ids, autocast: bool):
     return logits.detach().float(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
-    """Bytes autograd keeps for backward, each storage once, parameters (kept anyway) left out."""
-
-    def __init__(self, model) -> None:
-        self.parameters = {p.data_ptr() for p in model.parameters()}
-        self.storages: dict[int, int] = {}
-        super().__init__(self.pack, lambda tensor: tensor)
-
-    def pack(self, tensor):
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer not in self.parameters:
-            self.storages[pointer] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
-
-
 def saved_bytes(model, ids, autocast: bool) -> int:
-    saved = SavedBytes(model)
+    saved = SavedBytes(model.parameters())
     with saved, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         model(input_ids=ids).logits.float().sum().backward()
     return saved.total
@@ -137,3 +118,19 @@ def test_a_norm_with_other_arithmetic_and_a_lora_wrapped_mlp_keep_their_own_forw
     assert lean_activations(lora) == 2 * LAYERS + 1  # the norms only
     mlp = lora.get_base_model().model.layers[0].mlp
     assert "forward" not in vars(mlp)
+
+
+def test_the_training_model_keeps_fewer_activations_and_no_weight_copies_unless_it_checkpoints(run_assets, tmp_path):
+    """Under activation checkpointing one layer's activations are alive at a time: nothing to gain."""
+    from conftest import make_config
+
+    from onepass.train.model import build_model as build_training_model
+
+    for checkpointing, lean in (("false", True), ("true", False)):
+        config = make_config(run_assets, tmp_path / checkpointing, "precision=bf16",
+                             f"gradient_checkpointing={checkpointing}")
+        model = build_training_model(config, torch.device("cpu"))
+        replaced = [type(m).__name__ for m in model.modules() if "forward" in vars(m)]
+        assert any(name.endswith("RMSNorm") for name in replaced) is lean
+        assert any(name.endswith("MLP") for name in replaced) is lean
+        assert ("Linear" in replaced) is lean

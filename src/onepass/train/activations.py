@@ -90,6 +90,26 @@ class SwiGLUFunction(torch.autograd.Function):
         return grad_gate, grad_up, grad_weight, grad_bias
 
 
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Inside the block, counts the bytes autograd keeps for backward: each storage once, `parameters`
+    (kept anyway) left out. For tests and bench/memory.py; it keeps no tensor alive."""
+
+    def __init__(self, parameters: Any = ()) -> None:
+        self._parameters = {p.untyped_storage().data_ptr() for p in parameters}
+        self._storages: dict[int, int] = {}
+        super().__init__(self._pack, lambda tensor: tensor)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._parameters:
+            self._storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    @property
+    def total(self) -> int:
+        return sum(self._storages.values())
+
+
 def _code(function: Any) -> tuple[Any, ...]:
     code = function.__code__
     return code.co_code, code.co_consts, code.co_names

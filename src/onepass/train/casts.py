@@ -123,13 +123,14 @@ def share_input_casts(model: Any) -> Any:
     return model
 
 
-def cast_once(model: Any) -> Any:
-    """Install the shared input casts and the weight recast on every linear layer, and the rotary hook
-    on every rotary-embedding module of `model` (once)."""
+def cast_once(model: Any, recast: bool = True) -> Any:
+    """Install the shared input casts (and with `recast` the weight recast) on every linear layer, and
+    the rotary hook on every rotary-embedding module of `model` (once)."""
     if getattr(model, HOOKED, False):
         return model
     share_input_casts(model)
-    recast_weights(model)
+    if recast:
+        recast_weights(model)
     for module in model.modules():
         if is_rotary(module):
             module.register_forward_hook(_rotary_in_compute_dtype)

@@ -233,9 +233,10 @@ def use_tree_attention(model: Any) -> None:
 
 def build_model(config: TrainConfig, device: torch.device, announce: bool = False, weights: bool = True) -> Any:
     """The model to train: loaded, with LoRA adapters, activation checkpointing and compile as configured,
-    norms and MLPs that keep fewer activations for backward (`activations.lean_activations`), and, under
-    bf16, autocast's repeated casts done once and its weight copies not kept (`casts.cast_once`; without
-    `weights`: on the meta device, see `load_model`)."""
+    without checkpointing, norms and MLPs that keep fewer activations for backward
+    (`activations.lean_activations`), and, under bf16, autocast's repeated casts done once and (without
+    checkpointing) its weight copies not kept (`casts.cast_once`; without `weights`: on the meta device,
+    see `load_model`)."""
     from onepass.train.step import uses_bf16
 
     bf16 = uses_bf16(config.precision, device)
@@ -255,9 +256,13 @@ def build_model(config: TrainConfig, device: torch.device, announce: bool = Fals
         enable_activation_checkpointing(model)
         if config.lora.enabled:
             model.enable_input_require_grads()
-    lean_activations(model)
+    # Keeping fewer activations pays where they pile up; under checkpointing one layer's are alive at a
+    # time, and the weights' second cast would be paid for nothing
+    lean = not config.gradient_checkpointing
+    if lean:
+        lean_activations(model)
     if bf16:  # under autocast only; elsewhere the hooks would be a Python call per layer for nothing
-        cast_once(model)
+        cast_once(model, recast=lean)
     if config.compile:
         backbone_and_head(model)[0].compile()
     model.train()
