@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from onepass.train.casts import linear_backward
+
 LEAN = "_onepass_lean_activations"
 
 
@@ -77,16 +79,11 @@ class SwiGLUFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         gate, up, weight = ctx.saved_tensors
         activation = F.silu(gate)
-        grad_rows = grad.reshape(-1, grad.shape[-1])
-        grad_weight = grad_bias = None
-        if ctx.needs_input_grad[2]:
-            product = (activation * up).reshape(-1, up.shape[-1])
-            grad_weight = grad_rows.t().mm(product).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad_rows.sum(0).to(weight.dtype)
-        grad_product = grad.matmul(weight.to(gate.dtype))
-        grad_gate = torch.ops.aten.silu_backward(grad_product * up, gate) if ctx.needs_input_grad[0] else None
-        grad_up = grad_product * activation if ctx.needs_input_grad[1] else None
+        needs = ctx.needs_input_grad
+        grad_product, grad_weight, grad_bias = linear_backward(grad, activation * up, weight, ctx.has_bias,
+                                                               (True, needs[2], needs[3]))
+        grad_gate = torch.ops.aten.silu_backward(grad_product * up, gate) if needs[0] else None
+        grad_up = grad_product * activation if needs[1] else None
         return grad_gate, grad_up, grad_weight, grad_bias
 
 

@@ -87,12 +87,18 @@ class RecastLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        grad_rows = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad.matmul(weight.to(x.dtype)) if ctx.needs_input_grad[0] else None
-        grad_weight = grad_rows.t().mm(x.reshape(-1, x.shape[-1])).to(weight.dtype) \
-            if ctx.needs_input_grad[1] else None
-        grad_bias = grad_rows.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias
+        return linear_backward(grad, x, weight, ctx.has_bias, ctx.needs_input_grad)
+
+
+def linear_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
+                    needs: tuple[bool, ...]) -> tuple[torch.Tensor | None, ...]:
+    """The gradients of F.linear(x, weight.to(x.dtype), bias) for x, the weight and the bias (each where
+    `needs` says), the weight's and bias's in the weight's dtype, with autograd's matmuls."""
+    grad_rows = grad.reshape(-1, grad.shape[-1])
+    grad_x = grad.matmul(weight.to(x.dtype)) if needs[0] else None
+    grad_weight = grad_rows.t().mm(x.reshape(-1, x.shape[-1])).to(weight.dtype) if needs[1] else None
+    grad_bias = grad_rows.sum(0).to(weight.dtype) if has_bias and needs[2] else None
+    return grad_x, grad_weight, grad_bias
 
 
 def _recast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
