@@ -1,7 +1,8 @@
 """Where a training run's memory goes, on the real model (SmolLM2-135M-Instruct, the data and step size
 of bench/real_model.py): resident memory measured at each stage of one process, and the parts that
 can be counted exactly (weights, gradients, AdamW state, the loss chunk's logits and the output layer's
-gradient, the activations a step keeps for its backward pass, counted by a saved-tensors hook); the
+gradient, the activations a step keeps for its backward pass, counted by a saved-tensors hook, not
+under --checkpointing), split into what the run holds throughout and what a step adds at its peak; the
 rest of the peak is data, allocator slack and what the runtime grows by (kernel caches, threads).
 
     .venv/bin/python bench/memory.py [--precision bf16|fp32] [--checkpointing]
@@ -10,6 +11,7 @@ rest of the peak is data, allocator slack and what the runtime grows by (kernel 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
@@ -58,13 +60,16 @@ def main() -> None:
         config = run.config
         stages["+ data and model (build_run)"] = rss_mib()
         steps = args.steps or run.plan.steps_per_epoch
-        activations = 0  # the most bytes a step's forward pass kept for its backward pass
+        # the most bytes a step's forward pass kept for its backward pass; not under checkpointing, whose own
+        # saved-tensors hooks hide the layers' tensors from an outer one
+        activations = None if args.checkpointing else 0
         for step in range(steps):
-            saved = SavedBytes(run.model.parameters())
+            saved = SavedBytes(run.model.parameters()) if activations is not None else contextlib.nullcontext()
             with saved:
                 train_step(run.objective, run.optimizer, run.scheduler, run.plan.step_batches(step),
                            run.step_options)
-            activations = max(activations, saved.total)
+            if activations is not None:
+                activations = max(activations, saved.total)
             if step < 2 or (step + 1) % 10 == 0 or step + 1 == steps:
                 stages[f"after step {step + 1}"] = rss_mib()
         parameters = sum(p.numel() for p in run.model.parameters())
@@ -76,11 +81,12 @@ def main() -> None:
         "python, torch, transformers (after imports)": stages["python + imports"],
         "weights (fp32)": parameters * 4 / MIB,
         "AdamW state (fp32 exp_avg + exp_avg_sq)": trainable * 8 / MIB,
-        # (no bf16 copy of the decoder's weights: linear layers keep their fp32 weight for backward and
-        # cast it again there, casts.recast_weights; the output layer's bf16 copy is the loss's, below)
+        # (no bf16 copy of the decoder's weights: without checkpointing, linear layers keep their fp32 weight
+        # for backward and cast it again there, casts.recast_weights; the output layer's bf16 copy is the
+        # loss's, below; under checkpointing autocast's copies count among the rest)
     }
-    step_parts = {
-        "activations kept for backward (the largest step's)": activations / MIB,
+    step_parts = {  # under checkpointing the activations are not counted: they fall into the rest
+        **({} if activations is None else {"activations kept for backward (the largest step's)": activations / MIB}),
         # the fused loss: one chunk's logits in the compute dtype, overwritten by their gradient (the fp32
         # softmax runs 4 MiB of rows at a time), and the output layer's gradient made in forward, in fp32
         # (under bf16 also its bf16 matmul output before the cast)
