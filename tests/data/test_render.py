@@ -289,3 +289,19 @@ def test_where_a_template_writes_no_end_of_turn_the_next_stop_token_is_trained_f
     [example], _ = render_all([conversation(TWO_TURNS)], tokenizer, template, RenderOptions())
     assert {k: t.strip() for k, t in trained_text_per_turn(tokenizer, example).items()} == {
         0: "Hello, Ada.<|im_start|>", 1: "Your name is Ada.<|im_start|>"}
+
+
+def test_a_malformed_generation_config_is_one_error_naming_the_file_and_the_field(tmp_path):
+    from onepass.data.chat_template import generation_stop_ids
+    from onepass.errors import OnepassError
+
+    config = tmp_path / "generation_config.json"
+    config.write_text('{"eos_token_id": [15, 22, null]}')
+    with pytest.raises(OnepassError, match=r"generation_config.json, field 'eos_token_id': \[15, 22, null\]"):
+        generation_stop_ids(config)
+    config.write_text('{"eos_token_id": [15, ')
+    with pytest.raises(OnepassError, match="generation_config.json: not a readable JSON object"):
+        generation_stop_ids(config)
+    config.write_text('{"eos_token_id": 7}')
+    assert generation_stop_ids(config) == [7]
+    assert generation_stop_ids(tmp_path / "absent.json") == []

@@ -90,3 +90,30 @@ def test_a_failure_that_is_not_the_disk_is_not_reported_as_one(tmp_path, monkeyp
     with pytest.raises(BaseException) as caught:  # DCP wraps it; it keeps its traceback
         save(tmp_path, objects, step=1)
     assert not isinstance(caught.value, OnepassError) and "a bug in state_dict" in str(caught.value)
+
+
+def test_replacing_a_checkpoint_keeps_a_complete_one_under_a_name_at_every_moment(tmp_path, monkeypatch):
+    """The old directory is renamed aside before the new one takes its name, and deleted only after:
+    a kill between any two renames leaves a complete checkpoint that resume or prune can use."""
+    objects = training_objects()
+    final = save(tmp_path, objects, step=1)
+    renames = []
+    real_replace = checkpoint.os.replace
+
+    def killed_after_first_rename(source, target):
+        renames.append((str(source), str(target)))
+        real_replace(source, target)
+        if len(renames) == 1:
+            raise KeyboardInterrupt  # the process dies between the two renames
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed_after_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, objects, step=1)
+    monkeypatch.undo()
+    assert renames[0][0] == str(final)  # the old one went aside first
+    aside = tmp_path / "checkpoints" / ".tmp-replaced-step-00000001"
+    assert (aside / checkpoint.COMPLETE).exists()  # and is still complete
+    save(tmp_path, objects, step=1)  # the next save swaps in place and cleans up
+    assert (final / checkpoint.COMPLETE).exists() and not aside.exists()
+    assert load_checkpoint(final, *training_objects(seed=1)) == TrainerState(1)
+

@@ -277,3 +277,48 @@ def test_under_fsdp_only_rank_0_reads_the_weights_and_the_others_receive_them(as
                               result.stdout))  # the ranks' lines may interleave
     assert lines == ["rank 0 built on cpu; weights equal the file: True; meta buffers left: 0",
                      "rank 1 built on meta; weights equal the file: True; meta buffers left: 0"]
+
+
+DISK_VIEW_SCRIPT = """
+import sys
+from pathlib import Path
+import torch
+from onepass.demo.tiny import build_model
+from onepass.train import distributed
+from onepass.train.checkpoint import Checkpointer, TrainerState, checkpoint_path
+
+cluster = distributed.init(timeout_minutes=0.5)  # a rank left waiting in a collective fails, not hangs
+
+
+class LaggingListing(Checkpointer):
+    # rank 1 lists the shared output directory through a stale attribute cache (NFS): it always sees step 2
+    def list_latest(self):
+        return checkpoint_path(self.output_dir, 2)
+
+
+out = Path(sys.argv[1])
+model = build_model(None, vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, seed=0)
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+checkpointer = (LaggingListing if cluster.rank == 1 else Checkpointer)(out, 1, 5, "seed: 0\\n", cluster)
+for step in (1, 2, 3):  # at step 2 rank 1 believes the checkpoint exists already
+    checkpointer.save(TrainerState(step), model, optimizer, scheduler)
+state = checkpointer.resume(model, optimizer, scheduler, micro_batches_per_step=0)
+print(f"rank {cluster.rank} resumed at step {state.step}", flush=True)
+distributed.shutdown()
+"""
+
+
+def test_every_rank_follows_rank_0s_view_of_the_checkpoints_on_disk(tmp_path):
+    script = tmp_path / "disk_view.py"
+    script.write_text(DISK_VIEW_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    import re
+
+    assert sorted(re.findall(r"rank \d resumed at step \d", result.stdout)) == [
+        "rank 0 resumed at step 3", "rank 1 resumed at step 3"]
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == [
+        "step-00000001", "step-00000002", "step-00000003"]

@@ -211,3 +211,10 @@ def test_eval_samples_writes_greedy_replies_to_held_out_prompts_at_each_evaluati
     assert all({"prompt", "reply", "reference"} <= set(r) and isinstance(r["reply"], str) for r in rows)
     held_out = [json.loads(line) for line in run_assets[3].read_text().splitlines()][:2]
     assert [r["reference"] for r in rows[:2]] == [h["messages"][-1]["content"] for h in held_out]
+
+
+def test_the_logged_lr_is_the_rate_each_step_used_starting_with_the_first_warmup_rate(run_assets, tmp_path):
+    trained(make_config(run_assets, tmp_path, "max_steps=4", "warmup_steps=2", "lr=1e-3",
+                        "schedule=constant")).fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if "loss" in r] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])

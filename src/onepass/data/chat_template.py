@@ -122,15 +122,28 @@ def load_chat_template(tokenizer: Any, chat_template: str | None = None) -> Chat
 def stop_texts(tokenizer: Any) -> tuple[str, ...]:
     """EOS and the stop tokens of the model's generation_config.json (beside the tokenizer), as text."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    config_file = Path(getattr(tokenizer, "name_or_path", "") or ".") / "generation_config.json"
-    if config_file.is_file():
-        try:
-            listed = json.loads(config_file.read_text()).get("eos_token_id")
-        except (OSError, json.JSONDecodeError):
-            listed = None
-        ids.update(listed if isinstance(listed, list) else [listed] if isinstance(listed, int) else [])
+    ids.update(generation_stop_ids(Path(getattr(tokenizer, "name_or_path", "") or ".") / "generation_config.json"))
     texts = (tokenizer.convert_ids_to_tokens(int(i)) for i in ids if 0 <= int(i) < len(tokenizer))
     return tuple(sorted(t for t in texts if t))
+
+
+def generation_stop_ids(config_file: Path) -> list[int]:
+    """The `eos_token_id` of a generation_config.json (an id or a list of ids; none when the file is
+    absent), checked like every other input."""
+    if not config_file.is_file():
+        return []
+    try:
+        listed = json.loads(config_file.read_text()).get("eos_token_id")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+        raise OnepassError(f"{config_file}: not a readable JSON object ({type(error).__name__}: {error}). Fix: "
+                           "repair or remove the file.") from None
+    if listed is None:
+        return []
+    values = listed if isinstance(listed, list) else [listed]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise OnepassError(f"{config_file}, field 'eos_token_id': {json.dumps(listed)} is not a token id or a "
+                           "list of token ids. Fix: give non-negative integers, e.g. [2, 32000].")
+    return values
 
 
 @functools.lru_cache(maxsize=64)

@@ -120,9 +120,7 @@ def save_checkpoint(output_dir: str | Path, model: Any, optimizer: Any, schedule
             (temp / "config.yaml").write_text(config_yaml)
             (temp / COMPLETE).write_text("")
             _fsync_tree(temp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(temp, final)
+            _swap_into_place(temp, final)
         except OSError as failure:
             error = _reason(failure)
     error = broadcast(error, cluster)
@@ -134,6 +132,21 @@ def save_checkpoint(output_dir: str | Path, model: Any, optimizer: Any, schedule
     if cluster.is_main:
         prune(root, keep_last)
     return final
+
+
+def _swap_into_place(temp: Path, final: Path) -> None:
+    """Rename the complete `temp` to `final`. An existing `final` is renamed aside first and deleted only
+    once the new one is in place, so a kill at any moment leaves a complete checkpoint under one of the
+    two names (the one aside is a `.tmp-` directory, so an interrupted swap's leftover is pruned)."""
+    aside = None
+    if final.exists():
+        aside = final.with_name(f".tmp-replaced-{final.name}")
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(final, aside)
+    os.replace(temp, final)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _cause(failure: BaseException) -> BaseException:
@@ -220,8 +233,18 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return bool(self.save_every) and step % self.save_every == 0
 
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint as rank 0 sees it, on every rank: ranks listing a shared
+        filesystem with attribute caching (NFS) may see different directories, and every collective
+        that follows (saving, loading) needs them to agree."""
+        return broadcast(self.list_latest() if self.cluster.is_main else None, self.cluster)
+
+    def list_latest(self) -> Path | None:
+        """This process's own listing of the output directory (rank 0's decides, see `latest`)."""
+        return latest_checkpoint(self.output_dir)
+
     def save(self, state: TrainerState, model: Any, optimizer: Any, scheduler: Any) -> Path:
-        existing = latest_checkpoint(self.output_dir)
+        existing = self.latest()
         if existing == checkpoint_path(self.output_dir, state.step):
             return existing  # the same step is the same state: never replace a good checkpoint with itself
         return save_checkpoint(self.output_dir, model, optimizer, scheduler, state, self.config_yaml,
@@ -230,7 +253,7 @@ class Checkpointer:
     def resume(self, model: Any, optimizer: Any, scheduler: Any, micro_batches_per_step: int) -> TrainerState | None:
         """Restore the newest complete checkpoint in place and return its state (None when there is none).
         Warns when it was written with another number of micro-batches per step (the data order differs)."""
-        checkpoint = latest_checkpoint(self.output_dir)
+        checkpoint = self.latest()
         if checkpoint is None:
             return None
         state = load_checkpoint(checkpoint, model, optimizer, scheduler, self.cluster)

@@ -92,13 +92,14 @@ class Trainer:
 
     def _one_step(self, log: MetricsLog) -> dict[str, Any]:
         run = self.run
+        lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler steps inside it)
         started = time.perf_counter()
         result = self.step(run.objective, run.optimizer, run.scheduler, run.plan.step_batches(self.state.step),
                            run.step_options, run.cluster)
         seconds = time.perf_counter() - started
         self.state = dataclasses.replace(self.state, step=self.state.step + 1,
                                          skipped_steps=self.state.skipped_steps + result.skipped)
-        row = {"step": self.state.step, "loss": result.loss, "lr": run.scheduler.get_last_lr()[0],
+        row = {"step": self.state.step, "loss": result.loss, "lr": lr,
                "grad_norm": result.grad_norm, "tokens": result.tokens, "trained_tokens": result.trained_tokens,
                "tokens_per_sec": result.tokens / seconds, "trained_tokens_per_sec": result.trained_tokens / seconds,
                "skipped_steps": self.state.skipped_steps}
