@@ -43,6 +43,24 @@ class JinjaRenderer:
             raise
 
 
+def attention_implementation(model: Any) -> str:
+    """The attention implementation a transformers model runs (its config's private field)."""
+    return model.config._attn_implementation
+
+
+def takes_attention_interface(model: Any) -> bool:
+    """Whether the model's attention layers take their function from transformers' AttentionInterface,
+    so that `set_attn_implementation` can route them to onepass's packed attention (older modeling
+    files, e.g. Falcon's and BLOOM's, keep their own attention classes)."""
+    return bool(type(model)._can_set_attn_implementation())
+
+
+def load_balancing_loss_function(model: Any) -> Any:
+    """The router's auxiliary loss function of a mixture-of-experts model: `load_balancing_loss_func` of
+    its modeling file, the one its own forward calls (None where the file has none)."""
+    return getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
+
+
 def distributed_store() -> Any:
     """The key-value store of the default process group (torch has no public accessor)."""
     from torch.distributed.distributed_c10d import _get_default_store

@@ -225,7 +225,7 @@ def test_fsdp_computes_with_bf16_copies_of_fp32_sharded_parameters_under_bf16(tm
         layer.mlp.up_proj.register_forward_hook(lambda module, args, out: seen.append(module.weight.dtype))
         example = Example(np.array([1, 2, 3, 4], dtype=np.int32), np.array([0, 0, 1, 1], dtype=np.int8),
                           np.array([0, 0, 0, 0], dtype=np.int32))
-        loss, _ = objective(collate([example]), 2.0)
+        loss, _, _ = objective(collate([example]), 2.0)
         loss.backward()
         assert seen == [torch.bfloat16 if bf16 else torch.float32]
         # the sharded masters the optimizer steps, and their gradients, stay fp32

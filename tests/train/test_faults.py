@@ -114,9 +114,9 @@ class PoisonedObjective(torch.nn.Module):
         self.objective = objective
         self.poison = False
 
-    def forward(self, batch, denominator):
-        loss, nll = self.objective(batch, denominator)
-        return (loss * float("nan"), nll) if self.poison else (loss, nll)
+    def forward(self, batch, denominator, router_share=0.0):
+        loss, nll, router_loss = self.objective(batch, denominator, router_share)
+        return (loss * float("nan"), nll, router_loss) if self.poison else (loss, nll, router_loss)
 
 
 def snapshot(run):

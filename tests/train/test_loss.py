@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from onepass.data.types import Example
 from onepass.train.batch import collate
 from onepass.train.loss import LossWorkspace, SFTObjective, _FusedLinearNLL, _fused_chunks, sft_loss
-from onepass.train.model import backbone_and_head, use_packed_attention
+from onepass.train.model import backbone_and_head, own_attention, use_packed_attention
 
 
 def reference(hidden, weight, targets, coefficients, scale):
@@ -158,7 +158,7 @@ def test_a_tied_output_layer_gets_the_embedding_rows_added_into_the_loss_gradien
         objective = SFTObjective(model) if tied else None
         assert (objective is not None and objective.tie is not None) or not tied
         with Calls() as seen:
-            loss, _ = objective(batch, 7.0) if tied else sft_loss(model, batch, 7.0)
+            loss = objective(batch, 7.0)[0] if tied else sft_loss(model, batch, 7.0)[0]
             loss.backward()
         grads.append({name: p.grad for name, p in model.named_parameters()})
         calls.append(seen.names)
@@ -185,3 +185,28 @@ def test_a_compiled_trunk_leaves_a_tied_output_layer_to_autograd_with_the_same_g
         grads.append({name: p.grad for name, p in model.named_parameters()})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-5)
+
+
+def test_a_moe_models_router_loss_is_added_as_its_own_forward_adds_it():
+    """Where the config turns router logits on, onepass's loss on one unpacked conversation is the
+    model's own `loss`: mean NLL + router_aux_loss_coef × load-balancing loss; the router term is
+    returned apart, for logging."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           output_router_logits=True, router_aux_loss_coef=0.5)
+    model = use_packed_attention(MixtralForCausalLM(config))  # fp32: the grouped expert matmuls take no fp64
+    ids = np.random.default_rng(0).integers(0, 64, 23).astype(np.int32)
+    batch = collate([Example(ids, np.ones(23, np.int8), np.zeros(23, np.int32))])
+    objective = SFTObjective(model)
+    loss, _, router_loss = objective(batch, batch.units, router_share=1.0)
+    with own_attention(model):
+        own = model(input_ids=torch.from_numpy(ids.astype(np.int64))[None], labels=torch.from_numpy(
+            ids.astype(np.int64))[None])
+    torch.testing.assert_close(loss, own.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(router_loss, (0.5 * own.aux_loss).detach(), rtol=1e-6, atol=1e-6)
+    assert router_loss > 0
+    config.output_router_logits = False  # off: no router term, as in the model's own forward
+    assert SFTObjective(model).router is None

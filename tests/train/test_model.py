@@ -46,3 +46,53 @@ def test_the_export_keeps_the_base_models_dtype_and_loads_with_transformers(run_
     with safe_open(result.final_dir / "model.safetensors", "pt") as weights:
         assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}
     assert AutoModelForCausalLM.from_pretrained(result.final_dir).dtype == torch.bfloat16
+
+
+def tiny_vision_language_model(path):
+    """A Gemma-3 conditional-generation checkpoint (SigLIP tower + projector + language model), tiny."""
+    import transformers as t
+
+    text = t.Gemma3TextConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+                              bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    vision = t.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                  image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    model = t.Gemma3ForConditionalGeneration(t.Gemma3Config(text_config=text, vision_config=vision,
+                                                            mm_tokens_per_image=4))
+    model.save_pretrained(path)
+    return model
+
+
+def test_a_vision_language_checkpoint_trains_its_language_model_on_text_and_exports_as_its_own_class(
+        run_assets, tmp_path):
+    """The vision tower stays frozen, LoRA's default targets (q_proj, ... which SigLIP's layers share)
+    attach inside the language model only, and the export is the same conditional-generation class."""
+    from transformers import AutoModelForImageTextToText
+
+    original = tiny_vision_language_model(tmp_path / "vlm")
+    trainer = trained(make_config(run_assets, tmp_path / "out", f"model={tmp_path / 'vlm'}", "lora.enabled=true",
+                                  "max_steps=3", "lr=1e-2"))
+    model = trainer.run.model
+    adapted = {name.rsplit(".lora_A", 1)[0] for name, _ in model.named_parameters() if ".lora_A" in name}
+    assert adapted and all(".language_model." in name for name in adapted)
+    assert not any(p.requires_grad for name, p in model.named_parameters()
+                   if "vision_tower" in name or "multi_modal_projector" in name)
+    result = trainer.fit()
+    exported = AutoModelForImageTextToText.from_pretrained(result.final_dir)
+    assert type(exported).__name__ == "Gemma3ForConditionalGeneration"
+    saved = exported.state_dict()
+    before = original.state_dict()
+    vision = [name for name in before if "vision_tower" in name]
+    assert vision and all(torch.equal(saved[name], before[name]) for name in vision)
+    language = [name for name in before if "language_model" in name and "q_proj" in name]
+    assert any(not torch.equal(saved[name], before[name]) for name in language)  # the adapters, merged, trained
+
+
+def test_full_fine_tuning_of_a_vision_language_checkpoint_leaves_its_vision_tower_frozen(run_assets, tmp_path):
+    tiny_vision_language_model(tmp_path / "vlm")
+    model = trained(make_config(run_assets, tmp_path / "out", f"model={tmp_path / 'vlm'}")).run.model
+    tower = {name: p.requires_grad for name, p in model.named_parameters()
+             if "vision_tower" in name or "multi_modal_projector" in name}
+    assert tower and not any(tower.values())
+    assert all(p.requires_grad for name, p in model.named_parameters() if "language_model" in name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 
@@ -21,7 +22,7 @@ def add_parsers(subparsers: Any) -> None:
 def run_chat(args: argparse.Namespace) -> int:
     from onepass.data.chat_template import load_chat_template
     from onepass.data.tokenizer import load_tokenizer
-    from onepass.score.chat import reply
+    from onepass.score.chat import reply, terminal_streamer
     from onepass.train.model import load_model
 
     tokenizer = load_tokenizer(args.model)
@@ -29,8 +30,12 @@ def run_chat(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    streamer = terminal_streamer(tokenizer) if sys.stdout.isatty() else None  # piped output: the reply, once
     if args.prompt is not None:
-        print(reply(model, tokenizer, template, messages + [{"role": "user", "content": args.prompt}], **options))
+        answer = reply(model, tokenizer, template, messages + [{"role": "user", "content": args.prompt}],
+                       streamer=streamer, **options)
+        if streamer is None:
+            print(answer)
         return 0
     print("onepass chat: type a message; an empty line or Ctrl-D ends.")
     while True:
@@ -41,6 +46,9 @@ def run_chat(args: argparse.Namespace) -> int:
         if not text:
             return 0
         messages.append({"role": "user", "content": text})
-        answer = reply(model, tokenizer, template, messages, **options)
+        if streamer is not None:
+            print("model> ", end="", flush=True)
+        answer = reply(model, tokenizer, template, messages, streamer=streamer, **options)
         messages.append({"role": "assistant", "content": answer})
-        print(f"model> {answer}")
+        if streamer is None:
+            print(f"model> {answer}")

@@ -1,4 +1,4 @@
-"""`onepass` command line: train | prepare | inspect | score | chat | demo.
+"""`onepass` command line: train | prepare | inspect | score | chat | check | demo.
 
 Each command lives in its own module here and imports the library only when it runs, so `--help`
 is instant. User errors end with one line on stderr and exit status 2; tracebacks only with --debug.
@@ -10,11 +10,11 @@ import argparse
 import sys
 
 from onepass import allocator
-from onepass.cli import chat, data, demo, score, train
+from onepass.cli import chat, check, data, demo, score, train
 from onepass.errors import OnepassError
 
-COMMANDS = (train, data, score, chat, demo)  # each has add_parsers(subparsers)
-RUN_MODELS = ("train", "score", "chat", "demo")  # these start again on mimalloc (see onepass.allocator)
+COMMANDS = (train, data, score, chat, check, demo)  # each has add_parsers(subparsers)
+RUN_MODELS = ("train", "score", "chat", "check", "demo")  # these start again on mimalloc (see onepass.allocator)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,10 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    finished = False
     try:
         if argv is None and args.command in RUN_MODELS:  # a command line, not a call from Python
             allocator.restart_on_mimalloc()
-        return args.handler(args)
+        status = args.handler(args)
+        finished = True
+        return status
     except OnepassError as error:
         if args.debug:
             raise
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         if "torch.distributed" in sys.modules:
             from onepass.train.distributed import shutdown
 
-            shutdown()
+            shutdown(finished)
 
 
 def _report(error: OnepassError) -> None:

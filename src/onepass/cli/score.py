@@ -17,6 +17,8 @@ def add_parsers(subparsers: Any) -> None:
     parser.add_argument("--chat-template", default=None)
     parser.add_argument("--loss-on", default="assistant", choices=["assistant", "last", "all"])
     parser.add_argument("--format", default=None)
+    parser.add_argument("--no-check-model", dest="check_model", action="store_false",
+                        help="skip the start-up comparison of onepass's path with the model's own forward")
     parser.set_defaults(handler=run_score)
 
 
@@ -30,6 +32,10 @@ def run_score(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     template = load_chat_template(tokenizer, args.chat_template)
     model = load_model(args.model)
+    if args.check_model:
+        from onepass.train.check import check_packing
+
+        print(check_packing(model).describe(), file=sys.stderr)
     records = list(read_records(args.data))
     if records and records[0].data is not None and "completions" in records[0].data:
         bad = next((r for r in records if r.error is not None), None)

@@ -81,9 +81,15 @@ def current() -> Cluster:
     return Cluster(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(finished: bool = True) -> None:
+    """Leave the process group. A rank that `finished` its work first waits at a barrier for the others,
+    so no rank tears down its connections (and its communication threads) while a peer is still
+    sending on them; after an error the others may never arrive, so a failing rank leaves at once."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def rank_share(items: Sequence[T], cluster: Cluster) -> tuple[list[T], int]:

@@ -38,7 +38,7 @@ def evaluate(objective: Any, examples: list[Example], max_seq_len: int, batch_si
         nll_sum, count = torch.zeros((), device=device), 0
         for batch in batches:
             with autocast(precision, device):
-                _, batch_nll = objective(batch.to(device), 1.0)
+                _, batch_nll, _ = objective(batch.to(device), 1.0)
             nll_sum += batch_nll.float()
             count += batch.num_trained_tokens
     nll_sum, count = distributed.all_reduce_sum([float(nll_sum), count], cluster)  # one device sync

@@ -19,13 +19,85 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from onepass.train.batch import IGNORE_INDEX, Batch
-from onepass.train.model import backbone_and_head
+from onepass.compat import load_balancing_loss_function
+from onepass.errors import OnepassError
+from onepass.train.model import SEPARATE, backbone_and_head, base_model, packing_of
 
 
 def hidden_states(model: Any, batch: Batch) -> torch.Tensor:
-    """Last hidden states (1, T, d) of the packed batch."""
+    """Last hidden states (1, T, d) of the packed batch (see `trunk_outputs`)."""
+    return trunk_outputs(model, batch)[0]
+
+
+def trunk_outputs(model: Any, batch: Batch, router_logits: bool = False
+                  ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """Last hidden states (1, T, d) of the packed batch, and with `router_logits` each MoE layer's
+    router logits (tokens × experts): one forward over the packed row, or, for a model that computes
+    each conversation alone (`model.SEPARATE`), one forward per length of conversation, its
+    conversations stacked as rows (none padded), laid back end to end."""
     trunk, _ = backbone_and_head(model)
-    return trunk(**batch.model_kwargs(), use_cache=False).last_hidden_state
+    extra = {"output_router_logits": True} if router_logits else {}
+    if packing_of(model) != SEPARATE:
+        output = trunk(**batch.model_kwargs(), use_cache=False, **extra)
+        return output.last_hidden_state, _router_logits(output, router_logits)
+    row = batch.input_ids[0]
+    by_length: dict[int, list[int]] = {}
+    for start, length in zip(batch.cu_seq_lens[:-1].tolist(), batch.cu_seq_lens.diff().tolist()):
+        by_length.setdefault(length, []).append(start)
+    pieces, order, routers = [], [], []
+    for length, group in by_length.items():
+        index = (torch.tensor(group, device=row.device)[:, None] + torch.arange(length, device=row.device)).flatten()
+        output = trunk(input_ids=row[index].view(len(group), length), use_cache=False, **extra)
+        pieces.append(output.last_hidden_state.flatten(0, 1))
+        order.append(index)
+        routers.append(_router_logits(output, router_logits))
+    where = torch.empty_like(row)
+    where[torch.cat(order)] = torch.arange(len(row), device=row.device)
+    hidden = torch.cat(pieces).index_select(0, where)[None]
+    if not router_logits:
+        return hidden, None
+    return hidden, tuple(torch.cat([group[layer] for group in routers]) for layer in range(len(routers[0])))
+
+
+def _router_logits(output: Any, wanted: bool) -> tuple[torch.Tensor, ...] | None:
+    if not wanted:
+        return None
+    logits = getattr(output, "router_logits", None)
+    if not logits:
+        raise OnepassError(f"{type(output).__name__} carries no router logits although the model's config sets "
+                           "output_router_logits. Fix: report it; set output_router_logits: false in the model's "
+                           "config.json to train without the router's auxiliary loss.")
+    return tuple(layer.reshape(-1, layer.shape[-1]) for layer in logits)
+
+
+@dataclass(frozen=True)
+class RouterLoss:
+    """The router's load-balancing loss of a mixture-of-experts model, added as the model's own forward
+    adds it where its config turns router logits on (`output_router_logits`): `router_aux_loss_coef`
+    times its modeling file's `load_balancing_loss_func` over every MoE layer's router logits. Over a
+    packed row it is the model's value for one unpadded row of those tokens."""
+
+    coefficient: float
+    function: Any
+    num_experts: int
+    top_k: int
+
+    @classmethod
+    def of(cls, model: Any) -> RouterLoss | None:
+        base = base_model(model)
+        if not getattr(base.config, "output_router_logits", False):
+            return None
+        function = load_balancing_loss_function(base)
+        values = [getattr(base, name, None) for name in ("router_aux_loss_coef", "num_experts", "num_experts_per_tok")]
+        if function is None or any(value is None for value in values):
+            raise OnepassError(f"{type(base).__name__}: its config sets output_router_logits, but onepass cannot "
+                               "find how its forward adds the router's auxiliary loss. Fix: set "
+                               "output_router_logits: false in the model's config.json, or report it.")
+        coefficient, num_experts, top_k = values
+        return cls(float(coefficient), function, int(num_experts), int(top_k))
+
+    def __call__(self, router_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.coefficient * self.function(router_logits, self.num_experts, self.top_k, None).float()
 
 
 @dataclass(frozen=True)
@@ -302,7 +374,13 @@ def sft_loss(model: Any, batch: Batch, denominator: float, chunk_size: int = 102
 
     Returns the loss to backpropagate and the unweighted NLL sum of the trained labels (for logging; a
     tensor, so a caller can sum micro-batches on the device and synchronise once)."""
-    hidden = hidden_states(model, batch)[0]
+    return loss_of_hidden(model, batch, hidden_states(model, batch)[0], denominator, chunk_size, workspace, tie)
+
+
+def loss_of_hidden(model: Any, batch: Batch, hidden: torch.Tensor, denominator: float, chunk_size: int = 1024,
+                   workspace: LossWorkspace | None = None, tie: TiedGradient | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sft_loss` from the trunk's last hidden states (T, d)."""
     positions = trained_positions(batch)
     targets, weights = batch.labels[0, positions], batch.label_weights[0, positions]
     _, head = backbone_and_head(model)
@@ -327,7 +405,8 @@ class SFTObjective(torch.nn.Module):
     does all the work: their hooks (gradient all-reduce, parameter gathering) run around it. On the
     CPU it keeps the loss's workspace from one micro-batch to the next (a GPU's caching allocator
     already reuses those blocks). An output layer tied to the input embedding gets one gradient
-    tensor (`TiedGradient`)."""
+    tensor (`TiedGradient`). A mixture-of-experts model whose config turns router logits on adds its
+    router's auxiliary loss (`RouterLoss`)."""
 
     def __init__(self, model: Any, chunk_size: int = 1024):
         super().__init__()
@@ -335,8 +414,19 @@ class SFTObjective(torch.nn.Module):
         self.chunk_size = chunk_size
         self.workspace = LossWorkspace()
         self.tie = TiedGradient.install(model)
+        self.router = RouterLoss.of(model)
 
-    def forward(self, batch: Batch, denominator: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Batch, denominator: float, router_share: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss to backpropagate, the trained labels' NLL sum, and the router's auxiliary loss of
+        this micro-batch (zero without one), which enters the loss times `router_share`: its share of
+        the step (1 / the step's micro-batches over every rank, 0 for a padding pass), so that a step's
+        router term is the mean over its micro-batches, as one batch of them all would have it."""
         on_cpu = batch.input_ids.device.type == "cpu"
-        return sft_loss(self.model, batch, denominator, self.chunk_size, self.workspace if on_cpu else None,
-                        self.tie)
+        hidden, router_logits = trunk_outputs(self.model, batch, self.router is not None)
+        loss, nll = loss_of_hidden(self.model, batch, hidden[0], denominator, self.chunk_size,
+                                   self.workspace if on_cpu else None, self.tie)
+        if self.router is None:
+            return loss, nll, loss.new_zeros(())
+        router_loss = self.router(router_logits)
+        return loss + router_share * router_loss, nll, router_loss.detach()

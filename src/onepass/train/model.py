@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from onepass.compat import enable_activation_checkpointing
+from onepass.compat import attention_implementation, enable_activation_checkpointing, takes_attention_interface
 from onepass.errors import OnepassError
 from onepass.train.activations import lean_activations
 from onepass.train.batch import LAYOUT_KWARG
@@ -192,12 +192,76 @@ def describe_attention(attention: str) -> str:
     return f"attention: {attention} (varlen: each conversation attends to itself only)"
 
 
+# --- Packing: several conversations in one row, or each alone ----------------------------------
+# `packed`: a micro-batch is one row of conversations laid end to end, kept apart by the attention
+# (onepass's packed attention or flash-attention varlen) and by position ids restarting at 0. That is
+# exact only where attention is the one place tokens meet: a state-space, convolution or
+# linear-attention layer, or ALiBi, would carry one conversation into the next. `separate`: each
+# conversation goes through the model's own forward alone (conversations of one length share a
+# call, so no row is padded), with the model's own attention. `check.check_packing` decides which,
+# on the user's model, at start-up.
+PACKED, SEPARATE = "packed", "separate"
+
+
+def base_model(model: Any) -> Any:
+    """The Hugging Face model inside a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def packing_of(model: Any) -> str:
+    return getattr(base_model(model), "onepass_packing", PACKED)
+
+
+def own_attention_name(model: Any) -> str:
+    """The attention implementation the model runs when onepass does not set one: what it was loaded
+    with (`load_model` records it), else transformers' default for its class (SDPA where it supports it)."""
+    base = base_model(model)
+    recorded = getattr(base, "onepass_own_attention", None)
+    if recorded is not None:
+        return recorded
+    current = attention_implementation(base)
+    if current not in (PACKED_ATTENTION, "flash_attention_2"):
+        return current
+    return "sdpa" if getattr(base, "_supports_sdpa", False) else "eager"
+
+
+def set_packing(model: Any, packing: str) -> None:
+    """Put the model in `packing` mode (see PACKED): `separate` runs the model's own attention."""
+    base = base_model(model)
+    if packing == SEPARATE:
+        own = own_attention_name(base)
+        base.onepass_own_attention = own
+        if attention_implementation(base) != own:
+            base.set_attn_implementation(own)
+    base.onepass_packing = packing
+
+
+@contextlib.contextmanager
+def own_attention(model: Any) -> Iterator[Any]:
+    """The model with its own attention implementation for the block (generation, its own forward as
+    an oracle): onepass's packed attention knows packed rows, not KV caches, padding masks or
+    windows in a prefill, and transformers builds no mask for an implementation it does not know."""
+    base = base_model(model)
+    current = attention_implementation(base)
+    own = own_attention_name(base)
+    if current == own:
+        yield model
+        return
+    base.set_attn_implementation(own)
+    try:
+        yield model
+    finally:
+        base.set_attn_implementation(current)
+
+
 def load_model(path: str | Path, device: torch.device | str | None = None, dtype: Any = None,
                compute_dtype: Any = None, weights: bool = True) -> Any:
-    """AutoModelForCausalLM from a local directory, with packed attention, on `device` (default: the
-    process's device). `compute_dtype`: what attention computes in (bf16 under autocast), which decides
-    whether flash-attention can run; default: the weights' dtype. Without `weights`, the model is built
-    from its config on the meta device (no memory; FSDP ranks that receive their shards from rank 0)."""
+    """AutoModelForCausalLM from a local directory, on `device` (default: the process's device), with
+    packed attention where its class takes an attention implementation from transformers' interface
+    (else its own attention, one conversation per forward). `compute_dtype`: what attention computes
+    in (bf16 under autocast), which decides whether flash-attention can run; default: the weights'
+    dtype. Without `weights`, the model is built from its config on the meta device (no memory; FSDP
+    ranks that receive their shards from rank 0)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = check_model_dir(path)
@@ -207,25 +271,41 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     try:
         if not weights:
             with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)),
-                                                        attn_implementation=attention, dtype=dtype)
-        model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=attention, dtype=dtype)
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)), dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except (OSError, ValueError, ImportError) as error:
         raise OnepassError(f"{path}: could not load the model ({error}).") from None
-    return model.to(device)
+    model.onepass_own_attention = attention_implementation(model)
+    if takes_attention_interface(model):
+        model.set_attn_implementation(attention)
+    else:
+        set_packing(model, SEPARATE)
+    return model if not weights else model.to(device)
 
 
 def use_packed_attention(model: Any) -> Any:
     """Switch an already built model (e.g. a tiny one from a config) to packed attention."""
     register_packed_attention()
+    base = base_model(model)
+    if getattr(base, "onepass_own_attention", None) is None:
+        base.onepass_own_attention = own_attention_name(base)
+    if not takes_attention_interface(base):
+        set_packing(base, SEPARATE)
+        return model
     model.set_attn_implementation(PACKED_ATTENTION)
+    base.onepass_packing = PACKED
     return model
 
 
 def use_tree_attention(model: Any) -> None:
     """Tree examples need onepass's packed attention (flash-attention varlen knows only sequences)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "_attn_implementation", None) != PACKED_ATTENTION:
+    base = base_model(model)
+    if packing_of(base) == SEPARATE:
+        raise OnepassError("the data has tree examples (a chat template that rewrites past turns, with "
+                           "unstable_history: tree), and this model computes each conversation alone, so it "
+                           "cannot attend along a tree. Fix: set data.unstable_history: split.")
+    if attention_implementation(base) != PACKED_ATTENTION:
         print("attention: the data has tree examples, so onepass's packed attention runs (SDPA per conversation) "
               "instead of flash-attention varlen", file=sys.stderr)
         use_packed_attention(base)
@@ -242,12 +322,13 @@ def build_model(config: TrainConfig, device: torch.device, announce: bool = Fals
     bf16 = uses_bf16(config.precision, device)
     model = load_model(config.model, device, weights=weights, compute_dtype=torch.bfloat16 if bf16 else torch.float32)
     if announce:
-        print(describe_attention(model.config._attn_implementation), file=sys.stderr)
+        print(describe_attention(attention_implementation(model)), file=sys.stderr)
+    freeze_outside_language_model(model)
     if config.lora.enabled:
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                          target_modules=config.lora.targets, task_type="CAUSAL_LM")
+                          target_modules=language_model_targets(model, config.lora.targets), task_type="CAUSAL_LM")
         try:
             model = get_peft_model(model, lora)
         except ValueError as error:
@@ -269,11 +350,43 @@ def build_model(config: TrainConfig, device: torch.device, announce: bool = Fals
     return model
 
 
+def language_model_parameters(model: Any) -> set[int]:
+    """ids of the parameters of the text path: the decoder (`get_decoder`: the whole trunk of a causal
+    LM, the language model of a vision-language one) and the output layer."""
+    base = base_model(model)
+    modules = [base.get_decoder(), base.get_output_embeddings(), base.get_input_embeddings()]
+    return {id(p) for module in modules if module is not None for p in module.parameters()}
+
+
+def freeze_outside_language_model(model: Any) -> list[str]:
+    """A checkpoint that loads with a vision or audio tower (Gemma-3 4B and up, Qwen-VL) fine-tunes its
+    language model on text conversations: everything outside it (the tower, its projector) stays
+    frozen, as it gets no gradient from text. Returns the names of the frozen parameters."""
+    keep = language_model_parameters(model)
+    frozen = [name for name, p in model.named_parameters() if id(p) not in keep and p.requires_grad]
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            parameter.requires_grad_(False)
+    return frozen
+
+
+def language_model_targets(model: Any, targets: list[str]) -> list[str] | str:
+    """LoRA's target modules (names like `q_proj`) inside the language model only: SigLIP's and other
+    vision towers' attention layers have the same names. The model's own names where it has nothing
+    outside its language model."""
+    keep = language_model_parameters(model)
+    inside, outside = [], []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets:
+            own = list(module.parameters())
+            (inside if own and all(id(p) in keep for p in own) else outside).append(name)
+    return inside if outside and inside else targets
+
+
 def backbone_and_head(model: Any) -> tuple[Any, Any]:
     """The transformer trunk (input ids → hidden states) and the output projection of a causal LM,
     through a peft wrapper if there is one (LoRA layers live inside the trunk's modules)."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
+    model = base_model(model)
     return getattr(model, model.base_model_prefix), model.get_output_embeddings()
 
 

@@ -30,7 +30,8 @@ from onepass.train.distributed import Cluster
 from onepass.train.evaluation import EarlyStopping, Evaluator, SampleReplies
 from onepass.train.loss import SFTObjective
 from onepass.train.mixture import Mixture, describe as describe_mixture
-from onepass.train.model import build_model, check_model_dir, use_tree_attention
+from onepass.train.check import check_packing
+from onepass.train.model import PACKED, build_model, check_model_dir, set_packing, use_tree_attention
 from onepass.train.plan import StepPlan
 from onepass.train.step import StepOptions, describe_precision, uses_bf16
 from onepass.train.trackers import check_trackers
@@ -91,6 +92,7 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
     weights = model is not None or distributed.loads_weights(cluster, config.strategy)
     model = model if model is not None else build_model(config, cluster.device, announce=cluster.is_main,
                                                         weights=weights)
+    _check_model(config, cluster, model)
     if any(e.is_tree for e in [*train_data.examples, *eval_examples]):
         use_tree_attention(model)
     objective = SFTObjective(model, config.loss_chunk_size)
@@ -117,6 +119,29 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
             print(allocator.describe(), file=sys.stderr)
     return Run(config, cluster, tokenizer, template, train_data, plan, total_steps, model, objective, optimizer,
                scheduler, step_options, checkpointer, evaluator, early_stopping, samples)
+
+
+def _check_model(config: TrainConfig, cluster: Cluster, model: Any) -> None:
+    """The start-up proof (`check.check_packing`) on rank 0, which holds the weights under every strategy;
+    every rank then takes the packing it chose, or stops with its error."""
+    if not config.check_model:
+        if cluster.is_main:
+            print("checked: no (check_model: false): onepass's path is not compared with the model's own forward",
+                  file=sys.stderr)
+        return
+    outcome: tuple[str, str] | tuple[None, str] = (PACKED, "")
+    if cluster.is_main:
+        try:
+            result = check_packing(model)
+            outcome = (result.packing, result.describe())
+        except OnepassError as error:
+            outcome = (None, str(error))
+    packing, message = distributed.broadcast(outcome, cluster)
+    if packing is None:
+        raise OnepassError(message)
+    set_packing(model, packing)
+    if cluster.is_main:
+        print(message, file=sys.stderr)
 
 
 def _prepare_data(config: TrainConfig, cluster: Cluster, tokenizer: Any, template: ChatTemplate,

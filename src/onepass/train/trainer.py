@@ -103,6 +103,8 @@ class Trainer:
                "grad_norm": result.grad_norm, "tokens": result.tokens, "trained_tokens": result.trained_tokens,
                "tokens_per_sec": result.tokens / seconds, "trained_tokens_per_sec": result.trained_tokens / seconds,
                "skipped_steps": self.state.skipped_steps}
+        if result.router_loss is not None:
+            row["router_loss"] = result.router_loss  # apart from `loss`, which is the NLL term alone
         if run.evaluator.should_evaluate(self.state.step, run.total_steps):
             row.update(run.evaluator.evaluate(run.objective))
             log.samples(self.state.step, run.samples.write(self.state.step, run.model, run.tokenizer, run.template))

@@ -1,0 +1,122 @@
+"""The start-up proof: on the user's own model, onepass's path equals the model's own forward.
+
+A few short conversations go through onepass's path (packed in one row, the output layer and what
+the model's forward does to its logits included) and each alone through the model's own `forward`
+with its own attention implementation; their per-token log-probabilities are compared. Where the
+packed row differs (a layer that carries one conversation into the next, an attention feature the
+packed attention does not know) or fails, each conversation alone through onepass's path is tried
+(`model.SEPARATE`); where that differs too, the model is refused: onepass would train something
+other than the model's own objective.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from onepass.data.types import Example
+from onepass.errors import OnepassError
+from onepass.train.batch import collate
+from onepass.train.loss import label_nll
+from onepass.train.model import PACKED, SEPARATE, device_of, evaluating, own_attention, packing_of, set_packing
+
+# Nats of per-token log-probability by which onepass's path may differ from the model's own forward. The
+# check runs in fp32 (autocast off), where reordered sums differ by ~1e-6 and a leak between packed
+# conversations by ~1e-3 and more.
+TOLERANCE = 2e-4
+LENGTHS = (19, 11, 27)  # short, and of different lengths: the packed attention groups them as it would a batch
+
+
+@dataclass(frozen=True)
+class PackingCheck:
+    """What the start-up check found: the packing it chose and how far onepass's path is from the
+    model's own forward with it (nats, the largest per-token difference)."""
+
+    packing: str  # model.PACKED or model.SEPARATE
+    max_difference: float
+    packed_difference: float | None  # the packed row's, when it ran (None when it failed)
+    packed_error: str | None
+    tokens: int
+    seconds: float
+
+    def describe(self) -> str:
+        line = f"checked: onepass == the model's own forward, max {self.max_difference:.1e} nats"
+        if self.packing == SEPARATE:
+            why = self.packed_error or (f"packed rows differ by {self.packed_difference:.1e} nats: a layer sees "
+                                        "more than the attention keeps apart")
+            line += f"; packing: one conversation per forward ({why})"
+        return line + f" ({self.seconds:.1f} s)"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def probe_examples(vocab_size: int, seed: int = 0) -> list[Example]:
+    """Conversations of random tokens, every token trained (the check is of the arithmetic, not the data)."""
+    rng = np.random.default_rng(seed)
+    return [Example(rng.integers(0, vocab_size, n).astype(np.int32), np.ones(n, np.int8), np.zeros(n, np.int32))
+            for n in LENGTHS]
+
+
+def own_forward_logprobs(model: Any, examples: list[Example]) -> np.ndarray:
+    """log Pr(token t | tokens < t), t >= 1, from the model's own forward on each conversation alone."""
+    device = device_of(model)
+    values = []
+    with own_attention(model), evaluating(model):
+        for example in examples:
+            ids = torch.from_numpy(example.input_ids.astype(np.int64))[None].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].double()
+            values.append(torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0].cpu().numpy())
+    return np.concatenate(values)
+
+
+def onepass_logprobs(model: Any, examples: list[Example]) -> np.ndarray:
+    """The same log-probabilities through onepass's path (the training loss's), all in one batch."""
+    with evaluating(model):
+        nll, _ = label_nll(model, collate(examples).to(device_of(model)))
+    return -nll.double().cpu().numpy()
+
+
+def check_packing(model: Any, vocab_size: int | None = None, tolerance: float = TOLERANCE) -> PackingCheck:
+    """Compare onepass's path with the model's own forward (fp32, on the model's device), choose the
+    packing that equals it, and put the model in that mode; raise a clear error when neither does."""
+    started = time.perf_counter()
+    vocab_size = vocab_size or model.get_output_embeddings().weight.shape[0]
+    examples = probe_examples(vocab_size)
+    device = device_of(model)
+    with torch.autocast(device.type, enabled=False):
+        expected = own_forward_logprobs(model, examples)
+        packed_difference, packed_error = None, None
+        if packing_of(model) == PACKED:
+            try:
+                packed_difference = _difference(onepass_logprobs(model, examples), expected)
+            except Exception as error:  # noqa: BLE001 - a kernel that refuses packed rows: try them apart
+                packed_error = f"packed rows fail: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            if packed_difference is not None and packed_difference <= tolerance:
+                return PackingCheck(PACKED, packed_difference, packed_difference, None, expected.size + len(examples),
+                                    time.perf_counter() - started)
+            set_packing(model, SEPARATE)
+        else:
+            packed_error = "its attention layers do not take transformers' attention interface"
+        separate = _difference(onepass_logprobs(model, examples), expected)
+    result = PackingCheck(SEPARATE, separate, packed_difference, packed_error, expected.size + len(examples),
+                          time.perf_counter() - started)
+    if separate > tolerance:
+        raise OnepassError(
+            f"{type(model).__name__}: onepass's log-probabilities differ from the model's own forward by "
+            f"{separate:.1e} nats even with each conversation alone (allowed: {tolerance:.0e}), so what the model "
+            "computes after its last layer (a logit scale, multiplier or soft-cap) is not what onepass applies. "
+            "Training would not follow the model's own objective. Fix: report it with `onepass check MODEL "
+            "--json`; to train anyway, at your own risk, set check_model: false.")
+    return result
+
+
+def _difference(got: np.ndarray, expected: np.ndarray) -> float:
+    if got.shape != expected.shape:
+        return float("inf")
+    difference = np.abs(got - expected)
+    return float("inf") if not np.all(np.isfinite(difference)) else float(difference.max(initial=0.0))
