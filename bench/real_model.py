@@ -55,8 +55,11 @@ def setup(work: Path, conversations: int) -> Path:
 def onepass_run(work: Path, model_dir: str | Path, precision: str, max_seq_len: int = 512, rows_per_step: int = 2,
                 checkpointing: bool = False):
     """The onepass run every real-model benchmark measures (this one, bench/profile_step.py, bench/memory.py)."""
+    from onepass import allocator
     from onepass.config import load_config
     from onepass.train.run import build_run
+
+    allocator.cpu_memory_settings()  # as `onepass train` sets the process up
 
     config = load_config(None, [f"model={model_dir}", f"data.train=[{work / 'train.jsonl'}]",
                                 f"output_dir={work / 'onepass'}", f"max_seq_len={max_seq_len}",

@@ -42,8 +42,11 @@ def setup(work: Path, conversations: int) -> None:
 def run_onepass(work: Path, max_seq_len: int, rows_per_step: int) -> dict:
     import torch
 
+    from onepass import allocator
     from onepass.config import load_config
     from onepass.train.run import build_run
+
+    allocator.cpu_memory_settings()  # as `onepass train` sets the process up
     from onepass.train.step import train_step
 
     config = load_config(None, [f"model={work / 'model'}", f"data.train=[{work / 'train.jsonl'}]",

@@ -107,3 +107,15 @@ def describe() -> str:
     if mimalloc_library() is None:
         return f"{line} (pip install {DISTRIBUTION} for mimalloc: bf16 training ran 1.25x faster on it)"
     return line
+
+
+def cpu_memory_settings() -> None:
+    """For a CPU training process, called by the entry points (never by the library): with glibc's
+    malloc, keep freed memory (`compat.keep_freed_memory`: each step re-allocates the same large
+    tensors), and bound oneDNN's kernel caches before the first matmul (`compat.bound_kernel_caches`:
+    packed rows' changing lengths would fill them)."""
+    from onepass.compat import bound_kernel_caches, keep_freed_memory
+
+    if active() == "system":
+        keep_freed_memory()
+    bound_kernel_caches()

@@ -153,7 +153,7 @@ def test_bf16_autocast_training_tracks_fp32_within_two_percent(run_assets, tmp_p
 
 def test_auto_precision_is_bf16_where_the_cpu_multiplies_bf16_natively():
     from onepass.compat import cpu_has_fast_bf16
-    from onepass.train.step import uses_bf16
+    from onepass.train.device import uses_bf16
 
     cpu = torch.device("cpu")
     assert uses_bf16("auto", cpu) == cpu_has_fast_bf16()
@@ -218,3 +218,19 @@ def test_the_logged_lr_is_the_rate_each_step_used_starting_with_the_first_warmup
                         "schedule=constant")).fit()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows if "loss" in r] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
+
+
+def test_building_a_run_changes_nothing_in_the_process(run_assets, tmp_path, monkeypatch):
+    """Allocator, malloc settings and environment variables are the entry points' (cli.main), not the library's."""
+    import os
+
+    from onepass import allocator, compat
+
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        monkeypatch.delenv(name, raising=False)
+    touched = []
+    monkeypatch.setattr(compat, "keep_freed_memory", lambda: touched.append("mallopt"))
+    monkeypatch.setattr(allocator, "restart_on_mimalloc", lambda: touched.append("restart"))
+    before = dict(os.environ)
+    trained(make_config(run_assets, tmp_path, "max_steps=1"))
+    assert dict(os.environ) == before and not touched

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from onepass.compat import ddp_without_buffer_sync, distributed_store
 from onepass.errors import OnepassError
-from onepass.train.model import default_device
+from onepass.train.device import default_device
 
 Strategy = Literal["ddp", "fsdp"]
 T = TypeVar("T")

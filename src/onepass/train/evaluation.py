@@ -19,7 +19,7 @@ from onepass.train.checkpoint import TrainerState
 from onepass.train.distributed import Cluster
 from onepass.train.model import device_of, evaluating
 from onepass.train.plan import packed_micro_batches
-from onepass.train.step import Precision, autocast
+from onepass.train.device import Precision, autocast
 
 
 def evaluate(objective: Any, examples: list[Example], max_seq_len: int, batch_size: int,

@@ -16,6 +16,7 @@ from onepass.compat import attention_implementation, enable_activation_checkpoin
 from onepass.errors import OnepassError
 from onepass.train.activations import lean_activations
 from onepass.train.batch import LAYOUT_KWARG
+from onepass.train.device import default_device, uses_bf16
 from onepass.train.casts import cast_once
 from onepass.train.layout import AttentionLayout, TreeBlocks
 
@@ -24,11 +25,6 @@ if TYPE_CHECKING:
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-
-
-def default_device() -> torch.device:
-    """The device one process computes on: CUDA when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -317,8 +313,6 @@ def build_model(config: TrainConfig, device: torch.device, announce: bool = Fals
     (`activations.lean_activations`), and, under bf16, autocast's repeated casts done once and (without
     checkpointing) its weight copies not kept (`casts.cast_once`; without `weights`: on the meta device,
     see `load_model`)."""
-    from onepass.train.step import uses_bf16
-
     bf16 = uses_bf16(config.precision, device)
     model = load_model(config.model, device, weights=weights, compute_dtype=torch.bfloat16 if bf16 else torch.float32)
     if announce:

@@ -14,7 +14,6 @@ import torch
 import yaml
 
 from onepass import allocator
-from onepass.compat import bound_kernel_caches, keep_freed_memory
 from onepass.config import TrainConfig, to_dict
 from onepass.data.cache import PreparedData
 from onepass.data.chat_template import ChatTemplate, load_chat_template
@@ -33,7 +32,8 @@ from onepass.train.mixture import Mixture, describe as describe_mixture
 from onepass.train.check import check_packing
 from onepass.train.model import PACKED, build_model, check_model_dir, set_packing, use_tree_attention
 from onepass.train.plan import StepPlan
-from onepass.train.step import StepOptions, describe_precision, uses_bf16
+from onepass.train.device import describe_precision, uses_bf16
+from onepass.train.step import StepOptions
 from onepass.train.trackers import check_trackers
 
 
@@ -68,10 +68,6 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
     """Build a run. Cheap checks (model directory, tokenizer, chat template) come before data
     preparation, and data checks before the model is loaded. Given pieces are used as they are."""
     cluster = distributed.init()  # joins torchrun's process group if there is one (once)
-    if cluster.device.type == "cpu":
-        if allocator.active() == "system":
-            keep_freed_memory()  # each step re-allocates the same large tensors: reuse them, do not re-fault them
-        bound_kernel_caches()  # before the first matmul: packed rows' new lengths would fill them
     torch.manual_seed(config.seed)  # the same initial weights (e.g. LoRA adapters) on every rank
     if model is None:
         check_model_dir(config.model)  # a bad model dir fails now, not after data preparation

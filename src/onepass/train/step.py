@@ -8,14 +8,13 @@ from typing import Any, Literal
 
 import torch
 
-from onepass.compat import cpu_has_fast_bf16
 from onepass.errors import OnepassError
 from onepass.train import distributed
 from onepass.train.batch import Batch
+from onepass.train.device import Precision, autocast
 from onepass.train.distributed import Cluster
 from onepass.train.model import device_of
 
-Precision = Literal["auto", "fp32", "bf16"]
 OnNonfinite = Literal["error", "skip_step"]
 
 
@@ -34,25 +33,6 @@ class StepOptions:
     precision: Precision = "fp32"
     max_grad_norm: float = 0.0  # 0: no clipping
     on_nonfinite: OnNonfinite = "error"
-
-
-def uses_bf16(precision: Precision, device: torch.device) -> bool:
-    """`auto` is bf16 autocast (fp32 master weights) on CUDA and on CPUs with AMX or AVX512-BF16, fp32 elsewhere."""
-    if precision != "auto":
-        return precision == "bf16"
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
-
-
-def describe_precision(precision: Precision, device: torch.device) -> str:
-    """One line for the start of a run: what `precision` means on this device."""
-    if not uses_bf16(precision, device):
-        return f"precision: fp32 on {device.type}" + (" (auto: no bf16 matrix units found)" if precision == "auto" else "")
-    why = " (auto: CUDA)" if device.type == "cuda" else " (auto: this CPU has AMX or AVX512-BF16)"
-    return f"precision: bf16 autocast with fp32 weights on {device.type}" + (why if precision == "auto" else "")
-
-
-def autocast(precision: Precision, device: torch.device) -> Any:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision, device))
 
 
 def train_step(objective: Any, optimizer: Any, scheduler: Any, micro_batches: list[Batch],
