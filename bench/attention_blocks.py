@@ -19,13 +19,13 @@ def seconds(blocks: int, length: int, dtype, grouped: bool = False, repeats: int
     import torch
     import torch.nn.functional as F
 
-    from onepass.train.model import _grouped_attention
+    from onepass.accel.grouped_attention import attention as grouped_attention
 
     q, k, v = (torch.randn(blocks, heads, length, 64, dtype=dtype, requires_grad=True) for heads in (9, 3, 3))
 
     def attend():
         if grouped:
-            return _grouped_attention(q, k, v, None, None)
+            return grouped_attention(q, k, v, torch.ones(length, length, dtype=torch.bool).tril(), None)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
     for _ in range(2):
@@ -40,7 +40,7 @@ def main() -> None:
     import torch
 
     from onepass.compat import keep_freed_memory
-    from onepass.train.model import CPU_MATH_MAX_KEYS
+    from onepass.accel.grouped_attention import CPU_MATH_MAX_KEYS
 
     keep_freed_memory()  # as a training run does: each repeat re-allocates the same tensors
 

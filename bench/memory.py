@@ -48,7 +48,7 @@ def main() -> None:
     stages = {"python + imports": None}
     import torch
 
-    from onepass.train.activations import SavedBytes
+    from onepass.accel.lean_activations import SavedBytes
     from onepass.train.step import train_step
 
     torch.set_num_threads(2)

@@ -43,6 +43,11 @@ class JinjaRenderer:
             raise
 
 
+def base_model(model: Any) -> Any:
+    """The model inside a peft wrapper (peft's `get_base_model`; the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def attention_implementation(model: Any) -> str:
     """The attention implementation a transformers model runs (its config's private field)."""
     return model.config._attn_implementation

@@ -97,6 +97,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA and AMX/AVX512-BF16 CPUs
     gradient_checkpointing: bool = False
     compile: bool = False
+    accelerations: str | list[str] = "auto"  # auto | none | [names]: see onepass.accel (the run lists them)
     check_model: bool = True  # at start-up, prove onepass's path equals the model's own forward (train.check)
     lora: LoraConfig = field(default_factory=LoraConfig)
     strategy: Literal["ddp", "fsdp"] = "ddp"  # data parallelism under torchrun; one process trains as it is

@@ -94,7 +94,7 @@ def test_packed_log_probs_equal_the_models_own_forward_on_each_conversation_alon
 def test_lean_activations_give_every_architecture_the_same_loss_and_gradients(name):
     """Norms and MLPs that keep fewer tensors for backward (where their arithmetic is Llama's) change
     nothing the loss or the optimizer sees."""
-    from onepass.train.activations import lean_activations
+    from onepass.accel.lean_activations import lean_activations
 
     batch = collate(conversations())
     results = []

@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from onepass.data.types import Example
 from onepass.train.batch import collate
-from onepass.train.loss import LossWorkspace, SFTObjective, _FusedLinearNLL, _fused_chunks, sft_loss
+from onepass.accel.fused_loss import LossWorkspace, _FusedLinearNLL, _fused_chunks
+from onepass.train.loss import SFTObjective, sft_loss
 from onepass.train.model import backbone_and_head, own_attention, use_packed_attention
 
 
@@ -65,7 +66,7 @@ def test_fused_loss_under_bf16_autocast_matches_autocast_linear_then_cross_entro
 def test_softmax_blocks_of_a_few_rows_compute_what_one_block_does(monkeypatch, autocast):
     """On the CPU the softmax runs a few rows at a time (CPU_SOFTMAX_BLOCK_BYTES): blocks that split a
     chunk unevenly give the loss and gradients of the whole chunk at once."""
-    from onepass.train import loss as module
+    from onepass.accel import fused_loss as module
 
     dtype = torch.float32 if autocast else torch.float64
     hidden, weight, targets, coefficients = inputs(dtype, vocab=300, width=64, rows=50)

@@ -141,7 +141,9 @@ def test_short_blocks_under_bf16_autocast_attend_as_grouped_bf16_matmuls_equal_t
     with fewer queries than keys."""
     import torch.nn.functional as F
 
-    from onepass.train.model import CPU_MATH_MAX_KEYS, _attention, _grouped_attention
+    from onepass.accel.grouped_attention import CPU_MATH_MAX_KEYS
+    from onepass.accel.grouped_attention import attention as grouped
+    from onepass.train.model import _attention
 
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 4, queries, 16), torch.randn(3, 2, 20, 16), torch.randn(3, 2, 20, 16)
@@ -149,7 +151,8 @@ def test_short_blocks_under_bf16_autocast_attend_as_grouped_bf16_matmuls_equal_t
     mask = None if queries == 20 else distance >= 0
     with torch.autocast("cpu", dtype=torch.bfloat16):
         routed = _attention(None, q, k, v.bfloat16(), None, 0.0, None, {})
-        got = _attention_and_grads(lambda *t: _grouped_attention(*t, mask, None), q, k, v)
+        full_mask = mask if mask is not None else distance >= 0
+        got = _attention_and_grads(lambda *t: grouped(*t, full_mask, None), q, k, v)
     assert 20 <= CPU_MATH_MAX_KEYS and routed.dtype == torch.bfloat16 and torch.equal(routed, got[0])
     expected = _attention_and_grads(lambda *t: F.scaled_dot_product_attention(
         *t, attn_mask=mask, is_causal=mask is None, enable_gqa=True), q, k, v)
@@ -160,9 +163,10 @@ def test_short_blocks_under_bf16_autocast_attend_as_grouped_bf16_matmuls_equal_t
 def test_blocks_longer_than_the_matmul_limit_attend_with_sdpa(monkeypatch):
     import torch.nn.functional as F
 
+    from onepass.accel import grouped_attention
     from onepass.train import model
 
-    monkeypatch.setattr(model, "CPU_MATH_MAX_KEYS", 10)
+    monkeypatch.setattr(grouped_attention, "CPU_MATH_MAX_KEYS", 10)
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 20, 16), torch.randn(2, 2, 20, 16), torch.randn(2, 2, 20, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):

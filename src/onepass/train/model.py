@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from onepass.compat import attention_implementation, enable_activation_checkpointing, takes_attention_interface
+from onepass import accel
+from onepass.accel import grouped_attention
+from onepass.compat import attention_implementation, base_model, enable_activation_checkpointing, takes_attention_interface
 from onepass.errors import OnepassError
-from onepass.train.activations import lean_activations
 from onepass.train.batch import LAYOUT_KWARG
 from onepass.train.device import default_device, uses_bf16
-from onepass.train.casts import cast_once
 from onepass.train.layout import AttentionLayout, TreeBlocks
 
 if TYPE_CHECKING:
@@ -107,8 +107,9 @@ def _attention(module: Any, query: Any, key: Any, value: Any, scaling: float | N
         output, _ = _model_eager(module)(module, query, key, value, additive, dropout=dropout, scaling=scaling,
                                          **extras)
         return output.transpose(1, 2)
-    if query.device.type == "cpu" and keys <= CPU_MATH_MAX_KEYS and dropout == 0.0 and _bf16(query, key, value):
-        return _grouped_attention(query, key, value, mask, scaling)
+    if grouped_attention.applies(module, query, key, value, dropout):
+        return grouped_attention.attention(query, key, value, mask if mask is not None else
+                                           _causal_mask(queries, keys, None, query.device), scaling)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
                                           scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
 
@@ -118,37 +119,6 @@ def _causal_mask(queries: int, keys: int, window: int | None, device: Any) -> An
     j at or before it, and within the sliding window if there is one."""
     distance = torch.arange(keys - queries, keys, device=device)[:, None] - torch.arange(keys, device=device)[None, :]
     return (distance >= 0) & (distance < window) if window is not None else distance >= 0
-
-
-def _grouped_attention(query: Any, key: Any, value: Any, mask: Any, scaling: float | None) -> Any:
-    """Causal attention in bf16 as two batched matmuls, for short blocks on the CPU: the query heads
-    that share a key/value head are stacked as rows of one product (grouped-query attention without
-    copying keys and values), the softmax runs over the whole (rows × keys) block, and autograd keeps
-    the bf16 probabilities (tokens × heads × keys × 2 bytes a layer) for the backward pass."""
-    with torch.autocast("cpu", enabled=False):
-        n, heads, queries, dim = query.shape
-        groups, keys = key.shape[1], key.shape[2]
-        scale = scaling if scaling is not None else dim ** -0.5
-        rows = (query.to(torch.bfloat16) * scale).reshape(n, groups, heads // groups * queries, dim)
-        if mask is None:
-            mask = _causal_mask(queries, keys, None, query.device)
-        scores = rows @ key.to(torch.bfloat16).transpose(-1, -2)
-        probabilities = scores.masked_fill_(~mask.repeat(heads // groups, 1), float("-inf")).softmax(-1)
-        return (probabilities @ value.to(torch.bfloat16)).view(n, heads, queries, dim)
-
-
-def _bf16(*tensors: Any) -> bool:
-    """Would attention run in bf16 here (a bf16 input, or bf16 autocast, which casts fp32 inputs down)?"""
-    return any(t.dtype == torch.bfloat16 for t in tensors) or (
-        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-
-
-# Under bf16 on the CPU, blocks of up to this many keys attend as two bf16 matmuls (`_grouped_attention`):
-# the CPU's bf16 flash kernel costs several times its fp32 one on short blocks, and both cost more than
-# the matmuls (forward + backward over 1,024 tokens as blocks of L, 9 query heads and 3 key/value heads
-# of 64, 2 threads: bench/attention_blocks.py). Longer blocks take flash attention, which keeps no
-# (queries × keys) probabilities.
-CPU_MATH_MAX_KEYS = 256
 
 
 def _model_eager(module: Any) -> Any:
@@ -184,7 +154,8 @@ def choose_attention(device_type: str, compute_dtype: Any = torch.float32,
 def describe_attention(attention: str) -> str:
     if attention == PACKED_ATTENTION:
         return ("attention: onepass packed SDPA (conversations of similar length share one call per layer; "
-                f"under bf16 on the CPU, blocks of up to {CPU_MATH_MAX_KEYS} keys as two bf16 matmuls)")
+                f"under bf16 on the CPU, blocks of up to {grouped_attention.CPU_MATH_MAX_KEYS} keys as two bf16 matmuls "
+                "where grouped-attention is installed)")
     return f"attention: {attention} (varlen: each conversation attends to itself only)"
 
 
@@ -197,11 +168,6 @@ def describe_attention(attention: str) -> str:
 # call, so no row is padded), with the model's own attention. `check.check_packing` decides which,
 # on the user's model, at start-up.
 PACKED, SEPARATE = "packed", "separate"
-
-
-def base_model(model: Any) -> Any:
-    """The Hugging Face model inside a peft wrapper (the model itself otherwise)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def packing_of(model: Any) -> str:
@@ -308,11 +274,9 @@ def use_tree_attention(model: Any) -> None:
 
 
 def build_model(config: TrainConfig, device: torch.device, announce: bool = False, weights: bool = True) -> Any:
-    """The model to train: loaded, with LoRA adapters, activation checkpointing and compile as configured,
-    without checkpointing, norms and MLPs that keep fewer activations for backward
-    (`activations.lean_activations`), and, under bf16, autocast's repeated casts done once and (without
-    checkpointing) its weight copies not kept (`casts.cast_once`; without `weights`: on the meta device,
-    see `load_model`)."""
+    """The model to train: loaded (see `load_model`; without `weights` on the meta device), its language
+    model alone trainable (`freeze_outside_language_model`), with LoRA adapters, activation
+    checkpointing, the configured accelerations (onepass.accel) and compile."""
     bf16 = uses_bf16(config.precision, device)
     model = load_model(config.model, device, weights=weights, compute_dtype=torch.bfloat16 if bf16 else torch.float32)
     if announce:
@@ -331,13 +295,10 @@ def build_model(config: TrainConfig, device: torch.device, announce: bool = Fals
         enable_activation_checkpointing(model)
         if config.lora.enabled:
             model.enable_input_require_grads()
-    # Keeping fewer activations pays where they pile up; under checkpointing one layer's are alive at a
-    # time, and the weights' second cast would be paid for nothing
-    lean = not config.gradient_checkpointing
-    if lean:
-        lean_activations(model)
-    if bf16:  # under autocast only; elsewhere the hooks would be a Python call per layer for nothing
-        cast_once(model, recast=lean)
+    names = accel.install(model, accel.choose(config.accelerations, device.type, bf16, config.gradient_checkpointing),
+                          config.gradient_checkpointing)
+    if announce:
+        print(accel.describe(names, device.type, bf16), file=sys.stderr)
     if config.compile:
         backbone_and_head(model)[0].compile()
     model.train()

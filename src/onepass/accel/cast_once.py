@@ -14,7 +14,7 @@ whole model lives from the forward pass to the end of backward. `recast_weights(
 layers keep their fp32 weight (the parameter itself, no copy) and cast it again in backward
 (`RecastLinearFunction`): the same matmuls on the same bf16 values, one more cast per layer, ~145 MiB
 off the peak RSS of SmolLM2-135M in bf16 (an ad-hoc run; bench/memory.py measures it with the lean
-activations of train/activations.py). Outside autocast, and inside a graph that torch.compile
+activations of accel/lean_activations.py). Outside autocast, and inside a graph that torch.compile
 traces, all of these do nothing.
 """
 

@@ -8,8 +8,8 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from onepass.demo.tiny import build_model
-from onepass.train.activations import RMSNormFunction, SavedBytes, SwiGLUFunction, lean_activations
-from onepass.train.casts import cast_once
+from onepass.accel.lean_activations import RMSNormFunction, SavedBytes, SwiGLUFunction, lean_activations
+from onepass.accel.cast_once import cast_once
 from onepass.train.model import use_packed_attention
 
 HIDDEN, INTERMEDIATE, LAYERS = 64, 160, 2

@@ -15,7 +15,7 @@ their product (the down projection's input) and the down projection's weight in 
 
 The backward formulas are autograd's own (`aten.silu_backward`, the same matmuls and the same roundings
 to the input's dtype), so gradients agree with the modules' autograd to float rounding
-(tests/train/test_activations.py); forward outputs are bit-identical. Measured on SmolLM2-135M in
+(tests/accel/test_lean_activations.py); forward outputs are bit-identical. Measured on SmolLM2-135M in
 bf16, ~1,000 tokens a step (`bench/memory.py --steps 40`): peak RSS 3,887 → 3,243 MiB together with
 casts.recast_weights (about 3,381 of that from these two, in an ad-hoc run), at the same speed within
 noise. `lean_activations(model)` installs both on the modules whose code is the Llama
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from onepass.train.casts import linear_backward
+from onepass.accel.cast_once import linear_backward
 
 LEAN = "_onepass_lean_activations"
 

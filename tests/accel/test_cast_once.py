@@ -7,8 +7,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from onepass.demo.tiny import build_model
-from onepass.train.activations import SavedBytes
-from onepass.train.casts import SharedInputCast, cast_once, is_rotary, recast_weights, share_input_casts
+from onepass.accel.lean_activations import SavedBytes
+from onepass.accel.cast_once import SharedInputCast, cast_once, is_rotary, recast_weights, share_input_casts
 from onepass.train.model import use_packed_attention
 
 HIDDEN = 64
@@ -133,7 +133,7 @@ def test_with_both_casts_bf16_logits_still_track_fp32():
 def test_the_training_model_shares_casts_under_bf16_only(run_assets, tmp_path):
     from conftest import make_config
 
-    from onepass.train.casts import HOOKED
+    from onepass.accel.cast_once import HOOKED
     from onepass.train.model import build_model as build_training_model
 
     for precision, hooked in (("bf16", True), ("fp32", False)):
