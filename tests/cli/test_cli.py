@@ -133,3 +133,21 @@ def test_inspect_json_prints_a_trees_parents(tmp_path, tokenizer_dir, capsys):
     parent = row["parent"]
     assert parent[0] == -1 and all(p < i for i, p in enumerate(parent))
     assert parent != list(range(-1, len(parent) - 1))  # it branches: one tree, not a sequence
+
+
+def test_check_proves_a_saved_model_exact_and_refuses_one_it_cannot_compute_with_one_line(tmp_path):
+    import zoo_configs
+    from onepass.demo.tiny import build_model
+
+    build_model(tmp_path / "llama", vocab_size=128)
+    result = subprocess.run([sys.executable, "-m", "onepass", "check", str(tmp_path / "llama"), "--json"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["exact"] and report["packing"] == "packed" and report["max_difference"] < 1e-4
+    zoo_configs.build("modernbert-decoder").save_pretrained(tmp_path / "refused")
+    result = subprocess.run([sys.executable, "-m", "onepass", "check", str(tmp_path / "refused")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "differ from the model's own forward" in line and "Fix:" in line

@@ -89,20 +89,30 @@ def check_packing(model: Any, vocab_size: int | None = None, tolerance: float = 
     examples = probe_examples(vocab_size)
     device = device_of(model)
     with torch.autocast(device.type, enabled=False):
-        expected = own_forward_logprobs(model, examples)
+        try:
+            expected = own_forward_logprobs(model, examples)
+        except Exception as error:  # noqa: BLE001 - the oracle itself fails: nothing to prove against
+            raise OnepassError(f"{type(model).__name__}: the model's own forward fails on a short conversation "
+                               f"({_one_line(error)}), so onepass cannot check it. Fix: check that transformers "
+                               "runs this model, or report it.") from None
         packed_difference, packed_error = None, None
         if packing_of(model) == PACKED:
             try:
                 packed_difference = _difference(onepass_logprobs(model, examples), expected)
             except Exception as error:  # noqa: BLE001 - a kernel that refuses packed rows: try them apart
-                packed_error = f"packed rows fail: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                packed_error = f"packed rows fail: {_one_line(error)}"
             if packed_difference is not None and packed_difference <= tolerance:
                 return PackingCheck(PACKED, packed_difference, packed_difference, None, expected.size + len(examples),
                                     time.perf_counter() - started)
             set_packing(model, SEPARATE)
         else:
             packed_error = "its attention layers do not take transformers' attention interface"
-        separate = _difference(onepass_logprobs(model, examples), expected)
+        try:
+            separate = _difference(onepass_logprobs(model, examples), expected)
+        except Exception as error:  # noqa: BLE001 - onepass's path fails even on one conversation alone
+            raise OnepassError(f"{type(model).__name__}: onepass's forward fails even with each conversation alone "
+                               f"({_one_line(error)}; {packed_error or 'packed rows differ'}). Fix: report it with "
+                               "`onepass check MODEL --json`.") from None
     result = PackingCheck(SEPARATE, separate, packed_difference, packed_error, expected.size + len(examples),
                           time.perf_counter() - started)
     if separate > tolerance:
@@ -113,6 +123,11 @@ def check_packing(model: Any, vocab_size: int | None = None, tolerance: float = 
             "Training would not follow the model's own objective. Fix: report it with `onepass check MODEL "
             "--json`; to train anyway, at your own risk, set check_model: false.")
     return result
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
 
 def _difference(got: np.ndarray, expected: np.ndarray) -> float:

@@ -104,21 +104,29 @@ class RouterLoss:
 class OutputTransform:
     """What a model's own CausalLM.forward does to the output layer's logits, which onepass applies
     too (it calls the output layer directly): Cohere's `logit_scale`, Granite's `logits_scaling`,
-    Gemma-2/3's final soft-capping."""
+    Falcon-H1's `lm_head_multiplier`, a muP width multiplier on the last hidden states, and the final
+    soft-cap (Gemma-2/3/4, also where it lives in a multimodal model's `text_config`, RecurrentGemma,
+    xLSTM). The start-up check (train.check) proves this list right on each model, or refuses it."""
 
     scale: float = 1.0
     softcap: float | None = None
 
     @classmethod
     def of(cls, model: Any) -> OutputTransform:
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
+        model = base_model(model)
         config, scale = model.config, 1.0
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        setting = lambda name: getattr(config, name, None) or getattr(text, name, None)  # noqa: E731
         if getattr(model, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
             scale *= float(model.logit_scale)
-        if getattr(config, "logits_scaling", None):  # Granite: logits / logits_scaling
-            scale /= float(config.logits_scaling)
-        return cls(scale, getattr(config, "final_logit_softcapping", None))
+        if setting("logits_scaling"):  # Granite: logits / logits_scaling
+            scale /= float(setting("logits_scaling"))
+        if setting("lm_head_multiplier"):  # Falcon-H1: logits * lm_head_multiplier
+            scale *= float(setting("lm_head_multiplier"))
+        if setting("logits_mup_width_multiplier"):  # Inkling: hidden states / multiplier, before the head
+            scale /= float(setting("logits_mup_width_multiplier"))
+        softcap = setting("final_logit_softcapping") or setting("logits_soft_cap") or setting("output_logit_soft_cap")
+        return cls(scale, softcap)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if self.scale != 1.0:

@@ -342,7 +342,14 @@ def backbone_and_head(model: Any) -> tuple[Any, Any]:
     """The transformer trunk (input ids → hidden states) and the output projection of a causal LM,
     through a peft wrapper if there is one (LoRA layers live inside the trunk's modules)."""
     model = base_model(model)
-    return getattr(model, model.base_model_prefix), model.get_output_embeddings()
+    # base_model_prefix names the trunk, except where a class shares it with its multimodal parent
+    # (Llama-4's causal LM says `language_model` and keeps its trunk as `model`)
+    trunk = getattr(model, model.base_model_prefix, None)
+    if trunk is None:
+        trunk = model.get_decoder()
+    if trunk is model:
+        trunk = model.model
+    return trunk, model.get_output_embeddings()
 
 
 def device_of(model: Any) -> torch.device:
