@@ -70,7 +70,10 @@ _NON_DECODER_MAPPINGS = {
 def _classification() -> tuple[tuple[str, ...], dict[str, str]]:
     import transformers.models.auto.modeling_auto as auto
     from transformers import CONFIG_MAPPING
+    from transformers.utils import logging
 
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # default configs warn about their special-token ids
     kept, dropped = [], {}
     names = auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     text_types = {t for t in names if t.endswith("_text")}
@@ -102,6 +105,7 @@ def _classification() -> tuple[tuple[str, ...], dict[str, str]]:
             kept.append(model_type)
         else:
             dropped[model_type] = reason
+    logging.set_verbosity(verbosity)
     return tuple(kept), dropped
 
 
@@ -480,6 +484,8 @@ FIXES: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
     "inkling2_loop_text": _set(num_hidden_layers=4, n_layers_per_attn_res_block=2, loop_layer_index_start=2,
                                loop_layer_index_end=4, loop_num_passes=2,
                                layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding", "hybrid"]),
+    # LFM2-MoE's default has no layer_types at all (attention everywhere): a dense conv layer, then an
+    # attention layer with the MoE
     "lfm2_moe": _set(num_hidden_layers=2, layer_types=["conv", "full_attention"], num_dense_layers=1),
     # Their configs and models support sliding-window layers that the default config does not use
     # (use_sliding_window=False or all layer_types full); a tiny model should have one.

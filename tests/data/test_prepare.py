@@ -117,3 +117,62 @@ def test_load_conversations_with_a_limit_reads_only_that_many_records(tmp_path):
     assert stats.records == 4 and stats.conversations == 3 and len(rejects) == 1  # the broken line is not read
     everything = load_conversations([first, second], None, "skip", Stats(), [])
     assert len(everything) == 3
+
+
+def test_a_model_directory_that_gains_a_generation_config_gets_masks_from_its_stop_tokens(tmp_path, tokenizer):
+    """GLM-style stop tokens come from generation_config.json: a cached entry made without it is not served."""
+    import shutil
+
+    from onepass.data.tokenizer import load_tokenizer
+
+    shutil.copytree(tokenizer.name_or_path, tmp_path / "model")
+    path = write_jsonl(tmp_path / "d.jsonl", [chat("q", "a")])
+    cache = tmp_path / "cache"
+    before = prepare([path], load_tokenizer(tmp_path / "model"),
+                     load_chat_template(load_tokenizer(tmp_path / "model"), "chatml"), RenderOptions(), cache_dir=cache)
+    stop = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    (tmp_path / "model" / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, stop]}))
+    grown = load_tokenizer(tmp_path / "model")
+    after = prepare([path], grown, load_chat_template(grown, "chatml"), RenderOptions(), cache_dir=cache)
+    assert not after.from_cache and after.cache_path != before.cache_path
+
+
+def test_a_change_to_the_data_stages_code_is_a_new_cache_entry(tmp_path):
+    import shutil
+
+    import onepass.data
+    from onepass.data.cache import data_stage_version
+
+    package = tmp_path / "data"
+    shutil.copytree(next(iter(onepass.data.__path__)), package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = data_stage_version(package)
+    assert data_stage_version(package) == before  # the same code, the same version
+    render = package / "render.py"
+    render.write_text(render.read_text() + "\n# a fix to how masks are found\n")
+    data_stage_version.cache_clear()
+    assert data_stage_version(package) != before
+
+
+def test_the_same_files_elsewhere_hit_the_cache_and_train_a_weighted_mixture_from_their_new_place(
+        tmp_path, tokenizer):
+    import shutil
+
+    from onepass.config import DataSource
+    from onepass.train.mixture import Mixture
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    write_jsonl(tmp_path / "a" / "main.jsonl", [chat("q", "a"), chat("q2", "a2")])
+    write_jsonl(tmp_path / "a" / "style.jsonl", [chat("q3", "a3")])
+    for name in ("main.jsonl", "style.jsonl"):
+        shutil.copy(tmp_path / "a" / name, tmp_path / "b" / name)
+    cache = tmp_path / "cache"
+    shares = []
+    for name in ("a", "b"):
+        paths = [str(tmp_path / name / "main.jsonl"), str(tmp_path / name / "style.jsonl")]
+        data = run(paths, tokenizer, cache_dir=cache)
+        assert data.from_cache == (name == "b")
+        assert {e.source for e in data.examples} == set(paths)
+        mixture = Mixture(data.examples, [DataSource(paths[0], 1.0), DataSource(paths[1], 3.0)])
+        shares.append([(s.examples, s.per_epoch, s.trained_token_share) for s in mixture.shares()])
+    assert shares[0] == shares[1]

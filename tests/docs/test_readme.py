@@ -1,4 +1,5 @@
-"""The README's commands run as written, from a fresh checkout after `make demo`."""
+"""The commands of the README and docs/ run as written, from a fresh checkout after `make demo`; the README
+stays short."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ ROOT = Path(__file__).parents[2]
 
 
 def readme_commands() -> list[str]:
-    """Every `.venv/bin/onepass ...` line inside the README's bash blocks."""
-    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    """Every `.venv/bin/onepass ...` line inside the bash blocks of the README and of docs/."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    blocks = [block for page in pages for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)]
     return [line.strip() for block in blocks for line in block.splitlines()
             if line.strip().startswith(".venv/bin/onepass ")]
 
@@ -25,6 +27,7 @@ def readme_commands() -> list[str]:
 def test_the_readme_has_commands_to_check():
     commands = readme_commands()
     assert any(" inspect " in c for c in commands) and any(" train " in c for c in commands)
+    assert any(" check " in c for c in commands)
     assert all("path/to" not in c and "[" not in c for c in commands), "README commands must run as written"
 
 
@@ -40,3 +43,10 @@ def test_every_readme_command_runs_as_written_after_the_demo(tmp_path):
         argv = onepass + shlex.split(command)[1:]
         result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+
+
+def test_the_readme_is_read_in_five_minutes_and_links_its_docs():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    for link in re.findall(r"\]\((docs/[^)]+)\)", text):
+        assert (ROOT / link).is_file(), link

@@ -12,8 +12,8 @@ in the compute dtype, as a model loaded in bf16 has them.
 Autocast also keeps each linear layer's bf16 weight copy for the backward pass: a bf16 copy of the
 whole model lives from the forward pass to the end of backward. `recast_weights(model)` makes linear
 layers keep their fp32 weight (the parameter itself, no copy) and cast it again in backward
-(`RecastLinearFunction`): the same matmuls on the same bf16 values, one more cast per layer, ~145 MiB
-off the peak RSS of SmolLM2-135M in bf16 (an ad-hoc run; bench/memory.py measures it with the lean
+(`RecastLinearFunction`): the same matmuls on the same bf16 values, one more cast per layer, and no
+bf16 copy of the weights kept through the step (bench/memory.py measures it, with the lean
 activations of accel/lean_activations.py). Outside autocast, and inside a graph that torch.compile
 traces, all of these do nothing.
 """

@@ -15,10 +15,8 @@ their product (the down projection's input) and the down projection's weight in 
 
 The backward formulas are autograd's own (`aten.silu_backward`, the same matmuls and the same roundings
 to the input's dtype), so gradients agree with the modules' autograd to float rounding
-(tests/accel/test_lean_activations.py); forward outputs are bit-identical. Measured on SmolLM2-135M in
-bf16, ~1,000 tokens a step (`bench/memory.py --steps 40`): peak RSS 3,887 → 3,243 MiB together with
-casts.recast_weights (about 3,381 of that from these two, in an ad-hoc run), at the same speed within
-noise. `lean_activations(model)` installs both on the modules whose code is the Llama
+(tests/accel/test_lean_activations.py); forward outputs are bit-identical. bench/memory.py measures the
+peak memory they save (docs/speed.md). `lean_activations(model)` installs both on the modules whose code is the Llama
 formula (compared by bytecode, so the ~140 transformers classes that copy it qualify, and a norm that
 differs, e.g. Gemma's 1 + weight, does not) and whose MLP activation is SiLU over plain linear layers
 (a LoRA-wrapped projection keeps the module's own forward). Inside a graph torch.compile traces, both

@@ -263,7 +263,7 @@ def prepare(paths: Sequence[str | Path], tokenizer: Any, template: ChatTemplate,
         key = cache_key(paths, tokenizer, template, options, format_name, on_bad_record)
         cache_path = Path(cache_dir or default_cache_dir()) / "prepared" / key
         if is_cached(cache_path):
-            data = load_cache(cache_path)
+            data = load_cache(cache_path, paths)
             write_rejects(data.rejects, rejects_file)
             return data
     stats, rejects = Stats(), []
@@ -280,7 +280,7 @@ def prepare(paths: Sequence[str | Path], tokenizer: Any, template: ChatTemplate,
     stats.trained_tokens = sum(e.num_trained_tokens for e in examples)
     data = PreparedData(examples, stats, cache_path, rejects=rejects)
     if cache_path is not None:
-        save_cache(cache_path, data)
+        save_cache(cache_path, data, paths)
     return data
 
 
