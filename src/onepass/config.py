@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from onepass.hub import is_hub_id
 from onepass.errors import ConfigError
 from onepass.data.types import RenderOptions
 
@@ -25,14 +26,17 @@ class DataSource:
     """A training file (or directory) and its weight: how many times each of its records is trained on
     per epoch. 3 repeats every record three times; 0.5 trains a different random half each epoch."""
 
-    path: str
+    path: str  # a local file or directory, or a Hugging Face Hub dataset id (org/name)
     weight: float = 1.0
+    split: str | None = None  # of a Hub dataset (default: train)
+    subset: str | None = None  # of a Hub dataset: its configuration's folder or file-name part
+    revision: str | None = None  # of a Hub dataset: a branch, tag or commit
 
 
 @dataclass
 class DataConfig:
     train: list[str | DataSource] = field(default_factory=list)  # a path, or {path: ..., weight: ...}
-    eval: list[str] = field(default_factory=list)
+    eval: list[str | DataSource] = field(default_factory=list)  # the same entries as train (weights unused)
     format: Literal["messages", "prompt_completion", "sharegpt", "alpaca", "text"] | None = None
     chat_template: str | None = None  # a .jinja file or a built-in name; default: the tokenizer's own
     loss_on: Literal["assistant", "last", "all"] = "assistant"
@@ -52,6 +56,9 @@ class DataConfig:
 
     def train_paths(self) -> list[str]:
         return [s.path for s in self.sources()]
+
+    def eval_sources(self) -> list[DataSource]:
+        return [s if isinstance(s, DataSource) else DataSource(s) for s in self.eval]
 
     def render_options(self, max_seq_len: int | None) -> RenderOptions:
         return RenderOptions(loss_on=self.loss_on, train_on_eot=self.train_on_eot, max_seq_len=max_seq_len,
@@ -237,9 +244,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         raise ConfigError("config key 'model' is required: a local Hugging Face model directory.")
     if not config.data.train:
         raise ConfigError("config key 'data.train' is required: one or more data files.")
-    resolve = lambda p: str(p if Path(p).is_absolute() or Path(p).exists() else base / p)  # noqa: E731
-    config.data.train = [DataSource(resolve(s.path), s.weight) for s in config.data.sources()]
-    config.data.eval = [resolve(p) for p in config.data.eval]
+    # a relative path is relative to the config file, unless it exists from the working directory, or it is a
+    # Hub id (org/name) that is not a path under the config's folder (onepass.hub resolves it when used)
+    def resolve(p: str) -> str:
+        if Path(p).is_absolute() or Path(p).exists() or (is_hub_id(p) and not (base / p).exists()):
+            return str(p)
+        return str(base / p)
+
+    config.data.train = [dataclasses.replace(s, path=resolve(s.path)) for s in config.data.sources()]
+    config.data.eval = [dataclasses.replace(s, path=resolve(s.path)) for s in config.data.eval_sources()]
     config.model = resolve(config.model)
     if config.tokenizer:
         config.tokenizer = resolve(config.tokenizer)

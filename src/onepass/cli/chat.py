@@ -9,7 +9,7 @@ from typing import Any
 
 def add_parsers(subparsers: Any) -> None:
     parser = subparsers.add_parser("chat", help="chat with a model in the terminal")
-    parser.add_argument("--model", required=True, help="local Hugging Face model directory")
+    parser.add_argument("--model", required=True, help="local Hugging Face model directory or Hub id")
     parser.add_argument("--prompt", default=None, help="answer this once and exit")
     parser.add_argument("--system", default=None, help="system message")
     parser.add_argument("--chat-template", default=None)

@@ -12,7 +12,7 @@ def add_parsers(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "check", help="compare onepass's packed path with the model's own forward (what train and score do at "
                       "start-up)")
-    parser.add_argument("model", help="local Hugging Face model directory")
+    parser.add_argument("model", help="local Hugging Face model directory or Hub id")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(handler=run_check)
 

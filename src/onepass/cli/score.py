@@ -9,7 +9,7 @@ from typing import Any
 
 def add_parsers(subparsers: Any) -> None:
     parser = subparsers.add_parser("score", help="log Pr(response | context) per message from one forward pass")
-    parser.add_argument("--model", required=True, help="local Hugging Face model directory")
+    parser.add_argument("--model", required=True, help="local Hugging Face model directory or Hub id")
     parser.add_argument("--data", required=True, help="conversations, or rows of {prompt, completions: [...]}")
     parser.add_argument("--out", default=None, help="output JSONL (default: stdout)")
     parser.add_argument("--batch-tokens", type=int, default=4096, help="tokens per packed forward pass")
@@ -36,7 +36,9 @@ def run_score(args: argparse.Namespace) -> int:
         from onepass.train.check import check_packing
 
         print(check_packing(model).describe(), file=sys.stderr)
-    records = list(read_records(args.data))
+    from onepass.hub import dataset_files
+
+    records = [record for file in dataset_files(args.data) for record in read_records(file)]
     if records and records[0].data is not None and "completions" in records[0].data:
         bad = next((r for r in records if r.error is not None), None)
         if bad is not None:

@@ -19,6 +19,7 @@ from onepass.data.cache import PreparedData, cache_key, default_cache_dir, is_ca
 from onepass.data.chat_template import ChatTemplate
 from onepass.data.formats import FORMATS, detect_format, expected_keys, to_conversation
 from onepass.data.records import check_data_path, read_records
+from onepass.hub import dataset_files
 from onepass.data.render import cut_point, mask_tokens, render_conversation, tokenize_rendered
 from onepass.data.stats import Stats
 from onepass.data.tree import TokenPath, merge_paths, tree_example
@@ -36,7 +37,7 @@ def load_conversations(paths: Sequence[str | Path], format_name: str | None, on_
     if format_name is not None and format_name not in FORMATS:
         raise OnepassError(f"unknown format '{format_name}'. Fix: use one of {', '.join(FORMATS)}.")
     conversations = []
-    for path in paths:
+    for path in [file for entry in paths for file in dataset_files(entry)]:  # a Hub id: its train split's files
         file_format, detected_at = format_name, None
         records_in_file = 0
         for record in read_records(path):
@@ -257,7 +258,7 @@ def prepare(paths: Sequence[str | Path], tokenizer: Any, template: ChatTemplate,
     """Every data file → `Example`s and `Stats`, from the on-disk cache when the inputs are unchanged."""
     if not paths:
         raise OnepassError("no data files given. Fix: set data.train (a file or a list of files).")
-    paths = [check_data_path(p) for p in paths]
+    paths = [check_data_path(file) for entry in paths for file in dataset_files(entry)]
     cache_path = None
     if use_cache:
         key = cache_key(paths, tokenizer, template, options, format_name, on_bad_record)

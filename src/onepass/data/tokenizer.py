@@ -6,16 +6,17 @@ from pathlib import Path
 from typing import Any
 
 from onepass.errors import OnepassError
+from onepass.hub import local_or_hub
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    """A fast tokenizer (needed for character offsets) from a local directory."""
+    """A fast tokenizer (needed for character offsets) from a local directory or a Hub id (onepass.hub)."""
     from transformers import AutoTokenizer
 
-    path = Path(path)
+    path = local_or_hub(path, "model")
     if not path.is_dir():
         raise OnepassError(f"tokenizer directory not found: {path}. Fix: give a local Hugging Face model or "
-                           "tokenizer directory (nothing is downloaded).")
+                           "tokenizer directory, or a Hub id (org/name).")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as error:  # transformers raises OSError/ValueError/KeyError depending on what is missing

@@ -14,6 +14,7 @@ from onepass.config import TrainConfig, save_config
 from onepass.data.chat_template import ChatTemplate
 from onepass.train import distributed
 from onepass.train.distributed import Cluster
+from onepass.hub import local_or_hub
 from onepass.train.model import build_model
 
 
@@ -54,7 +55,7 @@ def full_model(model: Any, config: TrainConfig, cluster: Cluster) -> Any:
 def base_dtype(model_dir: str | Path) -> torch.dtype:
     """The dtype the base model was saved in (config.json's dtype / torch_dtype; fp32 if it says none):
     training keeps fp32 master weights, the export goes back to the base model's dtype."""
-    config_path = Path(model_dir) / "config.json"
+    config_path = local_or_hub(model_dir, "model") / "config.json"
     values = json.loads(config_path.read_text()) if config_path.exists() else {}
     name = values.get("dtype") or values.get("torch_dtype") or "float32"
     dtype = getattr(torch, str(name), None)

@@ -31,9 +31,11 @@ class SourceShare:
 class Mixture:
     """Maps each example to its source and draws an epoch's example indices."""
 
-    def __init__(self, examples: list[Example], sources: list[DataSource]):
+    def __init__(self, examples: list[Example], sources: list[DataSource], files: list[list[Path]] | None = None):
+        """`files`: each source's files where they are not its path (a Hub dataset's, onepass.hub)."""
         self.sources = sources
-        self.source_of = np.asarray([_source_index(e, sources) for e in examples], dtype=np.int64)
+        files = files or [[Path(s.path)] for s in sources]
+        self.source_of = np.asarray([_source_index(e, sources, files) for e in examples], dtype=np.int64)
         self.trained = np.asarray([e.num_trained_tokens for e in examples], dtype=np.int64)
 
     def epoch_indices(self, seed: int, epoch: int) -> np.ndarray:
@@ -62,12 +64,11 @@ def _copies(weight: float, examples: int) -> tuple[int, int]:
     return whole, int(round((weight - whole) * examples))
 
 
-def _source_index(example: Example, sources: list[DataSource]) -> int:
-    """The source an example came from: its file, or the directory that holds its file."""
+def _source_index(example: Example, sources: list[DataSource], files: list[list[Path]]) -> int:
+    """The source an example came from: one of its files, or a directory that holds its file."""
     file = Path(example.source)
-    for index, source in enumerate(sources):
-        path = Path(source.path)
-        if file == path or path in file.parents:
+    for index, paths in enumerate(files):
+        if any(file == path or path in file.parents for path in paths):
             return index
     raise OnepassError(f"{example.source}: this example matches no data.train source "
                        f"({', '.join(s.path for s in sources)}); our bug, please report it.")

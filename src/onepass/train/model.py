@@ -16,6 +16,7 @@ from onepass import accel
 from onepass.accel import grouped_attention
 from onepass.compat import attention_implementation, base_model, enable_activation_checkpointing, takes_attention_interface
 from onepass.errors import OnepassError
+from onepass.hub import local_or_hub
 from onepass.train.batch import LAYOUT_KWARG
 from onepass.train.device import default_device, uses_bf16
 from onepass.train.layout import AttentionLayout, TreeBlocks
@@ -28,9 +29,11 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 def check_model_dir(path: str | Path) -> Path:
-    path = Path(path)
+    """The local model directory `path` names (a Hub id: its snapshot, onepass.hub), checked."""
+    path = local_or_hub(path, "model")
     if not path.is_dir():
-        raise OnepassError(f"model directory not found: {path}. Fix: give a local Hugging Face model directory.")
+        raise OnepassError(f"model directory not found: {path}. Fix: give a local Hugging Face model directory or a "
+                           "Hub id (org/name).")
     if not (path / "config.json").exists():
         raise OnepassError(f"{path} has no config.json, so it is not a Hugging Face model directory.")
     if not any((path / name).exists() for name in WEIGHT_FILES):

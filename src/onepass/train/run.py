@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from onepass import allocator
-from onepass.config import TrainConfig, to_dict
+from onepass.config import DataSource, TrainConfig, to_dict
 from onepass.data.cache import PreparedData
 from onepass.data.chat_template import ChatTemplate, load_chat_template
 from onepass.data.prepare import load_conversations, prepare
@@ -23,6 +23,7 @@ from onepass.data.report import nothing_left, summary_line
 from onepass.data.tokenizer import load_tokenizer
 from onepass.data.types import Example
 from onepass.errors import OnepassError
+from onepass.hub import dataset_files
 from onepass.train import distributed
 from onepass.train.checkpoint import Checkpointer
 from onepass.train.distributed import Cluster
@@ -79,7 +80,8 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
     if (config.early_stopping.patience or config.keep_best) and not (eval_examples and config.eval_every):
         raise OnepassError("early_stopping and keep_best compare held-out losses during training. Fix: give "
                            "data.eval and eval_every > 0, or set early_stopping.patience: 0 and keep_best: false.")
-    mixture = Mixture(train_data.examples, config.data.sources()) if config.data.weighted() else None
+    mixture = Mixture(train_data.examples, config.data.sources(), source_files(config.data.sources())) \
+        if config.data.weighted() else None
     if mixture is not None and cluster.is_main:
         print(describe_mixture(mixture.shares()), file=sys.stderr)
     plan = StepPlan(train_data.examples, config.max_seq_len, config.batch_size, config.grad_accum, config.seed,
@@ -117,6 +119,11 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
                scheduler, step_options, checkpointer, evaluator, early_stopping, samples)
 
 
+def source_files(sources: list[DataSource]) -> list[list[Path]]:
+    """The files of each data entry: a local path, or a Hub dataset's files of its split (onepass.hub)."""
+    return [dataset_files(s.path, s.split, s.subset, s.revision) for s in sources]
+
+
 def _check_model(config: TrainConfig, cluster: Cluster, model: Any) -> None:
     """The start-up proof (`check.check_packing`) on rank 0, which holds the weights under every strategy;
     every rank then takes the packing it chose, or stops with its error."""
@@ -146,15 +153,16 @@ def _prepare_data(config: TrainConfig, cluster: Cluster, tokenizer: Any, templat
     """Train and held-out data, prepared by rank 0 first (the others load its cache), and checked."""
     output_dir = Path(config.output_dir)
 
-    def prepare_split(paths: list[str], rejects_name: str) -> PreparedData:
+    def prepare_split(sources: list[DataSource], rejects_name: str) -> PreparedData:
+        paths = [file for files in source_files(sources) for file in files]
         return prepare_data(paths, tokenizer, template, config.render_options(), format_name=config.data.format,
                             on_bad_record=config.data.on_bad_record, num_workers=config.data.num_workers,
                             cache_dir=config.data.cache_dir,
                             rejects_file=output_dir / rejects_name if cluster.is_main else None)
 
     with distributed.main_first(cluster):
-        train_data = train_data or prepare_split(config.data.train_paths(), "rejects.jsonl")
-        eval_data = prepare_split(config.data.eval, "rejects.eval.jsonl") \
+        train_data = train_data or prepare_split(config.data.sources(), "rejects.jsonl")
+        eval_data = prepare_split(config.data.eval_sources(), "rejects.eval.jsonl") \
             if eval_examples is None and config.data.eval else None
     _report_data(config, cluster, train_data, eval_data)
     if eval_examples is None:
@@ -187,7 +195,8 @@ def _sample_replies(config: TrainConfig, cluster: Cluster) -> SampleReplies:
     if cluster.is_distributed and config.strategy == "fsdp":
         raise OnepassError("eval_samples needs the whole model on rank 0, which strategy: fsdp shards. Fix: use "
                            "strategy: ddp, or set eval_samples: 0.")
-    conversations = load_conversations(config.data.eval, config.data.format, "skip", Stats(), [],
+    files = [file for files in source_files(config.data.eval_sources()) for file in files]
+    conversations = load_conversations(files, config.data.format, "skip", Stats(), [],
                                        limit=config.eval_samples) if cluster.is_main else []
     return SampleReplies(conversations, Path(config.output_dir), enabled=cluster.is_main)
 
