@@ -45,7 +45,7 @@ class DataConfig:
     on_bad_record: Literal["error", "skip"] = "error"
     unstable_history: Literal["tree", "error", "warn", "split"] = "tree"
     system_message: Literal["keep", "fold"] = "keep"  # fold: prepend it to the first user message (Gemma)
-    num_workers: int = 1
+    num_workers: int = 0  # processes that render and tokenize; 0: the machine's cores
     cache_dir: str | None = None
 
     def sources(self) -> list[DataSource]:
@@ -127,8 +127,8 @@ class TrainConfig:
 
 
 POSITIVE = ("max_seq_len", "batch_size", "grad_accum", "epochs", "loss_chunk_size", "keep_last", "log_every",
-            "num_workers", "r", "alpha", "weight")
-NON_NEGATIVE = ("lr", "weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "eval_samples", "save_every",
+            "r", "alpha", "weight")
+NON_NEGATIVE = ("num_workers", "lr", "weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "eval_samples", "save_every",
                 "dropout",
                 "patience", "min_delta")
 

@@ -176,3 +176,28 @@ def test_the_same_files_elsewhere_hit_the_cache_and_train_a_weighted_mixture_fro
         mixture = Mixture(data.examples, [DataSource(paths[0], 1.0), DataSource(paths[1], 3.0)])
         shares.append([(s.examples, s.per_epoch, s.trained_token_share) for s in mixture.shares()])
     assert shares[0] == shares[1]
+
+
+def test_prepare_streams_chunks_through_worker_processes_into_the_cache_and_serves_them_as_arrays(
+        tmp_path, tokenizer):
+    """More records than two chunks, two workers: the cache entry written chunk by chunk holds exactly
+    the examples of an in-memory run, in order, and its examples are views of arrays, made when used."""
+    from onepass.data.cache import CachedExamples
+    from onepass.data.prepare import CHUNK_SIZE
+
+    records = [chat(f"question {i}", f"answer {i} " * (1 + i % 5), f"again {i}", f"more {i}")
+               for i in range(2 * CHUNK_SIZE + 37)]
+    path = write_jsonl(tmp_path / "d.jsonl", records + [{"messages": "bad"}])
+    memory = run([path], tokenizer, use_cache=False, num_workers=1, on_bad_record="skip")
+    cached = run([path], tokenizer, cache_dir=tmp_path / "cache", num_workers=2, on_bad_record="skip")
+    assert isinstance(cached.examples, CachedExamples) and not cached.from_cache
+    assert len(cached.examples) == len(memory.examples) == len(records) and cached.stats.rejected == memory.stats.rejected
+    np.testing.assert_array_equal(cached.examples.lengths, [len(e) for e in memory.examples])
+    for index in (0, CHUNK_SIZE, len(records) - 1):
+        a, b = memory.examples[index], cached.examples[index]
+        assert (a.source, a.where) == (b.source, b.where)
+        for name in ("input_ids", "loss_mask", "turn", "parents"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert memory.stats.to_dict() == cached.stats.to_dict()
+    again = run([path], tokenizer, cache_dir=tmp_path / "cache", on_bad_record="skip")
+    assert again.from_cache and len(again.examples) == len(records)

@@ -21,12 +21,14 @@ from onepass.data.chat_template import ChatTemplate
 from onepass.data.stats import Stats
 from onepass.data.types import Example, RenderOptions
 
-ARRAYS = {"input_ids": np.int32, "loss_mask": np.int8, "turn": np.int32, "parent": np.int32}  # as cached
+ARRAYS = {"input_ids": np.int32, "loss_mask": np.int8, "turn": np.int32, "parent": np.int32}  # per token, as cached
+EXAMPLE_COLUMNS = {"length": np.int64, "tree": bool, "trained": np.int64, "source": np.int32, "where_length": np.int32}
+CACHE_FORMAT = 2  # raw token files written chunk by chunk, per-example columns
 
 
 @dataclass
 class PreparedData:
-    examples: list[Example]
+    examples: Sequence[Example]  # a list, or the arrays of a cache entry (`CachedExamples`)
     stats: Stats
     cache_path: Path | None = None
     from_cache: bool = False
@@ -68,26 +70,62 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ONEPASS_CACHE", Path.home() / ".cache" / "onepass"))
 
 
+class CacheWriter:
+    """Writes a cache entry as examples arrive, chunk by chunk (memory does not grow with the data):
+    each token array appended to its own raw file, per-example arrays kept small, and the whole
+    renamed into place atomically by `finish`, so a killed run never leaves half an entry."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.temp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+        self._files = {name: open(self.temp / f"{name}.bin", "wb") for name in ARRAYS}
+        self._where = open(self.temp / "where.bin", "wb")
+        self._columns: dict[str, list[np.ndarray]] = {name: [] for name in EXAMPLE_COLUMNS}
+        self._sources: dict[str, int] = {}
+
+    def add(self, examples: Sequence[Example]) -> None:
+        if not examples:
+            return
+        for name, dtype in ARRAYS.items():
+            values = [e.parents if name == "parent" else getattr(e, name) for e in examples]
+            np.concatenate(values).astype(dtype).tofile(self._files[name])
+        wheres = [e.where.encode() for e in examples]
+        self._where.write(b"".join(wheres))
+        columns = {"length": [len(e) for e in examples], "tree": [e.is_tree for e in examples],
+                   "trained": [e.num_trained_tokens for e in examples], "where_length": [len(w) for w in wheres],
+                   "source": [self._sources.setdefault(e.source, len(self._sources)) for e in examples]}
+        for name, values in columns.items():
+            self._columns[name].append(np.asarray(values, dtype=EXAMPLE_COLUMNS[name]))
+
+    def finish(self, stats: Stats, rejects: list[dict[str, Any]], inputs: Sequence[str | Path] = ()) -> None:
+        for handle in (*self._files.values(), self._where):
+            handle.close()
+        for name, dtype in EXAMPLE_COLUMNS.items():
+            parts = self._columns[name]
+            np.save(self.temp / f"{name}.npy", np.concatenate(parts) if parts else np.zeros(0, dtype))
+        meta = {"stats": stats.to_dict(), "sources": list(self._sources), "rejects": rejects,
+                "inputs": [str(p) for p in inputs], "format": CACHE_FORMAT}
+        (self.temp / "meta.json").write_text(json.dumps(meta))
+        shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            os.replace(self.temp, self.path)
+        except OSError:  # another process (a rank on the same node) just wrote the same cache entry
+            shutil.rmtree(self.temp, ignore_errors=True)
+            if not is_cached(self.path):
+                raise
+
+    def abort(self) -> None:
+        for handle in (*self._files.values(), self._where):
+            handle.close()
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
 def save_cache(path: Path, data: PreparedData, inputs: Sequence[str | Path] = ()) -> None:
-    """Write atomically: a temp dir renamed into place, so a killed run never leaves half a cache.
-    `inputs`: the data paths as given, so a later run from a copy elsewhere can relocate the sources."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
-    np.save(temp / "lengths.npy", np.asarray([len(e) for e in data.examples], dtype=np.int64))
-    np.save(temp / "tree.npy", np.asarray([e.is_tree for e in data.examples], dtype=bool))
-    for name, dtype in ARRAYS.items():
-        values = [e.parents if name == "parent" else getattr(e, name) for e in data.examples]
-        np.save(temp / f"{name}.npy", (np.concatenate(values) if values else np.zeros(0)).astype(dtype))
-    meta = {"stats": data.stats.to_dict(), "sources": [[e.source, e.where] for e in data.examples],
-            "rejects": data.rejects, "inputs": [str(p) for p in inputs]}
-    (temp / "meta.json").write_text(json.dumps(meta))
-    shutil.rmtree(path, ignore_errors=True)
-    try:
-        os.replace(temp, path)
-    except OSError:  # another process (a rank on the same node) just wrote the same cache entry
-        shutil.rmtree(temp, ignore_errors=True)
-        if not is_cached(path):
-            raise
+    """Write `data` as a cache entry at once (see `CacheWriter` for writing as examples arrive)."""
+    writer = CacheWriter(path)
+    writer.add(data.examples)
+    writer.finish(data.stats, data.rejects, inputs)
 
 
 def relocate(source: str, saved: Sequence[str], current: Sequence[str]) -> str:
@@ -103,22 +141,63 @@ def relocate(source: str, saved: Sequence[str], current: Sequence[str]) -> str:
 
 
 def is_cached(path: Path) -> bool:
-    return all((path / name).exists() for name in ("meta.json", "lengths.npy", "tree.npy",
-                                                   *(f"{a}.npy" for a in ARRAYS)))
+    meta = path / "meta.json"
+    try:
+        if json.loads(meta.read_text()).get("format") != CACHE_FORMAT:
+            return False
+    except (OSError, ValueError):
+        return False
+    return all((path / name).exists() for name in (*(f"{a}.bin" for a in ARRAYS), *(f"{c}.npy" for c in EXAMPLE_COLUMNS),
+                                                   "where.bin"))
 
 
 def load_cache(path: Path, inputs: Sequence[str | Path] = ()) -> PreparedData:
-    """Examples as views into memory-mapped arrays: ranks on one machine share the pages, and each
-    reads only the rows it trains on. With `inputs` (this run's data paths, the same files as the
-    entry's, maybe elsewhere), each example's source names where its file is now."""
+    """The entry's examples as slices of memory-mapped arrays (`CachedExamples`: no per-example objects
+    until one is used): ranks on one machine share the pages, and each reads only the rows it trains
+    on. With `inputs` (this run's data paths, the same files as the entry's, maybe elsewhere), each
+    example's source names where its file is now."""
     meta = json.loads((path / "meta.json").read_text())
+    sources = meta["sources"]
     if inputs and meta.get("inputs"):
-        meta["sources"] = [[relocate(source, meta["inputs"], [str(p) for p in inputs]), where]
-                           for source, where in meta["sources"]]
-    bounds = np.concatenate([[0], np.cumsum(np.load(path / "lengths.npy"))])
-    input_ids, loss_mask, turn, parent = (np.load(path / f"{name}.npy", mmap_mode="r") for name in ARRAYS)
-    trees = np.load(path / "tree.npy")
-    examples = [Example(input_ids[a:b], loss_mask[a:b], turn[a:b], source, where, parent[a:b] if tree else None)
-                for (a, b), (source, where), tree in zip(zip(bounds[:-1], bounds[1:]), meta["sources"], trees)]
+        sources = [relocate(source, meta["inputs"], [str(p) for p in inputs]) for source in sources]
+    examples = CachedExamples(path, sources)
     return PreparedData(examples, Stats.from_dict(meta["stats"]), path, from_cache=True,
                         rejects=meta.get("rejects", []))
+
+
+def _mapped(file: Path, dtype: Any) -> np.ndarray:
+    return np.memmap(file, dtype=dtype, mode="r") if file.stat().st_size else np.zeros(0, dtype)
+
+
+class CachedExamples(Sequence):
+    """The examples of a cache entry, as arrays: `lengths`, `trees`, `trained` (trained tokens) and
+    `source_ids` per example for whole-dataset work (planning, mixtures), and an `Example` (views into
+    the memory-mapped token arrays) made only when one is asked for."""
+
+    def __init__(self, path: Path, sources: list[str]):
+        self.lengths = np.load(path / "length.npy")
+        self.trees = np.load(path / "tree.npy")
+        self.trained = np.load(path / "trained.npy")
+        self.source_ids = np.load(path / "source.npy")
+        self.sources = sources
+        self.bounds = np.concatenate([[0], np.cumsum(self.lengths)])
+        self._where_bounds = np.concatenate([[0], np.cumsum(np.load(path / "where_length.npy"))])
+        self._arrays = {name: _mapped(path / f"{name}.bin", dtype) for name, dtype in ARRAYS.items()}
+        self._where = _mapped(path / "where.bin", np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        a, b = int(self.bounds[index]), int(self.bounds[index + 1])
+        arrays = {name: array[a:b] for name, array in self._arrays.items()}
+        w0, w1 = int(self._where_bounds[index]), int(self._where_bounds[index + 1])
+        return Example(arrays["input_ids"], arrays["loss_mask"], arrays["turn"],
+                       self.sources[int(self.source_ids[index])], bytes(self._where[w0:w1]).decode(),
+                       arrays["parent"] if self.trees[index] else None)

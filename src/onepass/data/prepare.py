@@ -6,16 +6,20 @@ This is the data stage's driver: `records` reads, `formats` validates, `render` 
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
+import itertools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from onepass.data.cache import PreparedData, cache_key, default_cache_dir, is_cached, load_cache, save_cache
+from onepass.data.cache import CacheWriter, PreparedData, cache_key, default_cache_dir, is_cached, load_cache
+from onepass.data.progress import PrepareProgress
 from onepass.data.chat_template import ChatTemplate
 from onepass.data.formats import FORMATS, detect_format, expected_keys, to_conversation
 from onepass.data.records import check_data_path, read_records
@@ -34,15 +38,28 @@ def load_conversations(paths: Sequence[str | Path], format_name: str | None, on_
                        stats: Stats, rejects: list[dict[str, Any]], limit: int | None = None) -> list[Conversation]:
     """Read and validate every record of every file (or until `limit` conversations are read); bad ones
     raise or are counted and kept in `rejects`."""
+    conversations = list(itertools.islice(iter_conversations(paths, format_name, on_bad_record, stats, rejects),
+                                          limit))
+    if limit is not None and len(conversations) == limit:
+        stats.conversations = limit
+    return conversations
+
+
+def iter_conversations(paths: Sequence[str | Path], format_name: str | None, on_bad_record: OnBadRecord,
+                       stats: Stats, rejects: list[dict[str, Any]],
+                       progress: Callable[[int], None] = lambda size: None) -> Iterator[Conversation]:
+    """Every valid conversation of every file, in order, as it is read (`stats` counts as it goes;
+    `progress` is told the bytes of the files read)."""
     if format_name is not None and format_name not in FORMATS:
         raise OnepassError(f"unknown format '{format_name}'. Fix: use one of {', '.join(FORMATS)}.")
-    conversations = []
     for path in [file for entry in paths for file in dataset_files(entry)]:  # a Hub id: its train split's files
         file_format, detected_at = format_name, None
-        records_in_file = 0
+        records_in_file, read = 0, 0
         for record in read_records(path):
             records_in_file += 1
             stats.records += 1
+            read += record.size
+            progress(record.size)
             try:
                 if record.error is not None:
                     raise record.error
@@ -60,21 +77,24 @@ def load_conversations(paths: Sequence[str | Path], format_name: str | None, on_
                                     f"in '{file_format}' format, detected from {detected_at})",
                                     f"give every record {expected_keys(file_format)}, or split the file by format",
                                     code="other_format")
-                conversations.append(to_conversation(record, file_format))
-                if len(conversations) == limit:
-                    stats.conversations = limit
-                    return conversations
+                conversation = to_conversation(record, file_format)
             except DataError as error:
                 if on_bad_record == "error":
                     raise
                 stats.rejected[error.reason] += 1
                 rejects.append(error.as_row())
+                continue
+            stats.conversations += 1
+            yield conversation
         if records_in_file == 0:
             raise OnepassError(f"{path}: no records found (the file is empty). Fix: check the file, or remove it "
                                "from the data list.")
+        progress(max(0, _size(path) - read))  # readers that do not count bytes: the file at its end
         stats.formats[str(path)] = file_format or "unknown"
-    stats.conversations = len(conversations)
-    return conversations
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def _openings(conversations: list[Conversation], stats: Stats) -> None:
@@ -230,20 +250,37 @@ def _worker_render(conversations: list[Conversation]) -> tuple[list[Example], St
                          _worker_state["on_bad_record"], conversations)
 
 
+def render_stream(chunks: Iterable[list[Conversation]], tokenizer: Any, template: ChatTemplate,
+                  options: RenderOptions, num_workers: int = 1, on_bad_record: OnBadRecord = "error"
+                  ) -> Iterator[tuple[list[Example], Stats, list[dict[str, Any]]]]:
+    """Each chunk of conversations → (its examples, its stats, its rejects), in order, as they are done:
+    `num_workers` processes render at once, with at most two chunks each in flight (memory stays flat)."""
+    chunks = iter(chunks)
+    first = list(itertools.islice(chunks, 2))
+    if num_workers <= 1 or len(first) < 2:  # one chunk: not worth starting processes for
+        for chunk in itertools.chain(first, chunks):
+            yield _render_chunk(tokenizer, template, options, on_bad_record, chunk)
+        return
+    with ProcessPoolExecutor(num_workers, initializer=_worker_init,
+                             initargs=(tokenizer, template, options, on_bad_record)) as pool:
+        pending: collections.deque = collections.deque()
+        for chunk in itertools.chain(first, chunks):
+            pending.append(pool.submit(_worker_render, chunk))
+            if len(pending) >= 2 * num_workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def render_all(conversations: list[Conversation], tokenizer: Any, template: ChatTemplate, options: RenderOptions,
                num_workers: int = 1, on_bad_record: OnBadRecord = "error",
                rejects: list[dict[str, Any]] | None = None) -> tuple[list[Example], Stats]:
     """Every conversation → examples, with the counts of what was dropped, truncated, split or (when the
     chat template refuses a conversation and on_bad_record is skip) rejected, appended to `rejects`."""
     chunks = [conversations[i:i + CHUNK_SIZE] for i in range(0, len(conversations), CHUNK_SIZE)]
-    if num_workers <= 1 or len(chunks) <= 1:
-        parts = [_render_chunk(tokenizer, template, options, on_bad_record, chunk) for chunk in chunks]
-    else:
-        with ProcessPoolExecutor(num_workers, initializer=_worker_init,
-                                 initargs=(tokenizer, template, options, on_bad_record)) as pool:
-            parts = list(pool.map(_worker_render, chunks))
     examples, stats = [], Stats()
-    for part_examples, part_stats, part_rejects in parts:
+    for part_examples, part_stats, part_rejects in render_stream(chunks, tokenizer, template, options,
+                                                                 num_workers if len(chunks) > 1 else 1, on_bad_record):
         examples.extend(part_examples)
         if rejects is not None:
             rejects.extend(part_rejects)
@@ -251,14 +288,23 @@ def render_all(conversations: list[Conversation], tokenizer: Any, template: Chat
     return examples, stats
 
 
+def default_workers() -> int:
+    """Processes that render and tokenize: the cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def prepare(paths: Sequence[str | Path], tokenizer: Any, template: ChatTemplate, options: RenderOptions, *,
-            format_name: str | None = None, on_bad_record: OnBadRecord = "error", num_workers: int = 1,
+            format_name: str | None = None, on_bad_record: OnBadRecord = "error", num_workers: int | None = None,
             cache_dir: str | Path | None = None, use_cache: bool = True,
-            rejects_file: str | Path | None = None) -> PreparedData:
-    """Every data file → `Example`s and `Stats`, from the on-disk cache when the inputs are unchanged."""
+            rejects_file: str | Path | None = None, progress: bool | None = None) -> PreparedData:
+    """Every data file → `Example`s and `Stats`, from the on-disk cache when the inputs are unchanged.
+    Records stream through in chunks and, with the cache, are written as they go, so memory does not
+    grow with the data; the examples are then the cache entry's arrays. `num_workers`: default the
+    machine's cores; `progress`: a bar on stderr (default: when it is a terminal)."""
     if not paths:
         raise OnepassError("no data files given. Fix: set data.train (a file or a list of files).")
     paths = [check_data_path(file) for entry in paths for file in dataset_files(entry)]
+    num_workers = num_workers or default_workers()  # 0 or None: the machine's cores
     cache_path = None
     if use_cache:
         key = cache_key(paths, tokenizer, template, options, format_name, on_bad_record)
@@ -267,22 +313,51 @@ def prepare(paths: Sequence[str | Path], tokenizer: Any, template: ChatTemplate,
             data = load_cache(cache_path, paths)
             write_rejects(data.rejects, rejects_file)
             return data
-    stats, rejects = Stats(), []
-    conversations = load_conversations(paths, format_name, on_bad_record, stats, rejects)
-    _openings(conversations, stats)
-    examples, render_stats = render_all(conversations, tokenizer, template, options, num_workers, on_bad_record,
-                                        rejects)
+    examples: list[Example] = []
+    writer = CacheWriter(cache_path) if cache_path is not None else None
+    try:
+        stats, rejects = _stream(paths, tokenizer, template, options, format_name, on_bad_record, num_workers,
+                                 writer.add if writer is not None else examples.extend, progress)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     write_rejects(rejects, rejects_file)
-    stats.merge(render_stats)
-    stats.conversations -= sum(render_stats.rejected.values())  # the chat template refused these
-    stats.examples = len(examples)
-    stats.lengths = [len(e) for e in examples]
-    stats.tokens = sum(stats.lengths)
-    stats.trained_tokens = sum(e.num_trained_tokens for e in examples)
-    data = PreparedData(examples, stats, cache_path, rejects=rejects)
-    if cache_path is not None:
-        save_cache(cache_path, data, paths)
-    return data
+    if writer is None:
+        return PreparedData(examples, stats, None, rejects=rejects)
+    writer.finish(stats, rejects, paths)
+    return dataclasses.replace(load_cache(cache_path, paths), from_cache=False)
+
+
+def _stream(paths: list[Path], tokenizer: Any, template: ChatTemplate, options: RenderOptions,
+            format_name: str | None, on_bad_record: OnBadRecord, num_workers: int,
+            sink: Callable[[list[Example]], None], progress: bool | None) -> tuple[Stats, list[dict[str, Any]]]:
+    """Read, render and tokenize chunk by chunk, handing each chunk's examples to `sink`; the stats
+    are merged per chunk."""
+    stats, rejects = Stats(), []
+    with PrepareProgress(sum(_size(p) for p in paths), progress) as bar:
+        conversations = iter_conversations(paths, format_name, on_bad_record, stats, rejects, bar.read)
+
+        def chunks() -> Iterator[list[Conversation]]:
+            while chunk := list(itertools.islice(conversations, CHUNK_SIZE)):
+                _openings(chunk, stats)
+                yield chunk
+
+        rendered = Stats()
+        for part_examples, part_stats, part_rejects in render_stream(chunks(), tokenizer, template, options,
+                                                                     num_workers, on_bad_record):
+            sink(part_examples)
+            rejects.extend(part_rejects)
+            rendered.merge(part_stats)
+            lengths = [len(e) for e in part_examples]
+            stats.lengths.extend(lengths)
+            stats.examples += len(part_examples)
+            stats.tokens += sum(lengths)
+            stats.trained_tokens += sum(e.num_trained_tokens for e in part_examples)
+            bar.rendered(len(part_examples), sum(lengths))
+    stats.merge(rendered)
+    stats.conversations -= sum(rendered.rejected.values())  # the chat template refused these
+    return stats, rejects
 
 
 def write_rejects(rejects: list[dict[str, Any]], path: str | Path | None) -> None:

@@ -8,6 +8,7 @@ They do raise `OnepassError` on problems with the file itself (missing, a plain 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from collections.abc import Iterator
@@ -81,7 +82,7 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
                     source, where, None, f"invalid JSON: {error.msg} at column {error.colno}",
                     "each line must be one complete JSON object", code="invalid_json"))
                 continue
-            yield _object_or_error(source, where, value)
+            yield dataclasses.replace(_object_or_error(source, where, value), size=len(raw))
 
 
 def _read_text(path: Path) -> str:

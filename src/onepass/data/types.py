@@ -6,6 +6,8 @@ records → `Record` → formats → `Conversation` (a `ChatConversation` or a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,6 +30,7 @@ class Record:
     where: str  # "line 12", "record 3", "row 7": what a user searches for in the file
     data: dict[str, Any] | None
     error: DataError | None = None
+    size: int = 0  # bytes of the file it took, where the reader knows (for progress bars)
 
 
 @dataclass(frozen=True)
@@ -147,3 +150,19 @@ class Example:
     @property
     def num_trained_tokens(self) -> int:
         return int(self.loss_mask.sum())
+
+
+def lengths_of(examples: Sequence[Example]) -> np.ndarray:
+    """Tokens per example (int64): from the arrays of a cache entry, without making its Examples."""
+    lengths = getattr(examples, "lengths", None)
+    return lengths if lengths is not None else np.asarray([len(e) for e in examples], dtype=np.int64)
+
+
+def trained_tokens_of(examples: Sequence[Example]) -> np.ndarray:
+    trained = getattr(examples, "trained", None)
+    return trained if trained is not None else np.asarray([e.num_trained_tokens for e in examples], dtype=np.int64)
+
+
+def has_trees(examples: Sequence[Example]) -> bool:
+    trees = getattr(examples, "trees", None)
+    return bool(trees.any()) if trees is not None else any(e.is_tree for e in examples)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from onepass.data.types import Example
+from onepass.data.types import Example, lengths_of
 from onepass.train import distributed
 from onepass.train.batch import collate, padding_batch
 from onepass.train.checkpoint import TrainerState
@@ -28,11 +28,12 @@ def evaluate(objective: Any, examples: list[Example], max_seq_len: int, batch_si
     share of the micro-batches."""
     if not examples:
         return {}
-    micro_batches = packed_micro_batches([len(e) for e in examples], max_seq_len, batch_size)
+    lengths = lengths_of(examples).tolist()
+    micro_batches = packed_micro_batches(lengths, max_seq_len, batch_size)
     mine, padding = distributed.rank_share(micro_batches, cluster)
     batches = [collate([examples[i] for i in micro], "token") for micro in mine]
     if padding:  # this rank's share is short: pass on the shortest example with zero weight
-        batches += [padding_batch(min(examples, key=len))] * padding
+        batches += [padding_batch(examples[lengths.index(min(lengths))])] * padding
     with evaluating(objective):
         device = device_of(objective)
         nll_sum, count = torch.zeros((), device=device), 0

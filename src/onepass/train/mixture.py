@@ -10,12 +10,13 @@ reported at the start of a run (`Mixture.shares`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from onepass.config import DataSource
-from onepass.data.types import Example
+from onepass.data.types import Example, trained_tokens_of
 from onepass.errors import OnepassError
 
 
@@ -35,8 +36,8 @@ class Mixture:
         """`files`: each source's files where they are not its path (a Hub dataset's, onepass.hub)."""
         self.sources = sources
         files = files or [[Path(s.path)] for s in sources]
-        self.source_of = np.asarray([_source_index(e, sources, files) for e in examples], dtype=np.int64)
-        self.trained = np.asarray([e.num_trained_tokens for e in examples], dtype=np.int64)
+        self.source_of = _source_indices(examples, sources, files)
+        self.trained = trained_tokens_of(examples)
 
     def epoch_indices(self, seed: int, epoch: int) -> np.ndarray:
         """The examples of one epoch: each source's whole copies, then a random part of it for the fraction."""
@@ -62,6 +63,16 @@ def _copies(weight: float, examples: int) -> tuple[int, int]:
     """Whole copies of a source per epoch, and how many of its examples the fraction adds."""
     whole = int(weight + 1e-9)
     return whole, int(round((weight - whole) * examples))
+
+
+def _source_indices(examples: Sequence[Example], sources: list[DataSource], files: list[list[Path]]) -> np.ndarray:
+    """Each example's source index: per distinct file of a cache entry (its `source_ids`), else per example."""
+    names = getattr(examples, "sources", None)
+    if names is not None:
+        of_file = np.asarray([_source_index(Example(np.zeros(0, np.int32), np.zeros(0, np.int8), np.zeros(0, np.int32),
+                                                    name), sources, files) for name in names] or [0], dtype=np.int64)
+        return of_file[examples.source_ids]
+    return np.asarray([_source_index(e, sources, files) for e in examples], dtype=np.int64)
 
 
 def _source_index(example: Example, sources: list[DataSource], files: list[list[Path]]) -> int:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from onepass.data.types import Example
+from onepass.data.types import Example, lengths_of
 from onepass.errors import OnepassError
 from onepass.train.batch import Batch, Normalization, collate, padding_batch
 from onepass.train.distributed import Cluster, rank_share
@@ -73,7 +73,7 @@ class StepPlan:
     def __init__(self, examples: list[Example], max_seq_len: int, batch_size: int, grad_accum: int, seed: int,
                  normalization: Normalization, cluster: Cluster = Cluster(), mixture: Mixture | None = None):
         self.examples = examples
-        self.lengths = [len(e) for e in examples]
+        self.lengths = lengths_of(examples).tolist()
         self.max_seq_len, self.batch_size, self.seed = max_seq_len, batch_size, seed
         self.normalization = normalization
         self.cluster = cluster
@@ -83,7 +83,7 @@ class StepPlan:
         self._check_fills_a_step(grad_accum)
         self._epoch_steps: list[int] = []  # steps of epochs 0, 1, ... (worked out as needed)
         self.steps_per_epoch = self.epoch_steps(0)
-        self.padding = padding_batch(min(examples, key=len))
+        self.padding = padding_batch(examples[int(np.argmin(self.lengths))])
         self._cached: tuple[int, list] = (-1, [])
 
     def _check_fills_a_step(self, grad_accum: int) -> None:

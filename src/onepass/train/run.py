@@ -21,7 +21,7 @@ from onepass.data.prepare import load_conversations, prepare
 from onepass.data.stats import Stats
 from onepass.data.report import nothing_left, summary_line
 from onepass.data.tokenizer import load_tokenizer
-from onepass.data.types import Example
+from onepass.data.types import Example, has_trees
 from onepass.errors import OnepassError
 from onepass.hub import dataset_files
 from onepass.train import distributed
@@ -91,7 +91,7 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
     model = model if model is not None else build_model(config, cluster.device, announce=cluster.is_main,
                                                         weights=weights)
     _check_model(config, cluster, model)
-    if any(e.is_tree for e in [*train_data.examples, *eval_examples]):
+    if has_trees(train_data.examples) or has_trees(eval_examples):
         use_tree_attention(model)
     objective = SFTObjective(model, config.loss_chunk_size)
     rank0_state = objective.state_dict() if cluster.is_main and config.strategy == "fsdp" else None
@@ -179,9 +179,9 @@ def _report_data(config: TrainConfig, cluster: Cluster, train_data: PreparedData
             print(summary_line("eval data", eval_data.stats), file=sys.stderr)
         if train_data.rejects or (eval_data is not None and eval_data.rejects):
             print(f"skipped records and their reasons: {config.output_dir}/rejects*.jsonl", file=sys.stderr)
-    if not train_data.examples:
+    if not len(train_data.examples):
         raise nothing_left("training", train_data.stats, config.max_seq_len)
-    if eval_data is not None and not eval_data.examples:
+    if eval_data is not None and not len(eval_data.examples):
         raise nothing_left("eval", eval_data.stats, config.max_seq_len)
 
 
