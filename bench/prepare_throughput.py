@@ -38,7 +38,7 @@ def time_onepass(records: list[dict], tokenizer_dir: Path, work: Path) -> tuple[
     tokenizer = load_tokenizer(tokenizer_dir)
     template = load_chat_template(tokenizer, "chatml")
     start = time.perf_counter()
-    data = prepare([path], tokenizer, template, RenderOptions(), use_cache=False)
+    data = prepare([path], tokenizer, template, RenderOptions(), use_cache=False, num_workers=1, progress=False)
     seconds = time.perf_counter() - start
     return seconds, data.stats.tokens, data.stats.trained_tokens
 

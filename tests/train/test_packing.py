@@ -30,6 +30,31 @@ def test_best_fit_decreasing_fills_rows_and_keeps_every_example():
     assert len(rows) == 4  # 36 tokens need at least 4 rows of 10
 
 
+def best_fit_decreasing(lengths, max_seq_len):
+    """The definition, one open row at a time: longest first (ties in input order), each to the row with
+    the least room that still fits it (of those, the first opened), else a new row."""
+    rows, room = [], []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = [r for r in range(len(rows)) if room[r] >= lengths[index]]
+        row = min(fits, key=lambda r: (room[r], r)) if fits else len(rows)
+        if row == len(rows):
+            rows.append([])
+            room.append(max_seq_len)
+        rows[row].append(index)
+        room[row] -= lengths[index]
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_packing_is_exactly_best_fit_decreasing_ties_included(seed):
+    rng = np.random.default_rng(seed)
+    for max_seq_len in (16, 64, 100):
+        lengths = rng.integers(1, max_seq_len + 1, 300).tolist()
+        assert pack(lengths, max_seq_len) == best_fit_decreasing(lengths, max_seq_len)
+        equal = (rng.integers(1, 5, 300) * (max_seq_len // 4)).tolist()  # many equal lengths and equal rooms
+        assert pack(equal, max_seq_len) == best_fit_decreasing(equal, max_seq_len)
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

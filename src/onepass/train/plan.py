@@ -13,6 +13,7 @@ position ids and never attend to each other (see `batch.collate` and `model.pack
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,26 +26,41 @@ from onepass.train.mixture import Mixture
 
 
 def pack(lengths: Sequence[int], max_seq_len: int) -> list[list[int]]:
-    """Best-fit decreasing bin packing: each example goes to the fullest row it still fits in.
+    """Best-fit decreasing bin packing: each example goes to the fullest row it still fits in (of those
+    equally full, the first opened).
 
-    Ties keep the input order, so a shuffled input gives a shuffled, reproducible packing.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep input order
+    Ties keep the input order, so a shuffled input gives a shuffled, reproducible packing. The rows with
+    room are kept by their free space (a sorted list of the distinct free spaces, at most `max_seq_len`
+    of them, and a heap of row numbers for each), so placing an example costs a bisect and a heap
+    operation, not a search through every open row."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and int(lengths.max()) > max_seq_len:
+        index = int(np.argmax(lengths))
+        raise ValueError(f"example {index} has {int(lengths[index])} tokens > max_seq_len {max_seq_len}")  # our bug
+    order = np.argsort(-lengths, kind="stable").tolist()  # stable: ties keep input order
+    sizes = lengths.tolist()
     rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (free tokens, row index), sorted
+    spaces: list[int] = []  # distinct free spaces of rows with room, sorted
+    rows_with: dict[int, list[int]] = {}  # free space -> heap of row numbers
     for index in order:
-        length = lengths[index]
-        if length > max_seq_len:
-            raise ValueError(f"example {index} has {length} tokens > max_seq_len {max_seq_len}")  # our bug
-        slot = bisect.bisect_left(free, (length, -1))
-        if slot < len(free):
-            space, row = free.pop(slot)
+        length = sizes[index]
+        slot = bisect.bisect_left(spaces, length)
+        if slot < len(spaces):
+            space = spaces[slot]
+            waiting = rows_with[space]
+            row = heapq.heappop(waiting)
+            if not waiting:
+                del spaces[slot], rows_with[space]
         else:
             space, row = max_seq_len, len(rows)
             rows.append([])
         rows[row].append(index)
-        if space - length > 0:
-            bisect.insort(free, (space - length, row))
+        left = space - length
+        if left > 0:
+            if left not in rows_with:
+                rows_with[left] = []
+                bisect.insort(spaces, left)
+            heapq.heappush(rows_with[left], row)
     return rows
 
 
