@@ -176,7 +176,7 @@ with distributed.main_first(cluster, notice_seconds=0.5):
     print(f"rank {cluster.rank} leaves at {time.time()}", flush=True)
 with distributed.main_first(cluster):  # a second use keeps the waves apart too
     print(f"rank {cluster.rank} enters again at {time.time()}", flush=True)
-distributed.shutdown()
+distributed.end_process(0)
 """
 
 
@@ -257,7 +257,7 @@ state = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() fo
 same = all(torch.equal(state[name], tensor) for name, tensor in on_disk.items() if name in state)
 buffers = [b for b in model.buffers() if b.device.type == "meta"]
 print(f"rank {rank} built on {built[0]}; weights equal the file: {same}; meta buffers left: {len(buffers)}", flush=True)
-distributed.shutdown()
+distributed.end_process(0)
 """
 
 
@@ -305,7 +305,7 @@ for step in (1, 2, 3):  # at step 2 rank 1 believes the checkpoint exists alread
     checkpointer.save(TrainerState(step), model, optimizer, scheduler)
 state = checkpointer.resume(model, optimizer, scheduler, micro_batches_per_step=0)
 print(f"rank {cluster.rank} resumed at step {state.step}", flush=True)
-distributed.shutdown()
+distributed.end_process(0)
 """
 
 

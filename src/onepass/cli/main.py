@@ -29,13 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    finished = False
+    try:
+        status = _run(args, argv)
+    except BaseException:  # a bug (or --debug): its traceback first, then leave the process group
+        _leave_process_group(argv, None)
+        raise
+    _leave_process_group(argv, status)
+    return status
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     try:
         if argv is None and args.command in RUN_MODELS:  # a command line, not a call from Python
             tune_cpu_process()
-        status = args.handler(args)
-        finished = True
-        return status
+        return args.handler(args)
     except OnepassError as error:
         if args.debug:
             raise
@@ -47,11 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `onepass inspect --json | head`: the reader left, nothing is wrong
         sys.stderr.close()
         return 0
-    finally:
-        if "torch.distributed" in sys.modules:
-            from onepass.train.distributed import shutdown
 
-            shutdown(finished)
+
+def _leave_process_group(argv: list[str] | None, status: int | None) -> None:
+    """Under torchrun: leave the process group; a worker started from the command line that finished
+    (with any status) then ends at once (`distributed.end_process`)."""
+    if "torch.distributed" not in sys.modules:
+        return
+    from onepass.train.distributed import end_process, launched_by_torchrun, shutdown
+
+    if status is not None and argv is None and launched_by_torchrun():
+        end_process(status)
+    shutdown(finished=status == 0)
 
 
 def tune_cpu_process() -> None:

@@ -92,6 +92,22 @@ def shutdown(finished: bool = True) -> None:
     dist.destroy_process_group()
 
 
+def end_process(status: int = 0) -> None:
+    """End a torchrun worker: leave the process group (`shutdown`), flush what it printed, and exit at
+    once. Past this point the interpreter's own teardown would free the process group's last
+    references (device meshes, FSDP state) and its communication threads while the runtime is being
+    torn down, which aborted one run in a few ("terminate called without an active exception", rank 0
+    or 1, after both had left the group); a worker has nothing left to clean up that the operating
+    system does not."""
+    shutdown(finished=status == 0)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
 def rank_share(items: Sequence[T], cluster: Cluster) -> tuple[list[T], int]:
     """This rank's items (i, i + N, i + 2N, ...) and how many padding passes it must add so that
     every rank runs the same number of passes."""
