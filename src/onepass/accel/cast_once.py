@@ -118,7 +118,10 @@ def recast_weights(model: Any) -> Any:
 
 
 def is_rotary(module: Any) -> bool:
-    return type(module).__name__.endswith("RotaryEmbedding")
+    """A rotary embedding: a module holding an `inv_freq` buffer, as every transformers rotary embedding
+    keeps its frequencies (whatever the class is called)."""
+    return isinstance(module, torch.nn.Module) and isinstance(getattr(module, "inv_freq", None), torch.Tensor) \
+        and "inv_freq" in dict(module.named_buffers(recurse=False))
 
 
 def share_input_casts(model: Any) -> Any:

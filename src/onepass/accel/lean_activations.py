@@ -118,7 +118,9 @@ def _llama_forwards() -> tuple[tuple[Any, ...], tuple[Any, ...]]:
 
 
 def _is_silu(module: Any) -> bool:
-    return isinstance(module, torch.nn.SiLU) or type(module).__name__ == "SiLUActivation"
+    from transformers.activations import SiLUActivation
+
+    return isinstance(module, (torch.nn.SiLU, SiLUActivation))
 
 
 def _plain_linear(module: Any) -> bool:

@@ -256,7 +256,9 @@ def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DDP wrapper (FSDP2 shards in place, so there is nothing to unwrap)."""
-    return getattr(module, "module", module) if type(module).__name__ == "DistributedDataParallel" else module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 @contextlib.contextmanager
