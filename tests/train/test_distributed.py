@@ -163,6 +163,15 @@ def test_a_tied_output_layer_trains_on_two_ranks_as_in_one_process(assets, tmp_p
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5)
 
 
+def torchrun_script(tmp_path, text, *args, timeout=300):
+    """A script run as 2 torchrun ranks (gloo, one thread each), as the test scripts below are."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 MAIN_FIRST_SCRIPT = """
 import sys, time
 import torch.distributed as dist
@@ -181,11 +190,7 @@ distributed.end_process(0)
 
 
 def test_ranks_wait_for_rank_0_to_prepare_data_longer_than_the_process_group_timeout(tmp_path):
-    script = tmp_path / "main_first.py"
-    script.write_text(MAIN_FIRST_SCRIPT)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script)], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = torchrun_script(tmp_path, MAIN_FIRST_SCRIPT, timeout=120)
     assert result.returncode == 0, result.stderr
     times = {" ".join(line.split()[:-2]): float(line.split()[-1]) for line in result.stdout.splitlines()}
     assert times["rank 1 enters"] >= times["rank 0 leaves"] >= times["rank 0 enters"] + 3
@@ -264,12 +269,8 @@ distributed.end_process(0)
 def test_under_fsdp_only_rank_0_reads_the_weights_and_the_others_receive_them(assets, tmp_path):
     """Ranks other than 0 build the model on the meta device (no memory, no file read) and end with
     rank 0's weights, shard by shard, and its buffers (rotary tables)."""
-    script = tmp_path / "fsdp_load.py"
-    script.write_text(FSDP_LOAD_SCRIPT)
     config = write_config(assets, tmp_path, strategy="fsdp")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), str(config), str(assets[0] / "model" / "model.safetensors")],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = torchrun_script(tmp_path, FSDP_LOAD_SCRIPT, config, assets[0] / "model" / "model.safetensors")
     assert result.returncode == 0, result.stderr
     import re
 
@@ -310,11 +311,7 @@ distributed.end_process(0)
 
 
 def test_every_rank_follows_rank_0s_view_of_the_checkpoints_on_disk(tmp_path):
-    script = tmp_path / "disk_view.py"
-    script.write_text(DISK_VIEW_SCRIPT)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=180,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = torchrun_script(tmp_path, DISK_VIEW_SCRIPT, tmp_path / "out", timeout=180)
     assert result.returncode == 0, result.stderr
     import re
 
