@@ -2,7 +2,7 @@
 tokens cut into n blocks of L (causal, 9 query heads and 3 key/value heads of 64: SmolLM2-135M's shape),
 per block length, for SDPA (flash) in bf16 and in fp32 and for onepass's grouped matmul attention in bf16,
 with the probabilities the latter keeps for the backward pass (MiB a layer). onepass's packed attention
-takes the matmuls up to `model.CPU_MATH_MAX_KEYS` keys.
+takes the matmuls up to `accel/grouped_attention.py`'s `CPU_MATH_MAX_KEYS` keys.
 
     .venv/bin/python bench/attention_blocks.py [--threads 2]
 """

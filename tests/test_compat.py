@@ -141,3 +141,24 @@ def test_bound_kernel_caches_keeps_a_capacity_the_user_set(monkeypatch):
     compat.bound_kernel_caches()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"
     assert os.environ["LRU_CACHE_CAPACITY"] == str(compat.KERNEL_CACHE_CAPACITY)
+
+
+def test_the_model_private_flags_onepass_reads_are_what_transformers_sets():
+    import transformers as t
+
+    from onepass.demo.tiny import build_model
+
+    llama = build_model(None, vocab_size=64)
+    gemma2 = t.Gemma2ForCausalLM(t.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                                head_dim=16))
+    bloom = t.BloomForCausalLM(t.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2))
+    assert compat.supports_sdpa(llama) and not compat.supports_sdpa(gemma2)  # soft-capping: eager
+    assert compat.takes_attention_interface(llama) and not compat.takes_attention_interface(bloom)
+    assert compat.attention_implementation(llama) == llama.config._attn_implementation
+    mixtral = t.MixtralForCausalLM(t.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                                   num_local_experts=2))
+    assert compat.load_balancing_loss_function(mixtral).__name__ == "load_balancing_loss_func"
+    assert compat.load_balancing_loss_function(llama) is None
+    assert compat.base_model(llama) is llama

@@ -97,3 +97,30 @@ def test_yaml_data_entries_name_a_split_subset_and_revision(tmp_path):
     [train], [held_out] = config.data.sources(), config.data.eval_sources()
     assert (train.path, train.split, train.subset, train.revision) == ("org/chats", "train", "en", "v1")
     assert (held_out.path, held_out.split) == ("org/chats", "test")
+
+
+def test_split_names_match_whole_and_subsets_must_be_named_where_a_split_has_several(hub, tmp_path):
+    ultra = snapshot(hub, "dataset", "org/ultra")
+    (ultra / "data").mkdir()
+    for name in ("train_sft-00000-of-00001.jsonl", "train_gen-00000-of-00001.jsonl", "test_sft-00000-of-00001.jsonl"):
+        write_jsonl(ultra / "data" / name, [chat("q", "a")])
+    assert [p.name for p in dataset_files("org/ultra", split="train_sft")] == ["train_sft-00000-of-00001.jsonl"]
+    with pytest.raises(OnepassError, match="no data files for split 'train'"):
+        dataset_files("org/ultra")  # train_sft and train_gen are other splits, not parts of `train`
+    talk = snapshot(hub, "dataset", "org/talk")
+    for subset in ("all", "smol-magpie"):
+        (talk / "data" / subset).mkdir(parents=True)
+        write_jsonl(talk / "data" / subset / "train-00000-of-00001.jsonl", [chat("q", "a")])
+    with pytest.raises(OnepassError, match=r"several subsets \(all, smol-magpie\).*subset: all"):
+        dataset_files("org/talk")
+    assert [p.parent.name for p in dataset_files("org/talk", subset="all")] == ["all"]
+    only_test = snapshot(hub, "dataset", "org/held-out")
+    write_jsonl(only_test / "test.jsonl", [chat("q", "a")])
+    with pytest.raises(OnepassError, match=r"no data files for split 'train' \(found: test\)"):
+        dataset_files("org/held-out")  # a test-only repo is never trained on by default
+
+
+def test_a_mistyped_data_file_is_a_missing_path_not_a_hub_lookup(tmp_path):
+    from onepass.hub import is_hub_id
+
+    assert not is_hub_id("data/train.jsonl") and is_hub_id("org/name") and is_hub_id("org/data.v2")

@@ -53,6 +53,11 @@ def attention_implementation(model: Any) -> str:
     return model.config._attn_implementation
 
 
+def supports_sdpa(model: Any) -> bool:
+    """Whether transformers would run the model's class on SDPA by default (its private class flag)."""
+    return bool(getattr(type(model), "_supports_sdpa", False))
+
+
 def takes_attention_interface(model: Any) -> bool:
     """Whether the model's attention layers take their function from transformers' AttentionInterface,
     so that `set_attn_implementation` can route them to onepass's packed attention (older modeling

@@ -1,7 +1,8 @@
 """One typed config tree: YAML file + `key.sub=value` overrides, validated on load.
 
 Errors name the key, the value and what is allowed (with a did-you-mean for unknown keys).
-Variants are picked with `Literal`s; there are no registries or dotted-path strings.
+Variants are picked with `Literal`s; no dotted-path strings (the accelerations are names from onepass.accel's
+one list).
 """
 
 from __future__ import annotations
@@ -240,6 +241,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     for override in overrides:
         apply_override(values, override)
     config = from_dict(TrainConfig, values)
+    from onepass.accel import check_setting  # no torch: the registry's names only
+
+    check_setting(config.accelerations)
     if not config.model:
         raise ConfigError("config key 'model' is required: a local Hugging Face model directory.")
     if not config.data.train:

@@ -16,10 +16,16 @@ from onepass.errors import OnepassError
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 RepoType = Literal["model", "dataset"]
+# what a model repo may hold beside the transformers checkpoint: the original framework's copy of the
+# weights (Llama's original/), other runtimes' formats
+MODEL_EXTRAS = ["original/*", "*.gguf", "onnx/*", "*.onnx", "*.msgpack", "*.h5", "*.ot", "*.mlpackage/*"]
+METADATA = ("dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json")
 
 
 def is_hub_id(name: str | Path) -> bool:
-    return bool(HUB_ID.match(str(name))) and not Path(name).exists()
+    """`org/name`, not a path that exists, and not a mistyped data file (`data/train.jsonl`)."""
+    text = str(name)
+    return bool(HUB_ID.match(text)) and not Path(text).exists() and not text.lower().endswith(DATA_SUFFIXES)
 
 
 def local_or_hub(name: str | Path, repo_type: RepoType = "model", revision: str | None = None) -> Path:
@@ -33,7 +39,8 @@ def local_or_hub(name: str | Path, repo_type: RepoType = "model", revision: str 
         constants.HF_HUB_OFFLINE
     try:
         folder = snapshot_download(str(name), repo_type=repo_type, revision=revision, local_files_only=offline,
-                                   cache_dir=os.environ.get("HF_HUB_CACHE") or None)
+                                   cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+                                   ignore_patterns=MODEL_EXTRAS if repo_type == "model" else None)
     except Exception as error:  # noqa: BLE001 - not found, no network, offline and not cached: one line
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         where = f" at revision {revision}" if revision else ""
@@ -52,26 +59,47 @@ def dataset_files(name: str | Path, split: str | None = None, subset: str | None
     if not is_hub_id(name):
         return [Path(name)]
     root = local_or_hub(name, "dataset", revision)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES
+                   and p.name not in METADATA)
     if subset:
         files = [p for p in files if subset in p.relative_to(root).parts[:-1] or p.stem.startswith(subset)]
     wanted = split or "train"
     chosen = [p for p in files if _split_of(p.relative_to(root)) == wanted]
-    if not chosen and split is None and len({_split_of(p.relative_to(root)) for p in files}) == 1:
-        chosen = files  # a repo of one unnamed split
+    if not chosen and split is None and {_split_of(p.relative_to(root)) for p in files} == {None}:
+        chosen = files  # a repo of files with no split in their names: all of it
     if not chosen:
         found = sorted({_split_of(p.relative_to(root)) or "(unnamed)" for p in files}) or ["no data files"]
         raise OnepassError(f"{name}: no data files for split '{wanted}'{f' and subset {subset!r}' if subset else ''} "
                            f"(found: {', '.join(found)}). Fix: set split (and subset) in the data entry, e.g. "
                            f"{{path: {name}, split: {found[0]}}}.")
+    folders = sorted({_subset_of(p.relative_to(root)) for p in chosen})
+    if not subset and len(folders) > 1:
+        raise OnepassError(f"{name}: split '{wanted}' has files in several subsets ({', '.join(folders)}), which may "
+                           f"hold the same records. Fix: name one, e.g. {{path: {name}, subset: {folders[0]}}}.")
     return chosen
 
 
+def _subset_of(relative: Path) -> str:
+    """The folder a data file sits in, below the conventional `data/` (a subset's files share one)."""
+    parts = [part for part in relative.parts[:-1] if part != "data"]
+    if parts and _stem_split(parts[-1]) == parts[-1] and _split_of(relative) == parts[-1]:
+        parts = parts[:-1]  # `validation/0000.parquet`: the folder is the split, not a subset
+    return "/".join(parts) or "(top)"
+
+
 def _split_of(relative: Path) -> str | None:
-    """The split a repo file belongs to, by the Hub's conventions: `train-00000-of-00001.parquet`,
-    `data/test.jsonl`, `validation/0000.parquet`."""
-    for part in (relative.stem, *reversed(relative.parts[:-1])):
-        match = re.match(r"^(train|test|validation|valid|dev|eval)(?=$|[-_.])", part)
-        if match:
-            return match.group(1)
-    return None
+    """The split a repo file belongs to, by the Hub's conventions: its name less the shard suffix
+    (`train_sft-00000-of-00003.parquet` → train_sft, `data/test.jsonl` → test), or its folder when the
+    name is only a shard number (`validation/0000.parquet`); None for a file named otherwise."""
+    stem = _stem_split(relative.stem)
+    if stem.isdigit() or not stem:
+        folders = [part for part in relative.parts[:-1] if part != "data"]
+        return folders[-1] if folders else None
+    return stem if re.match(SPLIT_NAME, stem) else None
+
+
+def _stem_split(stem: str) -> str:
+    return re.sub(r"-\d+-of-\d+$", "", stem)
+
+
+SPLIT_NAME = r"^(train|test|validation|valid|dev|eval)([_-][\w-]*)?$"

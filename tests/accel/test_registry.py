@@ -21,8 +21,17 @@ def test_auto_installs_the_cpu_measured_accelerations_and_none_on_cuda_until_mea
     assert accel.choose("auto", "cuda", bf16=True, checkpointing=False) == ()
     assert accel.choose("none", "cpu", bf16=True, checkpointing=False) == ()
     assert accel.choose(["cast-once", "fused-loss"], "cuda", True, False) == ("fused-loss", "cast-once")
-    with pytest.raises(OnepassError, match="accelerations: unknown 'fast-norm'. Fix: auto, none, or a list of"):
+    with pytest.raises(OnepassError, match="accelerations': unknown 'fast-norm'. Fix: auto, none, or a list of"):
         accel.choose(["fast-norm"], "cpu", True, False)
+
+
+@pytest.mark.parametrize("value, message", [("accelerations=3", "accelerations': unknown '3'"),
+                                            ("accelerations=[fast-norm]", "unknown 'fast-norm'")])
+def test_a_bad_accelerations_setting_is_one_error_when_the_config_loads(value, message):
+    from onepass.config import load_config
+
+    with pytest.raises(OnepassError, match=message):
+        load_config(None, ["model=m", "data.train=d.jsonl", value])
 
 
 def test_every_acceleration_names_what_it_replaces_its_proof_and_its_bench_script():

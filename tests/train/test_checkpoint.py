@@ -112,8 +112,10 @@ def test_replacing_a_checkpoint_keeps_a_complete_one_under_a_name_at_every_momen
     monkeypatch.undo()
     assert renames[0][0] == str(final)  # the old one went aside first
     aside = tmp_path / "checkpoints" / ".tmp-replaced-step-00000001"
-    assert (aside / checkpoint.COMPLETE).exists()  # and is still complete
-    save(tmp_path, objects, step=1)  # the next save swaps in place and cleans up
+    assert (aside / checkpoint.COMPLETE).exists() and not final.exists()  # complete, under the name set aside
+    assert latest_checkpoint(tmp_path) == final  # a resume finds it back under its own name
     assert (final / checkpoint.COMPLETE).exists() and not aside.exists()
     assert load_checkpoint(final, *training_objects(seed=1)) == TrainerState(1)
+    save(tmp_path, objects, step=1)  # and the next save replaces it cleanly
+    assert (final / checkpoint.COMPLETE).exists() and not aside.exists()
 

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from onepass.data.types import Example
 from onepass.train.batch import collate
-from onepass.accel.fused_loss import LossWorkspace, _FusedLinearNLL, _fused_chunks
+from onepass.accel.fused_loss import LossWorkspace, FusedLinearNLL, fused_chunks
 from onepass.train.loss import SFTObjective, sft_loss
 from onepass.train.model import backbone_and_head, own_attention, use_packed_attention
 
@@ -39,7 +39,7 @@ def test_fused_loss_and_gradients_equal_linear_then_cross_entropy(scale, chunk_s
     results = []
     for fused in (False, True):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        loss, nll = _FusedLinearNLL.apply(h, w, targets, coefficients, scale, chunk_size) if fused \
+        loss, nll = FusedLinearNLL.apply(h, w, targets, coefficients, scale, chunk_size) if fused \
             else reference(h, w, targets, coefficients, scale)
         (loss * 3.0).backward()  # the upstream gradient scales both gradients
         results.append((loss.detach(), nll.detach(), h.grad, w.grad))
@@ -53,7 +53,7 @@ def test_fused_loss_under_bf16_autocast_matches_autocast_linear_then_cross_entro
     for fused in (False, True):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, nll = _FusedLinearNLL.apply(h, w, targets, coefficients, 1.0, 16) if fused \
+            loss, nll = FusedLinearNLL.apply(h, w, targets, coefficients, 1.0, 16) if fused \
                 else reference(h, w, targets, coefficients, 1.0)
         loss.backward()
         assert h.grad.dtype == w.grad.dtype == torch.float32
@@ -75,7 +75,7 @@ def test_softmax_blocks_of_a_few_rows_compute_what_one_block_does(monkeypatch, a
         monkeypatch.setattr(module, "CPU_SOFTMAX_BLOCK_BYTES", block_bytes)
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss, nll = _FusedLinearNLL.apply(h, w, targets, coefficients, 0.5, 16)
+            loss, nll = FusedLinearNLL.apply(h, w, targets, coefficients, 0.5, 16)
         (loss * 2.0).backward()
         assert w.grad.dtype == dtype
         results.append((loss.detach(), nll, h.grad, w.grad))
@@ -95,7 +95,7 @@ def test_a_reused_workspace_changes_no_result_and_nothing_returned_lies_in_it():
         for space in (None, workspace):
             h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss, nll = _FusedLinearNLL.apply(h, w, targets, coefficients, 1.0, chunk_size, space)
+                loss, nll = FusedLinearNLL.apply(h, w, targets, coefficients, 1.0, chunk_size, space)
             loss.backward()
             results.append((loss.detach(), nll, h.grad, w.grad))
         for expected, got in zip(*results):
@@ -110,15 +110,15 @@ def test_a_reused_workspace_changes_no_result_and_nothing_returned_lies_in_it():
 def test_a_frozen_output_layer_gets_no_gradient_and_no_gradient_work():
     hidden, weight, targets, coefficients = inputs(torch.float64)
     h = hidden.clone().requires_grad_()
-    loss, _ = _FusedLinearNLL.apply(h, weight, targets, coefficients, 1.0, 8)
+    loss, _ = FusedLinearNLL.apply(h, weight, targets, coefficients, 1.0, 8)
     loss.backward()
     assert weight.grad is None and h.grad is not None
-    assert _fused_chunks(hidden, weight, targets, coefficients, 1.0, 8, want_weight_grad=False)[2] is None
+    assert fused_chunks(hidden, weight, targets, coefficients, 1.0, 8, want_weight_grad=False)[2] is None
 
 
 def test_without_gradients_only_the_nll_is_computed():
     hidden, weight, targets, _ = inputs(torch.float64)
-    nll, grad_hidden, grad_weight = _fused_chunks(hidden, weight, targets, None, 1.0, 8, want_weight_grad=True)
+    nll, grad_hidden, grad_weight = fused_chunks(hidden, weight, targets, None, 1.0, 8, want_weight_grad=True)
     torch.testing.assert_close(nll, reference(hidden, weight, targets, torch.ones(len(targets), dtype=torch.float64),
                                               1.0)[1], rtol=1e-10, atol=1e-12)
     assert grad_hidden is None and grad_weight is None

@@ -60,12 +60,23 @@ def choose(setting: str | list[str], device_type: str, bf16: bool, checkpointing
     if setting == "auto":
         return tuple(a.name for a in REGISTRY if device_type in a.devices and (bf16 or not a.bf16_only)
                      and not (checkpointing and a.off_under_checkpointing))
-    names = [setting] if isinstance(setting, str) else list(setting)
+    names = check_setting(setting)
+    return tuple(name for name in NAMES if name in names)
+
+
+def check_setting(setting: Any) -> list[str]:
+    """The names an `accelerations:` setting lists (auto and none list none), or a one-line error."""
+    if setting in ("auto", "none"):
+        return []
+    names = [setting] if isinstance(setting, str) else setting
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise OnepassError(f"config key 'accelerations': {setting!r} is not allowed. Fix: auto, none, or a list of "
+                           f"{', '.join(NAMES)}.")
     unknown = [name for name in names if name not in NAMES]
     if unknown:
-        raise OnepassError(f"accelerations: unknown {', '.join(map(repr, unknown))}. Fix: auto, none, or a list of "
-                           f"{', '.join(NAMES)}.")
-    return tuple(name for name in NAMES if name in names)
+        raise OnepassError(f"config key 'accelerations': unknown {', '.join(map(repr, unknown))}. Fix: auto, none, "
+                           f"or a list of {', '.join(NAMES)}.")
+    return names
 
 
 def install(model: Any, names: tuple[str, ...], checkpointing: bool = False) -> tuple[str, ...]:
@@ -83,11 +94,22 @@ def install(model: Any, names: tuple[str, ...], checkpointing: bool = False) -> 
     return names
 
 
+# What runs for a model onepass did not build with `build_model` (scoring, chat, a test's or a script's
+# model): the accelerations that need nothing installed, where they were measured
+UNINSTALLED = ("fused-loss", "tied-gradient", "loss-workspace")
+
+
 def enabled(model: Any, name: str) -> bool:
-    """Whether `name` runs for `model`. A model onepass did not build (a test's, a script's) runs the
-    accelerations the loss and attention choose by themselves: the measured CPU set."""
-    installed = getattr(base_model(model), ATTRIBUTE, None)
-    return name in installed if installed is not None else name in ("fused-loss", "tied-gradient", "loss-workspace")
+    """Whether `name` runs for `model`: what `install` put on it, else `UNINSTALLED` on the devices
+    they were measured on."""
+    base = base_model(model)
+    installed = getattr(base, ATTRIBUTE, None)
+    if installed is not None:
+        return name in installed
+    if name not in UNINSTALLED:
+        return False
+    device = next(base.parameters()).device.type
+    return device in next(a for a in REGISTRY if a.name == name).devices
 
 
 def describe(names: tuple[str, ...], device_type: str, bf16: bool) -> str:

@@ -3,7 +3,7 @@
 of the trained positions, recomputed in the backward pass.
 
 Only the hidden states of positions with a label go through the output projection in either. Here,
-each chunk's gradients are made in the forward pass while its logits exist (`_FusedLinearNLL`: the loss
+each chunk's gradients are made in the forward pass while its logits exist (`FusedLinearNLL`: the loss
 is linear in each label's NLL, with coefficients known up front), so nothing is kept or recomputed for
 the backward pass. It covers a plain bias-free output layer and a logit scale; soft-capped or wrapped
 output layers take the stock path.
@@ -50,7 +50,7 @@ class LossWorkspace:
 CPU_SOFTMAX_BLOCK_BYTES = 4 * 2**20
 
 
-def _fused_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coefficients: torch.Tensor | None,
+def fused_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coefficients: torch.Tensor | None,
                   scale: float, chunk_size: int, want_weight_grad: bool, workspace: LossWorkspace | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Per-label NLL of `targets` under softmax(scale · hidden @ weightᵀ), chunk by chunk, in the
@@ -120,7 +120,7 @@ def _softmax_block(logits: torch.Tensor, targets: torch.Tensor, nll: torch.Tenso
         logits.copy_(exps)
 
 
-class _FusedLinearNLL(torch.autograd.Function):
+class FusedLinearNLL(torch.autograd.Function):
     """Σ coefficients · NLL through the output layer, with the gradients made in the forward pass
     (the loss is linear in each label's NLL, and d loss / d nll = coefficients is known then): one
     output-layer matmul forward and two backward, one fp32 softmax pass, and no logits kept for the
@@ -130,7 +130,7 @@ class _FusedLinearNLL(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 coefficients: torch.Tensor, scale: float, chunk_size: int, workspace: LossWorkspace | None = None,
                 tie: TiedGradient | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        nll, grad_hidden, grad_weight = _fused_chunks(hidden, weight, targets, coefficients, scale, chunk_size,
+        nll, grad_hidden, grad_weight = fused_chunks(hidden, weight, targets, coefficients, scale, chunk_size,
                                                       ctx.needs_input_grad[1], workspace)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.tie = tie.claim() if tie is not None else None

@@ -30,42 +30,52 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        status = _run(args, argv)
-    except BaseException:  # a bug (or --debug): its traceback first, then leave the process group
-        _leave_process_group(argv, None)
+        status, finished = _run(args, argv)
+    except Exception:  # a bug (or --debug): its traceback, then leave the process group
+        if argv is None and _in_process_group():
+            import traceback
+
+            traceback.print_exc()
+            _leave_process_group(argv, 1, finished=False)
         raise
-    _leave_process_group(argv, status)
+    _leave_process_group(argv, status, finished)
     return status
 
 
-def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
+def _run(args: argparse.Namespace, argv: list[str] | None) -> tuple[int, bool]:
+    """The command's exit status, and whether it returned by itself (every rank of a torchrun job then
+    ends together: a signal stop is agreed on by all ranks) rather than by an error on this rank."""
     try:
         if argv is None and args.command in RUN_MODELS:  # a command line, not a call from Python
             tune_cpu_process()
-        return args.handler(args)
+        return args.handler(args), True
     except OnepassError as error:
         if args.debug:
             raise
         _report(error)
-        return 2
+        return 2, False
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return 130, False
     except BrokenPipeError:  # `onepass inspect --json | head`: the reader left, nothing is wrong
         sys.stderr.close()
-        return 0
+        return 0, True
 
 
-def _leave_process_group(argv: list[str] | None, status: int | None) -> None:
-    """Under torchrun: leave the process group; a worker started from the command line that finished
-    (with any status) then ends at once (`distributed.end_process`)."""
+def _in_process_group() -> bool:
+    return "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized()
+
+
+def _leave_process_group(argv: list[str] | None, status: int, finished: bool) -> None:
+    """Under torchrun: leave the process group (after a barrier when every rank `finished`); a worker
+    started from the command line then ends at once (`distributed.end_process`)."""
     if "torch.distributed" not in sys.modules:
         return
     from onepass.train.distributed import end_process, launched_by_torchrun, shutdown
 
-    if status is not None and argv is None and launched_by_torchrun():
-        end_process(status)
-    shutdown(finished=status == 0)
+    if argv is None and launched_by_torchrun():
+        end_process(status, finished)
+    shutdown(finished)
 
 
 def tune_cpu_process() -> None:

@@ -45,6 +45,7 @@ def cache_key(paths: Sequence[str | Path], tokenizer: Any, template: ChatTemplat
     for path in paths:
         path = Path(path)
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        digest.update(b"directory" if path.is_dir() else b"file")  # a folder of one file is not that file
         for file in files:
             digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
             with file.open("rb") as handle:

@@ -38,19 +38,25 @@ def reply(model: Any, tokenizer: Any, template: Any, messages: list[dict[str, st
     prompt = template.render(messages, add_generation_prompt=True)
     ids = torch.tensor([tokenizer.backend_tokenizer.encode(prompt, add_special_tokens=False).ids],
                        device=device_of(model))
-    stops = stop_token_ids(tokenizer, template)
+    new = generate(model, ids, stop_token_ids(tokenizer, template), max_new_tokens, temperature, top_p, streamer)
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def generate(model: Any, ids: torch.Tensor, stops: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 1.0, streamer: Any = None) -> list[int]:
+    """The new tokens the model generates after `ids` (1, T), through its own attention, up to (not
+    including) the first stop token."""
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     with own_attention(model), evaluating(model):
         output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                eos_token_id=stops, pad_token_id=stops[0] if stops else 0, streamer=streamer,
+                                eos_token_id=stops or None, pad_token_id=stops[0] if stops else 0, streamer=streamer,
                                 **sampling)
     new = output[0, ids.shape[1]:].tolist()
     for position, token in enumerate(new):
         if token in stops:
-            new = new[:position]
-            break
-    return tokenizer.decode(new, skip_special_tokens=True).strip()
+            return new[:position]
+    return new
 
 
 def terminal_streamer(tokenizer: Any) -> Any:

@@ -11,7 +11,9 @@ other than the model's own objective.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,7 +24,9 @@ from onepass.data.types import Example
 from onepass.errors import OnepassError
 from onepass.train.batch import collate
 from onepass.train.loss import label_nll
-from onepass.train.model import PACKED, SEPARATE, device_of, evaluating, own_attention, packing_of, set_packing
+from onepass.compat import attention_implementation, base_model
+from onepass.train.model import (PACKED, SEPARATE, device_of, evaluating, own_attention, packing_of, set_packing,
+                                 use_packed_attention)
 
 # Nats of per-token log-probability by which onepass's path may differ from the model's own forward. The
 # check runs in fp32 (autocast off), where reordered sums differ by ~1e-6 and a leak between packed
@@ -88,7 +92,7 @@ def check_packing(model: Any, vocab_size: int | None = None, tolerance: float = 
     vocab_size = vocab_size or model.get_output_embeddings().weight.shape[0]
     examples = probe_examples(vocab_size)
     device = device_of(model)
-    with torch.autocast(device.type, enabled=False):
+    with torch.autocast(device.type, enabled=False), exact_matmuls(), packed_attention_for_the_check(model):
         try:
             expected = own_forward_logprobs(model, examples)
         except Exception as error:  # noqa: BLE001 - the oracle itself fails: nothing to prove against
@@ -99,6 +103,8 @@ def check_packing(model: Any, vocab_size: int | None = None, tolerance: float = 
         if packing_of(model) == PACKED:
             try:
                 packed_difference = _difference(onepass_logprobs(model, examples), expected)
+            except torch.OutOfMemoryError:
+                raise
             except Exception as error:  # noqa: BLE001 - a kernel that refuses packed rows: try them apart
                 packed_error = f"packed rows fail: {_one_line(error)}"
             if packed_difference is not None and packed_difference <= tolerance:
@@ -121,8 +127,40 @@ def check_packing(model: Any, vocab_size: int | None = None, tolerance: float = 
             f"{separate:.1e} nats even with each conversation alone (allowed: {tolerance:.0e}), so what the model "
             "computes after its last layer (a logit scale, multiplier or soft-cap) is not what onepass applies. "
             "Training would not follow the model's own objective. Fix: report it with `onepass check MODEL "
-            "--json`; to train anyway, at your own risk, set check_model: false.")
+            "--json`; to train anyway, at your own risk, set check_model: false (onepass score: --no-check-model).")
     return result
+
+
+@contextlib.contextmanager
+def exact_matmuls() -> Iterator[None]:
+    """fp32 matmuls in fp32 for the check (CUDA may run them in TF32, rounding at 1e-3)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@contextlib.contextmanager
+def packed_attention_for_the_check(model: Any) -> Iterator[None]:
+    """Flash-attention varlen refuses fp32, the check's precision: the check runs onepass's packed
+    attention, which keeps conversations apart by the same `cu_seq_lens`, and the model goes back to
+    flash-attention after (transformers' own varlen kernel, not what the check proves)."""
+    base = base_model(model)
+    current = attention_implementation(base)
+    if current != "flash_attention_2":
+        yield
+        return
+    use_packed_attention(base)
+    try:
+        yield
+    finally:
+        if packing_of(base) == PACKED:
+            base.set_attn_implementation(current)
 
 
 def _one_line(error: BaseException) -> str:

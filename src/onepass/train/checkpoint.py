@@ -140,7 +140,7 @@ def _swap_into_place(temp: Path, final: Path) -> None:
     two names (the one aside is a `.tmp-` directory, so an interrupted swap's leftover is pruned)."""
     aside = None
     if final.exists():
-        aside = final.with_name(f".tmp-replaced-{final.name}")
+        aside = final.with_name(f"{SET_ASIDE}{final.name}")
         if aside.exists():
             shutil.rmtree(aside)
         os.replace(final, aside)
@@ -177,10 +177,17 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+SET_ASIDE = ".tmp-replaced-"  # a checkpoint renamed aside while its replacement takes its name
+
+
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []
+    for aside in root.glob(f"{SET_ASIDE}*"):  # killed between the two renames: the old one goes back
+        original = root / aside.name[len(SET_ASIDE):]
+        if not original.exists() and (aside / COMPLETE).exists():
+            os.replace(aside, original)
     return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / COMPLETE).exists())
 
 

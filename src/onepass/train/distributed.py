@@ -92,14 +92,14 @@ def shutdown(finished: bool = True) -> None:
     dist.destroy_process_group()
 
 
-def end_process(status: int = 0) -> None:
+def end_process(status: int = 0, finished: bool | None = None) -> None:
     """End a torchrun worker: leave the process group (`shutdown`), flush what it printed, and exit at
     once. Past this point the interpreter's own teardown would free the process group's last
     references (device meshes, FSDP state) and its communication threads while the runtime is being
     torn down, which aborted one run in a few ("terminate called without an active exception", rank 0
     or 1, after both had left the group); a worker has nothing left to clean up that the operating
-    system does not."""
-    shutdown(finished=status == 0)
+    system does not. `finished`: every rank got here together (default: when `status` is 0)."""
+    shutdown(finished=status == 0 if finished is None else finished)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

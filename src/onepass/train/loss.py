@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from onepass import accel
-from onepass.accel.fused_loss import LossWorkspace, TiedGradient, _FusedLinearNLL, _fused_chunks
+from onepass.accel.fused_loss import LossWorkspace, TiedGradient, FusedLinearNLL, fused_chunks
 from onepass.compat import load_balancing_loss_function
 from onepass.train.batch import IGNORE_INDEX, Batch
 from onepass.errors import OnepassError
@@ -40,6 +40,11 @@ def trunk_outputs(model: Any, batch: Batch, router_logits: bool = False
     if packing_of(model) != SEPARATE:
         output = trunk(**batch.model_kwargs(), use_cache=False, **extra)
         return output.last_hidden_state, _router_logits(output, router_logits)
+    if batch.layout is not None and batch.layout.trees:
+        raise OnepassError("these examples are trees (a chat template that rewrites past turns, or N completions "
+                           "of one prompt), and this model computes each conversation alone, so it cannot attend "
+                           "along a tree. Fix: data.unstable_history: split (train), or score one completion or turn "
+                           "per row.")
     row = batch.input_ids[0]
     by_length: dict[int, list[int]] = {}
     for start, length in zip(batch.cu_seq_lens[:-1].tolist(), batch.cu_seq_lens.diff().tolist()):
@@ -171,7 +176,7 @@ def nll_at(model: Any, hidden: torch.Tensor, positions: torch.Tensor, targets: t
     transform = OutputTransform.of(model)
     selected = hidden[positions]
     if _fusable(model, head, transform) and not torch.is_grad_enabled():
-        return _fused_chunks(selected, head.weight, targets, None, transform.scale, chunk_size, False)[0]
+        return fused_chunks(selected, head.weight, targets, None, transform.scale, chunk_size, False)[0]
     pieces = []
     for start in range(0, len(positions), chunk_size):
         args = (selected[start:start + chunk_size], targets[start:start + chunk_size], head, transform)
@@ -203,7 +208,7 @@ def loss_of_hidden(model: Any, batch: Batch, hidden: torch.Tensor, denominator: 
     _, head = backbone_and_head(model)
     transform = OutputTransform.of(model)
     if _fusable(model, head, transform) and torch.is_grad_enabled():
-        weighted, nll = _FusedLinearNLL.apply(hidden[positions], head.weight, targets, weights.float(),
+        weighted, nll = FusedLinearNLL.apply(hidden[positions], head.weight, targets, weights.float(),
                                               transform.scale, chunk_size, workspace, tie)
     else:
         nll = nll_at(model, hidden, positions, targets, chunk_size)
@@ -239,7 +244,8 @@ class SFTObjective(torch.nn.Module):
         """The loss to backpropagate, the trained labels' NLL sum, and the router's auxiliary loss of
         this micro-batch (zero without one), which enters the loss times `router_share`: its share of
         the step (1 / the step's micro-batches over every rank, 0 for a padding pass), so that a step's
-        router term is the mean over its micro-batches, as one batch of them all would have it."""
+        router term is the mean of its micro-batches' (the load-balancing loss is not a sum over tokens, so
+        this is what Hugging Face's Trainer does under accumulation, not one big batch's value)."""
         on_cpu = batch.input_ids.device.type == "cpu"
         hidden, router_logits = trunk_outputs(self.model, batch, self.router is not None)
         loss, nll = loss_of_hidden(self.model, batch, hidden[0], denominator, self.chunk_size,

@@ -14,7 +14,8 @@ import torch
 
 from onepass import accel
 from onepass.accel import grouped_attention
-from onepass.compat import attention_implementation, base_model, enable_activation_checkpointing, takes_attention_interface
+from onepass.compat import (attention_implementation, base_model, enable_activation_checkpointing, supports_sdpa,
+                            takes_attention_interface)
 from onepass.errors import OnepassError
 from onepass.hub import local_or_hub
 from onepass.train.batch import LAYOUT_KWARG
@@ -187,7 +188,7 @@ def own_attention_name(model: Any) -> str:
     current = attention_implementation(base)
     if current not in (PACKED_ATTENTION, "flash_attention_2"):
         return current
-    return "sdpa" if getattr(base, "_supports_sdpa", False) else "eager"
+    return "sdpa" if supports_sdpa(base) else "eager"
 
 
 def set_packing(model: Any, packing: str) -> None:
@@ -242,10 +243,13 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     except (OSError, ValueError, ImportError) as error:
         raise OnepassError(f"{path}: could not load the model ({error}).") from None
     model.onepass_own_attention = attention_implementation(model)
-    if takes_attention_interface(model):
-        model.set_attn_implementation(attention)
-    else:
-        set_packing(model, SEPARATE)
+    try:
+        if takes_attention_interface(model):
+            model.set_attn_implementation(attention)
+        else:
+            set_packing(model, SEPARATE)
+    except (ValueError, ImportError) as error:  # e.g. a flash-attention install that does not load
+        raise OnepassError(f"{path}: could not set the attention implementation {attention} ({error}).") from None
     return model if not weights else model.to(device)
 
 
@@ -284,7 +288,11 @@ def build_model(config: TrainConfig, device: torch.device, announce: bool = Fals
     model = load_model(config.model, device, weights=weights, compute_dtype=torch.bfloat16 if bf16 else torch.float32)
     if announce:
         print(describe_attention(attention_implementation(model)), file=sys.stderr)
-    freeze_outside_language_model(model)
+    frozen = freeze_outside_language_model(model)
+    if frozen and announce:
+        parts = sorted({name.split(".")[1] if name.count(".") > 1 else name.split(".")[0] for name in frozen})
+        print(f"frozen: {len(frozen)} parameters outside the language model ({', '.join(parts)}); text trains the "
+              "language model only", file=sys.stderr)
     if config.lora.enabled:
         from peft import LoraConfig, get_peft_model
 

@@ -56,18 +56,21 @@ class Trainer:
         trackers = Trackers(run.config.report_to, run.output_dir, to_dict(run.config), run.config.run_name,
                             resume_step, enabled=main)
         log = MetricsLog(run.output_dir, resume_step, trackers, enabled=main, log_every=run.config.log_every)
-        eval_before = None if resumed else self._evaluate(log)
-        end = min(stop_at, run.total_steps) if stop_at is not None else run.total_steps
-        stopped_by = self._loop(end, log)
-        eval_after = final_dir = None
-        if self.state.step < run.total_steps and stopped_by != EARLY_STOPPING:  # leave a checkpoint to resume from
-            self._save()
-        else:
-            eval_after = self._best_or_last(self._evaluate(log), log)
-            final_dir = export_model(run.model, run.tokenizer, run.template, run.config, run.output_dir, run.cluster)
-            if main:
-                plot_loss(log.rows(), run.output_dir / "loss.png")
-        log.close()
+        try:  # the trackers get their last rows and are closed, whatever ends the run
+            eval_before = None if resumed else self._evaluate(log)
+            end = min(stop_at, run.total_steps) if stop_at is not None else run.total_steps
+            stopped_by = self._loop(end, log)
+            eval_after = final_dir = None
+            if self.state.step < run.total_steps and stopped_by != EARLY_STOPPING:  # leave a checkpoint to resume
+                self._save()
+            else:
+                eval_after = self._best_or_last(self._evaluate(log), log)
+                final_dir = export_model(run.model, run.tokenizer, run.template, run.config, run.output_dir,
+                                         run.cluster)
+                if main:
+                    plot_loss(log.rows(), run.output_dir / "loss.png")
+        finally:
+            log.close()
         return TrainResult(self.state.step, final_dir, log.rows(), eval_before, eval_after, stopped_by)
 
     def _loop(self, end: int, log: MetricsLog) -> str | None:
