@@ -128,3 +128,18 @@ def test_a_history_rewriting_conversation_is_scored_as_one_tree_equal_to_k_passe
     assert rows[0]["tree"] and len(rows[0]["turn_logprobs"]) == 3 and "tree" not in rows[1]
     assert rows[0]["logprob_response"] == pytest.approx(sum(rows[0]["turn_logprobs"]), abs=1e-9)
     assert largest_k_pass_difference(model, tokenizer, template, conversations, rows) < 1e-4
+
+
+def test_a_model_that_computes_each_conversation_alone_refuses_tree_scoring_with_one_error(tokenizer):
+    """One conversation per forward cannot attend along a tree: ranking N completions as one tree is
+    refused, never scored as a straight sequence."""
+    from onepass.data.types import Record as Row
+    from onepass.errors import OnepassError
+    from onepass.score.scoring import rank_candidates
+    from onepass.train.model import SEPARATE, set_packing
+
+    separate = build_model(None, vocab_size=len(tokenizer), seed=1).eval()
+    set_packing(separate, SEPARATE)
+    data = {"prompt": "The capital of France is", "completions": [" Paris.", " Lyon."]}
+    with pytest.raises(OnepassError, match="cannot attend along a tree"):
+        rank_candidates(separate, tokenizer, load_chat_template(tokenizer, "chatml"), [Row("d.jsonl", "line 1", data)])
