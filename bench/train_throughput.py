@@ -45,9 +45,9 @@ def run_onepass(work: Path, max_seq_len: int, rows_per_step: int) -> dict:
     from onepass import allocator
     from onepass.config import load_config
     from onepass.train.run import build_run
+    from onepass.train.step import train_step
 
     allocator.cpu_memory_settings()  # as `onepass train` sets the process up
-    from onepass.train.step import train_step
 
     config = load_config(None, [f"model={work / 'model'}", f"data.train=[{work / 'train.jsonl'}]",
                                 f"output_dir={work / 'onepass'}", f"max_seq_len={max_seq_len}",
