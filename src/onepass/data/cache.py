@@ -122,13 +122,6 @@ class CacheWriter:
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
-def save_cache(path: Path, data: PreparedData, inputs: Sequence[str | Path] = ()) -> None:
-    """Write `data` as a cache entry at once (see `CacheWriter` for writing as examples arrive)."""
-    writer = CacheWriter(path)
-    writer.add(data.examples)
-    writer.finish(data.stats, data.rejects, inputs)
-
-
 def relocate(source: str, saved: Sequence[str], current: Sequence[str]) -> str:
     """`source` (a data file of the saved inputs, or a file inside one of their directories) under the
     current input in the same place of the list."""
@@ -142,14 +135,9 @@ def relocate(source: str, saved: Sequence[str], current: Sequence[str]) -> str:
 
 
 def is_cached(path: Path) -> bool:
-    meta = path / "meta.json"
-    try:
-        if json.loads(meta.read_text()).get("format") != CACHE_FORMAT:
-            return False
-    except (OSError, ValueError):
-        return False
-    return all((path / name).exists() for name in (*(f"{a}.bin" for a in ARRAYS), *(f"{c}.npy" for c in EXAMPLE_COLUMNS),
-                                                   "where.bin"))
+    """A complete entry of this format (an older entry has none of its token files: it is prepared again)."""
+    return all((path / name).exists() for name in ("meta.json", "where.bin", *(f"{a}.bin" for a in ARRAYS),
+                                                   *(f"{c}.npy" for c in EXAMPLE_COLUMNS)))
 
 
 def load_cache(path: Path, inputs: Sequence[str | Path] = ()) -> PreparedData:

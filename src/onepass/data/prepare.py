@@ -38,11 +38,7 @@ def load_conversations(paths: Sequence[str | Path], format_name: str | None, on_
                        stats: Stats, rejects: list[dict[str, Any]], limit: int | None = None) -> list[Conversation]:
     """Read and validate every record of every file (or until `limit` conversations are read); bad ones
     raise or are counted and kept in `rejects`."""
-    conversations = list(itertools.islice(iter_conversations(paths, format_name, on_bad_record, stats, rejects),
-                                          limit))
-    if limit is not None and len(conversations) == limit:
-        stats.conversations = limit
-    return conversations
+    return list(itertools.islice(iter_conversations(paths, format_name, on_bad_record, stats, rejects), limit))
 
 
 def iter_conversations(paths: Sequence[str | Path], format_name: str | None, on_bad_record: OnBadRecord,
@@ -279,8 +275,8 @@ def render_all(conversations: list[Conversation], tokenizer: Any, template: Chat
     chat template refuses a conversation and on_bad_record is skip) rejected, appended to `rejects`."""
     chunks = [conversations[i:i + CHUNK_SIZE] for i in range(0, len(conversations), CHUNK_SIZE)]
     examples, stats = [], Stats()
-    for part_examples, part_stats, part_rejects in render_stream(chunks, tokenizer, template, options,
-                                                                 num_workers if len(chunks) > 1 else 1, on_bad_record):
+    for part_examples, part_stats, part_rejects in render_stream(chunks, tokenizer, template, options, num_workers,
+                                                                 on_bad_record):
         examples.extend(part_examples)
         if rejects is not None:
             rejects.extend(part_rejects)

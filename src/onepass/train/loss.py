@@ -21,7 +21,7 @@ from onepass.accel.fused_loss import LossWorkspace, TiedGradient, FusedLinearNLL
 from onepass.compat import load_balancing_loss_function
 from onepass.train.batch import IGNORE_INDEX, Batch
 from onepass.errors import OnepassError
-from onepass.train.model import SEPARATE, backbone_and_head, base_model, packing_of
+from onepass.train.model import SEPARATE, backbone_and_head, base_model, packing_of, refuse_trees
 
 
 def hidden_states(model: Any, batch: Batch) -> torch.Tensor:
@@ -41,10 +41,7 @@ def trunk_outputs(model: Any, batch: Batch, router_logits: bool = False
         output = trunk(**batch.model_kwargs(), use_cache=False, **extra)
         return output.last_hidden_state, _router_logits(output, router_logits)
     if batch.layout is not None and batch.layout.trees:
-        raise OnepassError("these examples are trees (a chat template that rewrites past turns, or N completions "
-                           "of one prompt), and this model computes each conversation alone, so it cannot attend "
-                           "along a tree. Fix: data.unstable_history: split (train), or score one completion or turn "
-                           "per row.")
+        refuse_trees(model)
     row = batch.input_ids[0]
     by_length: dict[int, list[int]] = {}
     for start, length in zip(batch.cu_seq_lens[:-1].tolist(), batch.cu_seq_lens.diff().tolist()):
@@ -209,7 +206,7 @@ def loss_of_hidden(model: Any, batch: Batch, hidden: torch.Tensor, denominator: 
     transform = OutputTransform.of(model)
     if _fusable(model, head, transform) and torch.is_grad_enabled():
         weighted, nll = FusedLinearNLL.apply(hidden[positions], head.weight, targets, weights.float(),
-                                              transform.scale, chunk_size, workspace, tie)
+                                             transform.scale, chunk_size, workspace, tie)
     else:
         nll = nll_at(model, hidden, positions, targets, chunk_size)
         weighted = (nll * weights).sum()

@@ -242,12 +242,8 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except (OSError, ValueError, ImportError) as error:
         raise OnepassError(f"{path}: could not load the model ({error}).") from None
-    model.onepass_own_attention = attention_implementation(model)
     try:
-        if takes_attention_interface(model):
-            model.set_attn_implementation(attention)
-        else:
-            set_packing(model, SEPARATE)
+        use_packing_attention(model, attention)
     except (ValueError, ImportError) as error:  # e.g. a flash-attention install that does not load
         raise OnepassError(f"{path}: could not set the attention implementation {attention} ({error}).") from None
     return model if not weights else model.to(device)
@@ -256,24 +252,38 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
 def use_packed_attention(model: Any) -> Any:
     """Switch an already built model (e.g. a tiny one from a config) to packed attention."""
     register_packed_attention()
+    return use_packing_attention(model, PACKED_ATTENTION)
+
+
+def use_packing_attention(model: Any, attention: str) -> Any:
+    """Packed rows with `attention` (onepass's packed attention or flash-attention varlen), the model's own
+    attention recorded first; a model whose attention layers do not take transformers' interface
+    computes each conversation alone instead."""
     base = base_model(model)
     if getattr(base, "onepass_own_attention", None) is None:
         base.onepass_own_attention = own_attention_name(base)
     if not takes_attention_interface(base):
         set_packing(base, SEPARATE)
         return model
-    model.set_attn_implementation(PACKED_ATTENTION)
+    base.set_attn_implementation(attention)
     base.onepass_packing = PACKED
     return model
+
+
+def refuse_trees(model: Any) -> None:
+    """Tree examples attend along their paths, which only packed attention computes: a model that
+    computes each conversation alone refuses them."""
+    if packing_of(model) == SEPARATE:
+        raise OnepassError("the examples are trees (a chat template that rewrites past turns, or N completions of "
+                           "one prompt), and this model computes each conversation alone, so it cannot attend along "
+                           "a tree. Fix: data.unstable_history: split (train), or score one turn or completion per "
+                           "row.")
 
 
 def use_tree_attention(model: Any) -> None:
     """Tree examples need onepass's packed attention (flash-attention varlen knows only sequences)."""
     base = base_model(model)
-    if packing_of(base) == SEPARATE:
-        raise OnepassError("the data has tree examples (a chat template that rewrites past turns, with "
-                           "unstable_history: tree), and this model computes each conversation alone, so it "
-                           "cannot attend along a tree. Fix: set data.unstable_history: split.")
+    refuse_trees(base)
     if attention_implementation(base) != PACKED_ATTENTION:
         print("attention: the data has tree examples, so onepass's packed attention runs (SDPA per conversation) "
               "instead of flash-attention varlen", file=sys.stderr)
@@ -329,10 +339,11 @@ def freeze_outside_language_model(model: Any) -> list[str]:
     language model on text conversations: everything outside it (the tower, its projector) stays
     frozen, as it gets no gradient from text. Returns the names of the frozen parameters."""
     keep = language_model_parameters(model)
-    frozen = [name for name, p in model.named_parameters() if id(p) not in keep and p.requires_grad]
+    frozen = []
     for name, parameter in model.named_parameters():
-        if name in frozen:
+        if id(parameter) not in keep and parameter.requires_grad:
             parameter.requires_grad_(False)
+            frozen.append(name)
     return frozen
 
 

@@ -75,13 +75,12 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
     check_trackers(config.report_to)
     tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
     template = load_chat_template(tokenizer, config.data.chat_template)
-    train_data, eval_examples = _prepare_data(config, cluster, tokenizer, template, train_data, eval_examples,
-                                              prepare_data)
+    train_data, eval_examples, train_files = _prepare_data(config, cluster, tokenizer, template, train_data,
+                                                           eval_examples, prepare_data)
     if (config.early_stopping.patience or config.keep_best) and not (eval_examples and config.eval_every):
         raise OnepassError("early_stopping and keep_best compare held-out losses during training. Fix: give "
                            "data.eval and eval_every > 0, or set early_stopping.patience: 0 and keep_best: false.")
-    mixture = Mixture(train_data.examples, config.data.sources(), source_files(config.data.sources())) \
-        if config.data.weighted() else None
+    mixture = Mixture(train_data.examples, config.data.sources(), train_files) if config.data.weighted() else None
     if mixture is not None and cluster.is_main:
         print(describe_mixture(mixture.shares()), file=sys.stderr)
     plan = StepPlan(train_data.examples, config.max_seq_len, config.batch_size, config.grad_accum, config.seed,
@@ -149,25 +148,28 @@ def _check_model(config: TrainConfig, cluster: Cluster, model: Any) -> None:
 
 def _prepare_data(config: TrainConfig, cluster: Cluster, tokenizer: Any, template: ChatTemplate,
                   train_data: PreparedData | None, eval_examples: list[Example] | None,
-                  prepare_data: Callable[..., PreparedData]) -> tuple[PreparedData, list[Example]]:
-    """Train and held-out data, prepared by rank 0 first (the others load its cache), and checked."""
+                  prepare_data: Callable[..., PreparedData]
+                  ) -> tuple[PreparedData, list[Example], list[list[Path]]]:
+    """Train and held-out data, prepared by rank 0 first (the others load its cache), and checked, with
+    the files of each training source (a Hub dataset's fetched by rank 0 first too)."""
     output_dir = Path(config.output_dir)
 
-    def prepare_split(sources: list[DataSource], rejects_name: str) -> PreparedData:
-        paths = [file for files in source_files(sources) for file in files]
+    def prepare_split(files: list[list[Path]], rejects_name: str) -> PreparedData:
+        paths = [file for source in files for file in source]
         return prepare_data(paths, tokenizer, template, config.render_options(), format_name=config.data.format,
                             on_bad_record=config.data.on_bad_record, num_workers=config.data.num_workers,
                             cache_dir=config.data.cache_dir,
                             rejects_file=output_dir / rejects_name if cluster.is_main else None)
 
     with distributed.main_first(cluster):
-        train_data = train_data or prepare_split(config.data.sources(), "rejects.jsonl")
-        eval_data = prepare_split(config.data.eval_sources(), "rejects.eval.jsonl") \
+        train_files = source_files(config.data.sources())
+        train_data = train_data or prepare_split(train_files, "rejects.jsonl")
+        eval_data = prepare_split(source_files(config.data.eval_sources()), "rejects.eval.jsonl") \
             if eval_examples is None and config.data.eval else None
     _report_data(config, cluster, train_data, eval_data)
     if eval_examples is None:
         eval_examples = eval_data.examples if eval_data is not None else []
-    return train_data, eval_examples
+    return train_data, eval_examples, train_files
 
 
 def _report_data(config: TrainConfig, cluster: Cluster, train_data: PreparedData, eval_data: PreparedData | None

@@ -83,4 +83,5 @@ def _accumulate_gradients(objective: Any, micro_batches: list[Batch], denominato
             (loss * scale).backward()
         total_loss += (loss.detach() - share * router_loss).float()
         total_router += share * router_loss.float()
-    return float(total_loss), float(total_router)  # one device sync per step, not one per micro-batch
+    loss, router = torch.stack([total_loss, total_router]).tolist()  # one device sync per step
+    return loss, router
