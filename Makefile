@@ -46,6 +46,8 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[test,bench]"
 	$(BIN)/python bench/prepare_throughput.py
+	$(BIN)/python bench/prepare_scale.py
+	$(BIN)/python bench/check_cost.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/score_speedup.py
 	$(BIN)/python bench/distributed_throughput.py
