@@ -4,8 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
+# The exact versions CI passed with (pip-compile from pyproject.toml's ranges and extras, torch left
+# out: it is pinned above and installed first). `make lock` moves it on purpose.
+LOCK := requirements.lock
+LOCK_TOOLS := $(VENV)/lock-tools
 
-.PHONY: install demo demo-real test test-slow test-real test-all real-model bench clean
+.PHONY: install lock demo demo-real test test-slow test-real test-all real-model bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,12 +17,25 @@ $(BIN)/python:
 
 # torch first and pinned: an unpinned torch (or a dependency range resolved with no torch
 # installed) pulls several GB of CUDA wheels.
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -r $(LOCK)
+	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve the lock to the newest releases pyproject.toml admits, install them, and run the fast
+# suite and the whole zoo on them: commit the lock only if both pass.
+lock: | $(BIN)/python
+	test -x $(LOCK_TOOLS)/bin/pip-compile || { $(PYTHON) -m venv $(LOCK_TOOLS) && $(LOCK_TOOLS)/bin/pip install -q pip-tools; }
+	echo "torch==$(TORCH_VERSION)" > $(VENV)/torch-pin.txt
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOLS)/bin/pip-compile -q --upgrade --strip-extras --extra test \
+		--extra bench --constraint $(VENV)/torch-pin.txt --unsafe-package torch --no-emit-index-url \
+		--no-emit-find-links --output-file $(LOCK) pyproject.toml
+	$(MAKE) install
+	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m slow tests/train/test_zoo.py
 
 demo: $(STAMP)
 	$(BIN)/onepass demo --output runs/demo
@@ -44,7 +61,6 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow or real"
 
 bench: $(STAMP)
-	$(BIN)/pip install -q -e ".[test,bench]"
 	$(BIN)/python bench/prepare_throughput.py
 	$(BIN)/python bench/prepare_scale.py
 	$(BIN)/python bench/check_cost.py

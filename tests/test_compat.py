@@ -162,3 +162,14 @@ def test_the_model_private_flags_onepass_reads_are_what_transformers_sets():
     assert compat.load_balancing_loss_function(mixtral).__name__ == "load_balancing_loss_func"
     assert compat.load_balancing_loss_function(llama) is None
     assert compat.base_model(llama) is llama
+
+
+def test_models_load_with_their_own_modules_and_no_hub_kernels(run_assets):
+    from transformers import AutoModelForCausalLM
+
+    from onepass.compat import own_modules_load_kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(run_assets[0] / "model", **own_modules_load_kwargs())
+    model.train()
+    model.eval()
+    assert not getattr(model, "use_kernels", False)

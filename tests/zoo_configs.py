@@ -149,6 +149,7 @@ _size(KV_HEADS, "num_key_value_heads", "num_kv_heads", "kv_n_heads", "swa_num_ke
 _size(HEAD_DIM, "head_dim", "attention_head_size", "dim_head", "kv_channels", "swa_head_dim")
 _size(INTERMEDIATE, "intermediate_size", "n_inner", "ffn_dim", "dff", "dim_ff", "ffn_hidden_size",
       "feed_forward_size", "intermediate_size_mlp", "dense_intermediate_size", "prefix_dense_intermediate_size",
+      "first_dense_intermediate_size",
       when=_not_none)
 _size(POSITIONS, "max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "context_length",
       "model_max_length")
@@ -484,6 +485,16 @@ FIXES: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
     "inkling2_loop_text": _set(num_hidden_layers=4, n_layers_per_attn_res_block=2, loop_layer_index_start=2,
                                loop_layer_index_end=4, loop_num_passes=2,
                                layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding", "hybrid"]),
+    # Kolibri 1.1: kv_source_layers holds layer indices (not per-layer values the generic cut can keep), and
+    # its validator wants sliding layers reading their own K/V. One sliding layer (dense MLP), an indexer
+    # and a reindexer that rescores the indexer's pool with the indexer's K/V (both MoE); the indexer
+    # scores with the 2 query heads of key head 0, pools 8 of the keys in blocks of 2, and each query
+    # keeps 4 of them besides 1 sink and 2 local tokens (fewer than the conversations: the index matters)
+    "kolibri1_1": _set(num_hidden_layers=3,
+                       layer_types=["sliding_attention", "indexed_attention", "indexed_attention"],
+                       kv_source_layers=[0, 1, 1], index_layers=[1], mlp_only_layers=[0],
+                       mlp_only_intermediate_size=INTERMEDIATE, index_num_heads=2, index_topk=4, index_pool_size=8,
+                       index_compression=2, index_num_local_tokens=2, index_num_sink_tokens=1),
     # LFM2-MoE's default has no layer_types at all (attention everywhere): a dense conv layer, then an
     # attention layer with the MoE
     "lfm2_moe": _set(num_hidden_layers=2, layer_types=["conv", "full_attention"], num_dense_layers=1),

@@ -43,6 +43,17 @@ class JinjaRenderer:
             raise
 
 
+def own_modules_load_kwargs() -> dict[str, Any]:
+    """`from_pretrained` keywords that load the model with its own modules: transformers >= 5.25 loads with
+    `use_kernels=True` by default, and then `model.train()`/`eval()` call `kernelize()`, which replaces
+    `@use_kernel_forward_from_hub` layers' forwards (RMSNorm, ...) with Hub kernels (fetched over the
+    network on CUDA) and pops the forwards onepass's accelerations installed. Older versions load their own
+    modules unasked."""
+    from transformers import PreTrainedModel
+
+    return {"use_kernels": False} if hasattr(PreTrainedModel, "set_use_kernels") else {}
+
+
 def base_model(model: Any) -> Any:
     """The model inside a peft wrapper (peft's `get_base_model`; the model itself otherwise)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

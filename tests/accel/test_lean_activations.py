@@ -134,3 +134,21 @@ def test_the_training_model_keeps_fewer_activations_and_no_weight_copies_unless_
         assert any(name.endswith("RMSNorm") for name in replaced) is lean
         assert any(name.endswith("MLP") for name in replaced) is lean
         assert ("Linear" in replaced) is lean
+
+
+def test_installed_accelerations_stay_installed_through_train_and_eval_switches(run_assets, tmp_path):
+    """transformers >= 5.25 kernelizes a model loaded with its default `use_kernels=True` at every
+    train()/eval() switch, which pops the forwards the accelerations installed: the run's printed list
+    would then be untrue. onepass loads the model's own modules (compat.own_modules_load_kwargs)."""
+    from conftest import make_config
+
+    from onepass.train.model import build_model as build_training_model
+
+    config = make_config(run_assets, tmp_path, "precision=bf16", "accelerations=[lean-activations,cast-once]")
+    model = build_training_model(config, torch.device("cpu"))
+    installed = {name: module.forward for name, module in model.named_modules() if "forward" in vars(module)}
+    assert any(name.endswith("norm") for name in installed) and any(name.endswith("mlp") for name in installed)
+    model.train()
+    model.eval()
+    model.train()
+    assert {name: module.forward for name, module in model.named_modules() if "forward" in vars(module)} == installed

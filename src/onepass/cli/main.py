@@ -48,6 +48,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> tuple[int, bool]:
     try:
         if argv is None and args.command in RUN_MODELS:  # a command line, not a call from Python
             tune_cpu_process()
+            quiet_transformers()
         return args.handler(args), True
     except OnepassError as error:
         if args.debug:
@@ -88,6 +89,14 @@ def tune_cpu_process() -> None:
         return
     allocator.restart_on_mimalloc()
     allocator.cpu_memory_settings()
+
+
+def quiet_transformers() -> None:
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off: the command's
+    output is onepass's lines and its one progress bar. The Hub's download bars stay."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
 
 
 def _report(error: OnepassError) -> None:

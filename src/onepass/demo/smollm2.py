@@ -61,9 +61,12 @@ def _convert(gguf: Path, output: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from onepass.compat import own_modules_load_kwargs
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                      **own_modules_load_kwargs())
     except ImportError as error:
         raise OnepassError(f"converting a GGUF file needs the gguf package ({error}). Fix: .venv/bin/pip install "
                            "gguf (it comes with onepass[test]).") from None

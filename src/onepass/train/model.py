@@ -14,8 +14,8 @@ import torch
 
 from onepass import accel
 from onepass.accel import grouped_attention
-from onepass.compat import (attention_implementation, base_model, enable_activation_checkpointing, supports_sdpa,
-                            takes_attention_interface)
+from onepass.compat import (attention_implementation, base_model, enable_activation_checkpointing,
+                            own_modules_load_kwargs, supports_sdpa, takes_attention_interface)
 from onepass.errors import OnepassError
 from onepass.hub import local_or_hub
 from onepass.train.batch import LAYOUT_KWARG
@@ -239,7 +239,7 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)), dtype=dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **own_modules_load_kwargs())
     except (OSError, ValueError, ImportError) as error:
         raise OnepassError(f"{path}: could not load the model ({error}).") from None
     try:
