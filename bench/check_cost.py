@@ -28,7 +28,9 @@ def main() -> None:
     runs = [check_packing(model).to_json() for _ in range(args.repeats)]
     result = {"model": "SmolLM2-135M-Instruct", "machine": platform.processor() or platform.machine(),
               "load_seconds": load_seconds, "check_seconds": [run["seconds"] for run in runs],
-              "packing": runs[-1]["packing"], "max_difference_nats": runs[-1]["max_difference"]}
+              "packing": runs[-1]["packing"], "max_difference_nats": runs[-1]["max_difference"],
+              "prefix_consistent": runs[-1]["prefix_consistent"],
+              "prefix_difference_nats": runs[-1]["prefix_difference"]}
     print(json.dumps(result))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

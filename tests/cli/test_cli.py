@@ -145,9 +145,22 @@ def test_check_proves_a_saved_model_exact_and_refuses_one_it_cannot_compute_with
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["exact"] and report["packing"] == "packed" and report["max_difference"] < 1e-4
+    assert report["prefix_consistent"] and report["prefix_difference"] < 1e-4
     zoo_configs.build("modernbert-decoder").save_pretrained(tmp_path / "refused")
     result = subprocess.run([sys.executable, "-m", "onepass", "check", str(tmp_path / "refused")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert "differ from the model's own forward" in line and "Fix:" in line
+
+
+def test_check_says_when_a_models_own_forward_is_not_prefix_consistent(tmp_path):
+    """CPM-Ant's positions depend on the sequence's length: one pass cannot give each turn's K-pass value."""
+    import zoo_configs
+
+    zoo_configs.build("cpmant").save_pretrained(tmp_path / "cpmant")
+    result = subprocess.run([sys.executable, "-m", "onepass", "check", str(tmp_path / "cpmant")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("checked:")]
+    assert "prefix-consistent: no: a token's log-prob depends on what follows, by up to" in line

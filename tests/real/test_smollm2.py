@@ -125,6 +125,7 @@ def test_the_start_up_check_proves_the_real_model_exact_with_packed_rows_and_gre
     model = load_model(model_dir, "cpu")
     result = check_packing(model)
     assert result.packing == PACKED and result.max_difference < 1e-4  # measured: 4.5e-6 nats (bench/check_cost.py)
+    assert result.prefix_consistent
     template = load_chat_template(tokenizer)
     messages = [{"role": "user", "content": "What is the capital of Italy?"}]
     got = reply(model, tokenizer, template, messages, max_new_tokens=16)

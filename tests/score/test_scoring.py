@@ -143,3 +143,39 @@ def test_a_model_that_computes_each_conversation_alone_refuses_tree_scoring_with
     data = {"prompt": "The capital of France is", "completions": [" Paris.", " Lyon."]}
     with pytest.raises(OnepassError, match="cannot attend along a tree"):
         rank_candidates(separate, tokenizer, load_chat_template(tokenizer, "chatml"), [Row("d.jsonl", "line 1", data)])
+
+
+@pytest.mark.parametrize("name", ["cpmant", "deepseek_v4", "llama"])
+def test_scoring_equals_the_models_own_forward_on_each_turns_prefix_even_where_it_is_not_prefix_consistent(
+        tokenizer, tmp_path, name):
+    """Where a token's log-probability depends on what follows it, one pass cannot give each turn's
+    K-pass value: the check finds it, and `score` then scores each turn from its own prefix."""
+    import json
+
+    import numpy as np
+    import zoo_configs
+    from transformers import AutoModelForCausalLM
+
+    from onepass.score.scoring import score_file, turn_prefixes
+    from onepass.train.check import check_packing, own_forward_logprobs
+
+    config = zoo_configs.tiny_config(name)
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    model = use_packed_attention(AutoModelForCausalLM.from_config(config).eval())
+    consistent = check_packing(model).prefix_consistent
+    assert consistent is (name == "llama")
+    template = load_chat_template(tokenizer, "chatml")
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in random_conversations(4, seed=7, max_turns=3)))
+    rows, items = score_file(model, tokenizer, template, str(path), per_turn=not consistent)
+    one_pass, _ = score_file(model, tokenizer, template, str(path))
+    worst_one_pass = 0.0
+    for row, single, conversation in zip(rows, one_pass, items):
+        own = [float(own_forward_logprobs(model, [p])[p.loss_mask[1:] == 1].sum())
+               for p in turn_prefixes(tokenizer, template, conversation)]
+        assert row["method"] == ("one pass" if consistent else "per-turn prefix")
+        assert row["turn_logprobs"] == pytest.approx(own, abs=2e-4)
+        assert row["logprob_joint"] == pytest.approx(row["logprob_prompt"] + row["logprob_response"], abs=1e-9)
+        worst_one_pass = max([worst_one_pass] + list(np.abs(np.subtract(single["turn_logprobs"], own))))
+    assert (worst_one_pass > 1e-2) is not consistent  # one pass would have been wrong on this model

@@ -19,6 +19,9 @@ def add_parsers(subparsers: Any) -> None:
     parser.add_argument("--format", default=None)
     parser.add_argument("--no-check-model", dest="check_model", action="store_false",
                         help="skip the start-up comparison of onepass's path with the model's own forward")
+    parser.add_argument("--one-pass", action="store_true",
+                        help="score every turn from one pass even where the check finds the model not "
+                             "prefix-consistent (the default there: each turn from its own prefix)")
     parser.set_defaults(handler=run_score)
 
 
@@ -32,10 +35,18 @@ def run_score(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     template = load_chat_template(tokenizer, args.chat_template)
     model = load_model(args.model)
+    per_turn = False
     if args.check_model:
         from onepass.train.check import check_packing
 
-        print(check_packing(model).describe(), file=sys.stderr)
+        result = check_packing(model)
+        print(result.describe(), file=sys.stderr)
+        if not result.prefix_consistent:
+            per_turn = not args.one_pass
+            print("scoring: " + ("each turn from its own prefix, one pass per turn (exact by construction; --one-pass "
+                                 "for one pass per conversation)" if per_turn else
+                                 "one pass per conversation (--one-pass): per-turn values no K-pass evaluation "
+                                 "reproduces on this model"), file=sys.stderr)
     from onepass.hub import dataset_files
 
     records = [record for file in dataset_files(args.data) for record in read_records(file)]
@@ -46,7 +57,7 @@ def run_score(args: argparse.Namespace) -> int:
         write_jsonl(rank_candidates(model, tokenizer, template, records, args.batch_tokens), args.out)
         return 0
     rows, conversations = score_file(model, tokenizer, template, args.data, args.loss_on, args.format,
-                                     args.batch_tokens)
+                                     args.batch_tokens, per_turn=per_turn)
     write_jsonl(rows, args.out)
     if args.check:
         worst = largest_k_pass_difference(model, tokenizer, template, conversations[:args.check],

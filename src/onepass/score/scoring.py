@@ -176,11 +176,11 @@ def score_conversations(model: Any, tokenizer: Any, template: ChatTemplate, conv
     return [summarise(s, lp, i) for i, (s, lp) in enumerate(zip(scored, logprobs))]
 
 
-def k_pass_turn_logprobs(model: Any, tokenizer: Any, template: ChatTemplate, conversation: ChatConversation,
-                         options: RenderOptions = RenderOptions()) -> list[float]:
-    """The slow way, for checking: log Pr(response k | its prefix) from a separate pass per turn, each
-    turn rendered as the last message (its inference-time render)."""
-    values = []
+def turn_prefixes(tokenizer: Any, template: ChatTemplate, conversation: ChatConversation,
+                  options: RenderOptions = RenderOptions()) -> list[Example]:
+    """Each response's own prefix: the conversation up to it, rendered with it as the last message (its
+    inference-time render), only it trained."""
+    prefixes = []
     for index in conversation.assistant_indices:
         prefix = ChatConversation(conversation.source, conversation.where, tuple(
             dataclasses.replace(m, train=(i == index) if m.role == "assistant" else None)
@@ -188,10 +188,48 @@ def k_pass_turn_logprobs(model: Any, tokenizer: Any, template: ChatTemplate, con
         as_last = dataclasses.replace(options, unstable_history="split")  # this turn in its own context
         [text] = render_conversation(prefix, template, as_last, tokenizer.eos_token).texts
         [(ids, offsets)] = tokenize_rendered(tokenizer, [text])
-        loss_mask, turn = mask_tokens(text, offsets)
-        [logprobs] = token_logprobs(model, [Example(ids, loss_mask, turn)])
-        values.append(float(logprobs[loss_mask[1:] == 1].sum()))
-    return values
+        prefixes.append(Example(ids, *mask_tokens(text, offsets), conversation.source, conversation.where))
+    return prefixes
+
+
+def k_pass_turn_logprobs(model: Any, tokenizer: Any, template: ChatTemplate, conversation: ChatConversation,
+                         options: RenderOptions = RenderOptions()) -> list[float]:
+    """The slow way, for checking: log Pr(response k | its prefix) from a separate pass per turn."""
+    return [float(token_logprobs(model, [prefix])[0][prefix.loss_mask[1:] == 1].sum())
+            for prefix in turn_prefixes(tokenizer, template, conversation, options)]
+
+
+def per_turn_token_logprobs(model: Any, tokenizer: Any, template: ChatTemplate, conversations: list[Conversation],
+                            scored: list[ScoredText], options: RenderOptions, batch_tokens: int = 4096
+                            ) -> list[np.ndarray]:
+    """`token_logprobs` for a model that is not prefix-consistent (`check.PackingCheck`): each token from a
+    pass over its turn's own prefix (`turn_prefixes`: up to the end of the first response at or after it),
+    the tokens after the last response from the whole conversation. Each response's value then equals
+    one pass per turn, by construction."""
+    examples, cuts = [], []
+    for conversation, item in zip(conversations, scored):
+        whole = item.example
+        ends = []
+        if isinstance(conversation, ChatConversation):
+            for prefix in turn_prefixes(tokenizer, template, conversation, options):
+                if not np.array_equal(prefix.input_ids, whole.input_ids[:len(prefix)]):
+                    raise OnepassError(f"{conversation.source}, {conversation.where}: a response's own render is "
+                                       "not the start of the whole conversation's tokens, so its prefix cannot be "
+                                       "scored alone here. Fix: score with --one-pass.")
+                ends.append(len(prefix))
+        ends = sorted(set(end for end in ends if end < len(whole))) + [len(whole)]
+        cuts.append(ends)
+        examples += [dataclasses.replace(whole, input_ids=whole.input_ids[:end], loss_mask=whole.loss_mask[:end],
+                                         turn=whole.turn[:end]) for end in ends]
+    values = iter(token_logprobs(model, examples, batch_tokens))
+    results = []
+    for ends in cuts:  # token t's value is at t - 1: take [previous end - 1, end - 1) from the pass to `end`
+        result, start = np.empty(ends[-1] - 1), 0
+        for end in ends:
+            result[start:end - 1] = next(values)[start:end - 1]
+            start = end - 1
+        results.append(result)
+    return results
 
 
 def turn_logprobs(scored: ScoredText, logprobs: np.ndarray) -> list[float]:
@@ -254,11 +292,13 @@ def candidate_tree(conversations: list[Conversation], tokenizer: Any, template: 
 
 
 def score_file(model: Any, tokenizer: Any, template: ChatTemplate, path: str, loss_on: str = "assistant",
-               format_name: str | None = None, batch_tokens: int = 4096
+               format_name: str | None = None, batch_tokens: int = 4096, per_turn: bool = False
                ) -> tuple[list[dict[str, Any]], list[Conversation]]:
     """Every conversation of a data file scored from one pass each, with its per-turn values. A
     conversation whose template rewrites history is one tree: each turn scored in its own
-    inference-time context, in the same pass."""
+    inference-time context, in the same pass. `per_turn`: each turn from a pass over its own prefix
+    instead (`per_turn_token_logprobs`), for a model that is not prefix-consistent; each row's `method`
+    says which."""
     from onepass.data.prepare import load_conversations
     from onepass.data.stats import Stats
 
@@ -266,16 +306,21 @@ def score_file(model: Any, tokenizer: Any, template: ChatTemplate, path: str, lo
     options = RenderOptions(loss_on=loss_on, unstable_history="tree")
     results = [render_conversation(c, template, options, tokenizer.eos_token) for c in conversations]
     plain = [i for i, r in enumerate(results) if not r.tree]
-    scored = render_for_scoring([conversations[i] for i in plain], tokenizer, template,
-                                RenderOptions(loss_on=loss_on, unstable_history="warn"))
-    logprobs = token_logprobs(model, [s.example for s in scored], batch_tokens)
+    plain_options = RenderOptions(loss_on=loss_on, unstable_history="warn")
+    scored = render_for_scoring([conversations[i] for i in plain], tokenizer, template, plain_options)
+    if per_turn:
+        logprobs = per_turn_token_logprobs(model, tokenizer, template, [conversations[i] for i in plain], scored,
+                                           plain_options, batch_tokens)
+    else:
+        logprobs = token_logprobs(model, [s.example for s in scored], batch_tokens)
     rows: list[dict[str, Any]] = [{} for _ in conversations]
+    method = "per-turn prefix" if per_turn else "one pass"
     for i, item, values in zip(plain, scored, logprobs):
-        rows[i] = {**summarise(item, values, i), "turn_logprobs": turn_logprobs(item, values)}
+        rows[i] = {**summarise(item, values, i), "turn_logprobs": turn_logprobs(item, values), "method": method}
     trees = [i for i, r in enumerate(results) if r.tree]
     built = [_paths_tree(results[i].texts, tokenizer) for i in trees]
     for i, tree, values in zip(trees, built, node_logprobs(model, [tree_example(t) for t in built], batch_tokens)):
-        rows[i] = _summarise_tree(conversations[i], tree, values, i)
+        rows[i] = {**_summarise_tree(conversations[i], tree, values, i), "method": "one pass (tree)"}
     return rows, conversations
 
 

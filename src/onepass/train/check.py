@@ -7,6 +7,12 @@ packed row differs (a layer that carries one conversation into the next, an atte
 packed attention does not know) or fails, each conversation alone through onepass's path is tried
 (`model.SEPARATE`); where that differs too, the model is refused: onepass would train something
 other than the model's own objective.
+
+The check also asks whether the model's own forward is prefix-consistent: whether a token's
+log-probability is the same on a whole sequence as on a prefix that ends after it. Scoring every turn
+from one pass (the seeds' identity) rests on it; sparse-attention indexers that pick keys by the
+sequence's width, and CPM-Ant's positions, break it. Training goes on either way (it trains what the
+model's whole-sequence forward computes); scoring then computes each turn from its own prefix.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ from onepass.train.model import (PACKED, SEPARATE, device_of, evaluating, own_at
 # conversations by ~1e-3 and more.
 TOLERANCE = 2e-4
 LENGTHS = (19, 11, 27)  # short, and of different lengths: the packed attention groups them as it would a batch
+# One probe sequence, and the prefixes of it whose tokens are compared with the whole's: sparse indexers
+# pick a few keys (top-k), so the prefixes are longer than the zoo's tiny top-k and windows
+PREFIX_PROBE_LENGTH, PREFIX_CUTS = 64, (16, 32, 48)
 
 
 @dataclass(frozen=True)
@@ -44,8 +53,14 @@ class PackingCheck:
     max_difference: float
     packed_difference: float | None  # the packed row's, when it ran (None when it failed)
     packed_error: str | None
+    prefix_difference: float  # the model's own forward on a whole sequence against on its prefixes
     tokens: int
     seconds: float
+
+    @property
+    def prefix_consistent(self) -> bool:
+        """Whether a token's log-probability does not depend on what follows it (one pass == K passes)."""
+        return self.prefix_difference <= TOLERANCE
 
     def describe(self) -> str:
         line = f"checked: onepass == the model's own forward, max {self.max_difference:.1e} nats"
@@ -53,10 +68,15 @@ class PackingCheck:
             why = self.packed_error or (f"packed rows differ by {self.packed_difference:.1e} nats: a layer sees "
                                         "more than the attention keeps apart")
             line += f"; packing: one conversation per forward ({why})"
+        if self.prefix_consistent:
+            line += f"; prefix-consistent: yes, max {self.prefix_difference:.1e}"
+        else:
+            line += (f"; prefix-consistent: no: a token's log-prob depends on what follows, by up to "
+                     f"{self.prefix_difference:.1e} nats")
         return line + f" ({self.seconds:.1f} s)"
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "prefix_consistent": self.prefix_consistent}
 
 
 def probe_examples(vocab_size: int, seed: int = 0) -> list[Example]:
@@ -76,6 +96,15 @@ def own_forward_logprobs(model: Any, examples: list[Example]) -> np.ndarray:
             logits = model(input_ids=ids, use_cache=False).logits[0, :-1].double()
             values.append(torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0].cpu().numpy())
     return np.concatenate(values)
+
+
+def prefix_difference(model: Any, vocab_size: int) -> float:
+    """The largest difference, over the probe's first tokens, between the model's own log-probabilities
+    on the whole probe and on a prefix of it alone (0 up to float rounding for a causal model)."""
+    ids = np.random.default_rng(1).integers(0, vocab_size, PREFIX_PROBE_LENGTH).astype(np.int32)
+    sequences = [Example(ids[:n], np.ones(n, np.int8), np.zeros(n, np.int32)) for n in (len(ids), *PREFIX_CUTS)]
+    whole, *prefixes = (own_forward_logprobs(model, [sequence]) for sequence in sequences)
+    return max(_difference(whole[:len(prefix)], prefix) for prefix in prefixes)
 
 
 def onepass_logprobs(model: Any, examples: list[Example]) -> np.ndarray:
@@ -99,6 +128,7 @@ def check_packing(model: Any, vocab_size: int | None = None, tolerance: float = 
             raise OnepassError(f"{type(model).__name__}: the model's own forward fails on a short conversation "
                                f"({_one_line(error)}), so onepass cannot check it. Fix: check that transformers "
                                "runs this model, or report it.") from None
+        prefix = prefix_difference(model, vocab_size)
         packed_difference, packed_error = None, None
         if packing_of(model) == PACKED:
             try:
@@ -108,8 +138,8 @@ def check_packing(model: Any, vocab_size: int | None = None, tolerance: float = 
             except Exception as error:  # noqa: BLE001 - a kernel that refuses packed rows: try them apart
                 packed_error = f"packed rows fail: {_one_line(error)}"
             if packed_difference is not None and packed_difference <= tolerance:
-                return PackingCheck(PACKED, packed_difference, packed_difference, None, expected.size + len(examples),
-                                    time.perf_counter() - started)
+                return PackingCheck(PACKED, packed_difference, packed_difference, None, prefix,
+                                    expected.size + len(examples), time.perf_counter() - started)
             set_packing(model, SEPARATE)
         else:
             packed_error = "its attention layers do not take transformers' attention interface"
@@ -119,7 +149,7 @@ def check_packing(model: Any, vocab_size: int | None = None, tolerance: float = 
             raise OnepassError(f"{type(model).__name__}: onepass's forward fails even with each conversation alone "
                                f"({_one_line(error)}; {packed_error or 'packed rows differ'}). Fix: report it with "
                                "`onepass check MODEL --json`.") from None
-    result = PackingCheck(SEPARATE, separate, packed_difference, packed_error, expected.size + len(examples),
+    result = PackingCheck(SEPARATE, separate, packed_difference, packed_error, prefix, expected.size + len(examples),
                           time.perf_counter() - started)
     if separate > tolerance:
         raise OnepassError(

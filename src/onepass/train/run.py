@@ -136,6 +136,10 @@ def _check_model(config: TrainConfig, cluster: Cluster, model: Any) -> None:
         try:
             result = check_packing(model)
             outcome = (result.packing, result.describe())
+            if not result.prefix_consistent:
+                outcome = (result.packing, result.describe() + "\nnote: training follows the model's own forward on "
+                           "whole sequences, as every trainer does; scores per turn need one pass per turn on this "
+                           "model (onepass score does that)")
         except OnepassError as error:
             outcome = (None, str(error))
     packing, message = distributed.broadcast(outcome, cluster)
