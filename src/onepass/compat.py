@@ -54,6 +54,28 @@ def own_modules_load_kwargs() -> dict[str, Any]:
     return {"use_kernels": False} if hasattr(PreTrainedModel, "set_use_kernels") else {}
 
 
+# The names a message's reasoning goes by (transformers' `_REASONING_FIELDS`): the first is the one most
+# chat templates read, gpt-oss and LFM2.5 read `thinking`, Gemma-4 `reasoning`.
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as `apply_chat_template` hands them to a chat template: keys whose value is None left out,
+    and reasoning under one name aliased to the others its templates read (transformers'
+    `_alias_reasoning_fields`; the same rule where a transformers has none)."""
+    messages = [{key: value for key, value in message.items() if value is not None} for message in messages]
+    try:
+        from transformers.utils.chat_template_utils import _alias_reasoning_fields
+    except ImportError:
+        return [_aliased(message) for message in messages]
+    return _alias_reasoning_fields(messages)
+
+
+def _aliased(message: dict[str, Any]) -> dict[str, Any]:
+    reasoning = next((message[key] for key in REASONING_KEYS if message.get(key) is not None), None)
+    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
 def base_model(model: Any) -> Any:
     """The model inside a peft wrapper (peft's `get_base_model`; the model itself otherwise)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -46,6 +46,11 @@ class DataConfig:
     on_bad_record: Literal["error", "skip"] = "error"
     unstable_history: Literal["tree", "error", "warn", "split"] = "tree"
     system_message: Literal["keep", "fold"] = "keep"  # fold: prepend it to the first user message (Gemma)
+    # variables for the chat template, as apply_chat_template(..., **kwargs) takes them (enable_thinking:
+    # false, reasoning_effort: low, ...); a record's own chat_template_kwargs override these
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    drop_tools: bool = False  # records with tools, a template that renders none: train without them (else error)
+    drop_reasoning: bool = False  # reasoning, a template that shows none: train without it (else error)
     num_workers: int = 0  # processes that render and tokenize; 0: the machine's cores
     cache_dir: str | None = None
 
@@ -64,7 +69,8 @@ class DataConfig:
     def render_options(self, max_seq_len: int | None) -> RenderOptions:
         return RenderOptions(loss_on=self.loss_on, train_on_eot=self.train_on_eot, max_seq_len=max_seq_len,
                              overlong=self.overlong, unstable_history=self.unstable_history,
-                             system_message=self.system_message)
+                             system_message=self.system_message, drop_tools=self.drop_tools,
+                             drop_reasoning=self.drop_reasoning)
 
 
 @dataclass
@@ -160,6 +166,10 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': {value!r} is not allowed. Fix: use one of "
                               f"{', '.join(repr(a) for a in args)}.")
         return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}.")
+        return dict(value)
     if origin is list:
         items = value if isinstance(value, list) else [value]  # a single path is a list of one
         return [_convert(item, args[0], f"{key}[{i}]") for i, item in enumerate(items)]

@@ -34,11 +34,14 @@ REASONS: dict[str, str] = {
     "other_format": "record in another format",
     "template_refused": "chat template refused the record",
     "unsupported_part": "image, audio or video content",
+    "invalid_tools": "malformed tool schema or tool call",
+    "template_cannot_render": "chat template cannot show the record's tools or reasoning",
 }
 ReasonCode = Literal["invalid_utf8", "nul_byte", "invalid_json", "not_an_object", "ragged_row", "invalid_json_cell",
                      "missing_value", "wrong_type", "empty_content", "empty_message_list", "unknown_role",
                      "misplaced_tool_calls", "invalid_train_flag", "no_assistant", "unrecognised_record",
-                     "other_format", "template_refused", "unsupported_part"]
+                     "other_format", "template_refused", "unsupported_part", "invalid_tools",
+                     "template_cannot_render"]
 
 
 class DataError(OnepassError):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from onepass.compat import template_messages
 from onepass.data.chat_template import ChatTemplate
 from onepass.data.formats import to_conversation
 from onepass.data.prepare import render_all
@@ -30,6 +31,7 @@ FAMILIES = sorted(p.stem for p in CORPUS.glob("*.jinja") if (CORPUS / f"{p.stem}
 REWRITES_HISTORY = {"qwen3", "qwen3_5_nothink", "qwen3_5_think", "qwen3_6", "gptoss"}
 KNOWN_GAPS = {  # (family, conversation): what onepass does not do yet
     ("diffusion_gemma", "tool"): "the tool-response header after a call is trained as the call's end of turn",
+    ("diffusion_gemma", "agentic"): "the tool-response header after a call is trained as the call's end of turn",
 }
 # The stop tokens of a family's generation_config.json (eos_token_id), where the template writes no
 # end-of-turn text of its own: GLM-4.5 stops at the next role token.
@@ -46,7 +48,22 @@ CONVERSATIONS = {
                  {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
              {"role": "tool", "name": "get_weather", "content": "sunny"},
              {"role": "assistant", "content": "It is sunny."}],
+    # tool schemas, reasoning, parallel calls with a tool_call_id each, and a final answer
+    "agentic": [{"role": "system", "content": "You are a travel assistant."},
+                {"role": "user", "content": "Weather in Paris and Oslo?"},
+                {"role": "assistant", "content": "", "reasoning_content": "Two cities, two calls.", "tool_calls": [
+                    {"id": "c0", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+                {"role": "tool", "tool_call_id": "c0", "name": "get_weather", "content": "sunny"},
+                {"role": "tool", "tool_call_id": "c1", "name": "get_weather", "content": "snow"},
+                {"role": "assistant", "content": "Paris is sunny; Oslo has snow.", "reasoning_content": "Both in."}],
 }
+TOOLS = {"agentic": [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]}
+# The agentic conversation's tools and reasoning where the template shows them, dropped where it shows none
+# (onepass's error then, without data.drop_tools / drop_reasoning: tests/data/test_template_oracle.py)
+OPTIONS = RenderOptions(drop_tools=True, drop_reasoning=True)
 
 
 def variables(tokenizer) -> tuple[tuple[str, str], ...]:
@@ -64,14 +81,14 @@ def trained_runs(tokenizer, ids, mask) -> list[str]:
     return [tokenizer.decode(run).strip() for run in runs + ([current] if current else [])]
 
 
-def training_variant_runs(tokenizer, family: str, messages: list[dict]) -> list[str]:
+def training_variant_runs(tokenizer, family: str, messages: list[dict], tools: list[dict] | None = None) -> list[str]:
     """What transformers marks as assistant tokens with the training variant (given messages in the
     shape that template renders, as onepass would give them)."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
     source = (CORPUS / f"{family}_training.jinja").read_text()
     messages = ChatTemplate(f"{family}_training", source, variables(tokenizer)).adapt(messages)
-    rendered, generation = render_jinja_template(conversations=[messages], chat_template=source,
+    rendered, generation = render_jinja_template(conversations=[messages], chat_template=source, tools=tools,
                                                  return_assistant_tokens_mask=True, **dict(variables(tokenizer)))
     encoding = tokenizer.backend_tokenizer.encode(rendered[0], add_special_tokens=False)
     mask = [any(s < span_end and e > span_start for span_start, span_end in generation[0])
@@ -84,9 +101,10 @@ def original(tokenizer, family: str) -> ChatTemplate:
                         GENERATION_STOPS.get(family, ()))
 
 
-def onepass_example(tokenizer, family: str, messages: list[dict]):
-    conversation = to_conversation(Record("d.jsonl", "line 1", {"messages": messages}), "messages")
-    [example], _ = render_all([conversation], tokenizer, original(tokenizer, family), RenderOptions())
+def onepass_example(tokenizer, family: str, messages: list[dict], tools: list[dict] | None = None):
+    record = {"messages": messages, **({"tools": tools} if tools else {})}
+    conversation = to_conversation(Record("d.jsonl", "line 1", record), "messages")
+    [example], _ = render_all([conversation], tokenizer, original(tokenizer, family), OPTIONS)
     return example
 
 
@@ -103,18 +121,19 @@ def agrees(ours: str, theirs: str, messages: list[dict]) -> bool:
 def test_real_template_masks_match_its_training_variant_or_history_rewriting_gives_one_tree(tokenizer, family, conversation):
     if (family, conversation) in KNOWN_GAPS:
         pytest.xfail(KNOWN_GAPS[family, conversation])
-    messages = CONVERSATIONS[conversation]
+    messages, tools = CONVERSATIONS[conversation], TOOLS.get(conversation)
     try:
-        expected = training_variant_runs(tokenizer, family, messages)
+        expected = training_variant_runs(tokenizer, family, messages, tools)
     except Exception as refusal:  # the template refuses this conversation (roles it does not support)
         with pytest.raises(DataError, match=f"chat template '{family}' failed to render") as error:
-            onepass_example(tokenizer, family, messages)
+            onepass_example(tokenizer, family, messages, tools)
         assert error.value.code == "template_refused" and "line 1" in str(error.value), refusal
         return
-    example = onepass_example(tokenizer, family, messages)
+    example = onepass_example(tokenizer, family, messages, tools)
     if example.is_tree:  # history rewritten: each turn's path is its inference-time render
         assert family in REWRITES_HISTORY, f"{family} is not known to rewrite history"
-        template = original(tokenizer, family)
+        template = original(tokenizer, family).for_conversation(tuple(tools) if tools else None)
+        messages = template_messages(messages)  # as apply_chat_template hands them over (reasoning aliased)
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         paths = tree_paths(example)
         assert len(paths) == len(turns)

@@ -55,7 +55,7 @@ def _prepare_from_args(args: argparse.Namespace, use_cache: bool) -> tuple[Any, 
 
     data_config = _data_config(args)
     tokenizer = load_tokenizer(args.tokenizer)
-    template = load_chat_template(tokenizer, data_config.chat_template)
+    template = load_chat_template(tokenizer, data_config.chat_template, data_config.chat_template_kwargs)
     options = data_config.render_options(args.max_seq_len)
     rejects = Path(args.data[0]).with_suffix(".rejects.jsonl") if data_config.on_bad_record == "skip" else None
     data = prepare(data_config.train, tokenizer, template, options, format_name=data_config.format,
@@ -93,9 +93,23 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, default=None, type=_parse_bool, metavar="true|false")
         elif hint is int:
             parser.add_argument(flag, default=None, type=int)
+        elif typing.get_origin(hint) is dict:
+            parser.add_argument(flag, default=None, type=_parse_json_object, metavar='\'{"key": value}\'')
         else:
             parser.add_argument(flag, default=None, choices=choices)
     parser.add_argument("--max-seq-len", type=int, default=None)
+
+
+def _parse_json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, e.g. '{{\"enable_thinking\": false}}' ({error})")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _parse_bool(text: str) -> bool:

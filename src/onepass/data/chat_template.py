@@ -6,6 +6,7 @@ Rendering uses transformers' own Jinja environment (the same filters, `raise_exc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass
@@ -27,18 +28,37 @@ def builtin_template(name: str) -> str:
 class ChatTemplate:
     name: str  # where it came from, for error messages: "tokenizer", "chatml", a file path
     source: str
-    variables: tuple[tuple[str, str], ...]  # special tokens visible to the template (bos_token, eos_token, ...)
+    # What the template sees besides messages: the special tokens (bos_token, eos_token, ...) and template
+    # kwargs (enable_thinking, ...), as `apply_chat_template` passes them
+    variables: tuple[tuple[str, Any], ...]
     # Texts of the tokens generation stops at (EOS, and the model's generation config's eos_token_id list):
     # where a template writes nothing after a response, the stop token that follows is its end of turn.
     stop_texts: tuple[str, ...] = ()
+    tools: tuple[dict[str, Any], ...] | None = None  # the tool schemas of the conversation being rendered
 
-    def variable(self, name: str) -> str | None:
-        """A special token the template sees (eos_token, bos_token, ...), or None."""
+    def variable(self, name: str) -> Any:
+        """A special token or template kwarg the template sees (eos_token, enable_thinking, ...), or None."""
         return dict(self.variables).get(name)
 
+    def for_conversation(self, tools: tuple[dict[str, Any], ...] | None = None,
+                         kwargs: dict[str, Any] | None = None) -> ChatTemplate:
+        """The template as one conversation renders it: with its tool schemas and its template kwargs
+        (which override the template's own, as `apply_chat_template(..., **kwargs)` does)."""
+        if not tools and not kwargs:
+            return self if self.tools is None else dataclasses.replace(self, tools=None)
+        variables = tuple(sorted({**dict(self.variables), **(kwargs or {})}.items())) if kwargs else self.variables
+        return dataclasses.replace(self, variables=variables, tools=tuple(tools) if tools else None)
+
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-        """The template's text for `messages`, given in the shape it renders (see `adapt`)."""
-        return _render(self.source, self.variables, self.name, self.adapt(messages), add_generation_prompt)
+        """The template's text for `messages` (as `compat.template_messages` normalises them), given in the
+        shape it renders (see `adapt`), with this conversation's tools."""
+        return _render(self.source, self.variables, self.name, self.adapt(messages), add_generation_prompt,
+                       list(self.tools) if self.tools else None)
+
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the template shows tool schemas to the model (found once per template with a probe)."""
+        return _renders_tools(self.source, self.variables)
 
     def adapt(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Messages in the shape this template renders: string contents as a list of text parts for a
@@ -70,17 +90,36 @@ def with_json_arguments(message: dict[str, Any]) -> dict[str, Any]:
     return {**message, "tool_calls": converted}
 
 
-def _render(source: str, variables: tuple[tuple[str, str], ...], name: str, messages: list[dict[str, Any]],
-            add_generation_prompt: bool) -> str:
+def _render(source: str, variables: tuple[tuple[str, Any], ...], name: str, messages: list[dict[str, Any]],
+            add_generation_prompt: bool, tools: list[dict[str, Any]] | None = None) -> str:
     try:
-        return _renderer(source, variables).render(messages=messages, add_generation_prompt=add_generation_prompt)
+        return _renderer(source, variables).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                   tools=tools)
     except Exception as error:  # jinja raises TemplateError, and templates raise via raise_exception
         raise TemplateRenderError(f"chat template '{name}' failed to render: {error}") from None
 
 
 @functools.lru_cache(maxsize=64)
-def _renderer(source: str, variables: tuple[tuple[str, str], ...]) -> JinjaRenderer:
+def _renderer(source: str, variables: tuple[tuple[str, Any], ...]) -> JinjaRenderer:
     return JinjaRenderer(source, {"tools": None, "documents": None, **dict(variables)})
+
+
+PROBE_TOOL = {"type": "function", "function": {
+    "name": "onepass_probe_function", "description": "onepass probe description",
+    "parameters": {"type": "object", "properties": {"onepass_probe_argument": {"type": "string"}},
+                   "required": ["onepass_probe_argument"]}}}
+
+
+@functools.lru_cache(maxsize=64)
+def _renders_tools(source: str, variables: tuple[tuple[str, Any], ...]) -> bool:
+    probe = [{"role": "user", "content": "onepass probe question"}]
+    for add_generation_prompt in (True, False):  # some templates index the last message, some need a reply
+        try:
+            text = _render(source, variables, "probe", probe, add_generation_prompt, [PROBE_TOOL])
+        except TemplateRenderError:
+            continue
+        return "onepass_probe_function" in text
+    return False
 
 
 @functools.lru_cache(maxsize=64)
@@ -99,8 +138,10 @@ def _wants_text_parts(source: str, variables: tuple[tuple[str, str], ...]) -> bo
     return not renders_probe(plain) and renders_probe(as_text_parts(plain))
 
 
-def load_chat_template(tokenizer: Any, chat_template: str | None = None) -> ChatTemplate:
-    """The template to use: `chat_template` (a built-in name or a file), else the tokenizer's own."""
+def load_chat_template(tokenizer: Any, chat_template: str | None = None,
+                       kwargs: dict[str, Any] | None = None) -> ChatTemplate:
+    """The template to use: `chat_template` (a built-in name or a file), else the tokenizer's own; `kwargs`:
+    template variables, as `apply_chat_template(..., **kwargs)` takes them (e.g. enable_thinking)."""
     if chat_template:
         if chat_template in BUILTIN_TEMPLATES:
             name, source = chat_template, builtin_template(chat_template)
@@ -116,6 +157,7 @@ def load_chat_template(tokenizer: Any, chat_template: str | None = None) -> Chat
         raise OnepassError(f"{where} has no chat template. Fix: pass --chat-template FILE.jinja, or a built-in "
                            f"one ({', '.join(BUILTIN_TEMPLATES)}), e.g. --chat-template chatml.")
     variables = {key: value for key, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
+    variables.update(kwargs or {})
     return ChatTemplate(name, source, tuple(sorted(variables.items())), stop_texts(tokenizer))
 
 

@@ -23,9 +23,13 @@ from onepass.errors import DataError, ReasonCode
 FormatName = Literal["messages", "prompt_completion", "sharegpt", "alpaca", "text"]
 FORMATS: tuple[str, ...] = ("messages", "prompt_completion", "sharegpt", "alpaca", "text")
 ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "tool": "tool"}
-# Message keys handed to the chat template as they are (besides role/content).
-PASSTHROUGH_KEYS = ("name", "tool_call_id", "reasoning_content", "thinking")
+# ShareGPT's tool dialect (LLaMA-Factory, glaive): a `function_call` turn holds the call as JSON, an
+# `observation` turn the tool's reply
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "tool": "tool",
+                  "function_call": "assistant", "observation": "tool"}
+# Message keys handed to the chat template as they are (besides role/content); the reasoning names are
+# aliased to one another as transformers does (compat.template_messages).
+PASSTHROUGH_KEYS = ("name", "tool_call_id", "reasoning_content", "thinking", "reasoning")
 
 
 def detect_format(data: dict[str, Any]) -> str | None:
@@ -135,6 +139,9 @@ def _parse_message(check: _Check, item: Any, where: str, dialect: Dialect) -> Me
                          f"use one of {', '.join(dialect.roles)}", "unknown_role")
     role = dialect.roles[spoken]
     tool_calls = item.get("tool_calls")
+    if spoken == "function_call" and dialect is SHAREGPT:  # the call, as JSON, in the value
+        tool_calls = _sharegpt_calls(check, item.get(dialect.content_key), f"{where}.{dialect.content_key}")
+        item = {key: value for key, value in item.items() if key != dialect.content_key}
     if tool_calls is not None and (role != "assistant" or not isinstance(tool_calls, list)):
         raise check.fail(f"{where}.tool_calls", "tool_calls must be a list on an assistant message",
                          "move tool calls to an assistant message as a list", "misplaced_tool_calls")
@@ -150,34 +157,105 @@ def _parse_message(check: _Check, item: Any, where: str, dialect: Dialect) -> Me
         if role != "assistant":
             raise check.fail(f"{where}.train", f"'train' is set on a {role} message",
                              "only assistant messages can be trained; remove the key", "invalid_train_flag")
-    extra = {key: item[key] for key in PASSTHROUGH_KEYS if key in item}
-    return Message(role, content, train, _arguments_as_dicts(tool_calls), extra)
+    extra = {key: item[key] for key in PASSTHROUGH_KEYS if item.get(key) is not None}
+    return Message(role, content, train, _arguments_as_dicts(check, tool_calls, f"{where}.tool_calls"), extra)
 
 
-def _arguments_as_dicts(tool_calls: list[Any] | None) -> list[Any] | None:
-    """Tool-call arguments given as a JSON string become the dict templates expect (the Hugging Face
-    convention); a template that wants a string gets it back (`chat_template.with_json_arguments`)."""
+def _arguments_as_dicts(check: _Check, tool_calls: list[Any] | None, where: str) -> list[Any] | None:
+    """Each call checked (a function name, arguments as an object), its arguments given as a JSON string
+    turned into the dict templates expect (the Hugging Face convention); a template that wants a string
+    gets it back (`chat_template.with_json_arguments`)."""
     if not tool_calls:
         return tool_calls
     converted = []
-    for call in tool_calls:
-        function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+    for index, call in enumerate(tool_calls):
+        here = f"{where}[{index}]"
+        wrapped = isinstance(call, dict) and isinstance(call.get("function"), dict)
+        function = call["function"] if wrapped else call
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise check.fail(f"{here}.function.name" if wrapped else here, "a tool call without a function name",
+                             'write calls as {"type": "function", "function": {"name": "...", "arguments": {...}}}',
+                             "invalid_tools")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
             try:
-                arguments = json.loads(function["arguments"])
-            except json.JSONDecodeError:
-                arguments = None
-            if isinstance(arguments, dict):
-                call = {**call, "function": {**function, "arguments": arguments}}
-        converted.append(call)
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as error:
+                raise check.fail(f"{here}{'.function' if wrapped else ''}.arguments",
+                                 f"arguments are not valid JSON ({error.msg} at character {error.pos})",
+                                 "give the arguments as an object, or as a JSON string of one", "invalid_tools") from None
+        if arguments is not None and not isinstance(arguments, dict):
+            raise check.fail(f"{here}{'.function' if wrapped else ''}.arguments",
+                             f"arguments must be an object, got {type(arguments).__name__}",
+                             'give the arguments as an object, e.g. {"city": "Paris"}', "invalid_tools")
+        if arguments is not None:
+            function = {**function, "arguments": arguments}
+        converted.append({**call, "function": function} if wrapped else function)
     return converted
+
+
+def _sharegpt_calls(check: _Check, value: Any, where: str) -> list[dict[str, Any]]:
+    """A `function_call` turn's value: {"name": ..., "arguments": ...} (or a list of them), as JSON."""
+    try:
+        calls = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError as error:
+        raise check.fail(where, f"the function call is not valid JSON ({error.msg} at character {error.pos})",
+                         'write it as {"name": "...", "arguments": {...}}', "invalid_tools") from None
+    calls = calls if isinstance(calls, list) else [calls]
+    if not calls or not all(isinstance(call, dict) for call in calls):
+        raise check.fail(where, "expected a function call object", 'write it as {"name": "...", "arguments": {...}}',
+                         "invalid_tools")
+    return [{"type": "function", "function": call} for call in calls]
+
+
+def _tools(check: _Check) -> tuple[dict[str, Any], ...] | None:
+    """The record's `tools`: JSON schemas of the functions the model may call, as a list or a JSON string
+    of one (as many Hub datasets store them)."""
+    tools = check.record.data.get("tools")
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as error:
+            raise check.fail("tools", f"not valid JSON ({error.msg} at character {error.pos})",
+                             "give a list of JSON schemas, or a JSON string of one", "invalid_tools") from None
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list):
+        raise check.fail("tools", f"expected a list of JSON schemas, got {type(tools).__name__}",
+                         'give [{"type": "function", "function": {"name": ..., "parameters": {...}}}, ...]',
+                         "invalid_tools")
+    for index, tool in enumerate(tools):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise check.fail(f"tools[{index}]", "a tool schema without a function name",
+                             'write each as {"type": "function", "function": {"name": "...", "parameters": {...}}}',
+                             "invalid_tools")
+    return tuple(tools) or None
+
+
+def _template_kwargs(check: _Check) -> dict[str, Any] | None:
+    kwargs = check.record.data.get("chat_template_kwargs")
+    if kwargs is None:
+        return None
+    if isinstance(kwargs, str):
+        try:
+            kwargs = json.loads(kwargs)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(kwargs, dict) or not all(isinstance(key, str) for key in kwargs):
+        raise check.fail("chat_template_kwargs", f"expected an object, got {type(kwargs).__name__}",
+                         'give e.g. {"enable_thinking": false}', "wrong_type")
+    return kwargs or None
 
 
 def _chat(check: _Check, messages: list[Message], field_name: str) -> ChatConversation:
     if not any(message.role == "assistant" for message in messages):
         raise check.fail(field_name, "no assistant message, so nothing would be trained",
                          "add an assistant reply, or use the 'text' format to train on every token", "no_assistant")
-    return ChatConversation(check.record.source, check.record.where, tuple(messages))
+    return ChatConversation(check.record.source, check.record.where, tuple(messages), _tools(check),
+                            _template_kwargs(check))
 
 
 def _from_messages(record: Record) -> Conversation:

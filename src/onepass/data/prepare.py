@@ -137,6 +137,12 @@ def _render_units(conversations: list[Conversation], tokenizer: Any, template: C
     for conversation in conversations:
         try:
             result = render_conversation(conversation, template, options, tokenizer.eos_token)
+        except DataError as error:  # tools or reasoning the template cannot show
+            if on_bad_record == "error":
+                raise
+            stats.rejected[error.reason] += 1
+            rejects.append(error.as_row())
+            continue
         except TemplateRenderError as refusal:
             fix = "fix the record so the chat template accepts it (e.g. roles in the order it expects)"
             if "system" in str(refusal).lower() and options.system_message == "keep":

@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from onepass.compat import REASONING_KEYS, template_messages
 from onepass.data.chat_template import ChatTemplate
 from onepass.data.types import (ChatConversation, Conversation, RawConversation, RenderedText, RenderOptions,
                                 Span)
-from onepass.errors import TemplateError
+from onepass.errors import DataError, TemplateError
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def _is_trained(conversation: ChatConversation, message_index: int, options: Ren
 
 
 def _render_chat(conversation: ChatConversation, template: ChatTemplate, options: RenderOptions) -> RenderResult:
-    messages = [message.to_template() for message in conversation.messages]
+    template, messages, dropped = _as_the_template_sees_it(conversation, template, options)
     ends_with_response = conversation.messages[-1].role == "assistant"
     full = None if ends_with_response else template.render(messages)  # else it is the last Q_k
     turns: list[TurnRender] = []
@@ -110,8 +111,22 @@ def _render_chat(conversation: ChatConversation, template: ChatTemplate, options
                             template, options)
         stable = full.startswith(context) and full.startswith(as_last.rstrip())
         turns.insert(0, TurnRender(turn_index, message_index, context, as_last, span, stable))
+        message = conversation.messages[message_index]
+        if message.tool_calls and message.content.strip() and find_rendered(as_last, message.content, 0)[0] < 0:
+            dropped += (f"template '{template.name}' drops the words beside a tool call: the call is trained as "
+                        "rendered",)
 
-    notes = _template_notes(template)
+    unshown = _unshown_reasoning(conversation, turns)
+    if unshown is not None:
+        if not options.drop_reasoning:
+            raise DataError(conversation.source, conversation.where, f"messages[{unshown}].reasoning_content",
+                            f"chat template '{template.name}' does not show this message's reasoning, so it would be "
+                            "dropped", "use a template that renders reasoning (--chat-template FILE.jinja), or set "
+                            "data.drop_reasoning: true to train without it", code="template_cannot_render")
+        result = _render_chat(_without_reasoning(conversation), template, options)
+        note = f"reasoning dropped (data.drop_reasoning): template '{template.name}' does not show it"
+        return dataclasses.replace(result, notes=result.notes + (note,))
+    notes = _template_notes(template) + dropped
     if all(turn.stable for turn in turns):
         full, spans = _end_at_stop_tokens(full, [turn.span for turn in turns], template, messages, options)
         return RenderResult((RenderedText(full, spans, train_all=options.loss_on == "all"),), notes=notes)
@@ -128,6 +143,44 @@ def _render_chat(conversation: ChatConversation, template: ChatTemplate, options
         return RenderResult(texts, unstable=True, split=not tree, tree=tree, notes=notes)
     return RenderResult((_relocate_in_full(conversation, full, turns, template, options),), unstable=True,
                         notes=notes)
+
+
+def _as_the_template_sees_it(conversation: ChatConversation, template: ChatTemplate, options: RenderOptions
+                             ) -> tuple[ChatTemplate, list[dict[str, Any]], tuple[str, ...]]:
+    """The template with the conversation's tools and template kwargs, and its messages as
+    `apply_chat_template` hands them over (`compat.template_messages`). Tools or reasoning the template
+    cannot show are an error, unless the options drop them: the model would otherwise be trained on
+    a context other than the one it is given at inference, silently."""
+    template = template.for_conversation(conversation.tools, conversation.template_kwargs)
+    messages = [message.to_template() for message in conversation.messages]
+    dropped: tuple[str, ...] = ()
+    if conversation.tools and not template.renders_tools:
+        if not options.drop_tools:
+            raise DataError(conversation.source, conversation.where, "tools",
+                            f"chat template '{template.name}' renders no tool schemas, so the model would learn to "
+                            "call functions it is never shown",
+                            "use a template that renders tools (--chat-template FILE.jinja), or set "
+                            "data.drop_tools: true to train without the schemas", code="template_cannot_render")
+        template = template.for_conversation(None, conversation.template_kwargs)
+        dropped += (f"tool schemas dropped (data.drop_tools): template '{template.name}' renders none",)
+    return template, template_messages(messages), dropped
+
+
+def _unshown_reasoning(conversation: ChatConversation, turns: list[TurnRender]) -> int | None:
+    """The first assistant message whose reasoning its own turn's render (the turn as the last message,
+    what the model writes at inference) does not show, or None."""
+    for turn in turns:
+        message = conversation.messages[turn.message_index]
+        reasoning = next((message.extra[k] for k in REASONING_KEYS if isinstance(message.extra.get(k), str)), "")
+        if reasoning.strip() and find_rendered(turn.as_last, reasoning, 0)[0] < 0:
+            return turn.message_index
+    return None
+
+
+def _without_reasoning(conversation: ChatConversation) -> ChatConversation:
+    return dataclasses.replace(conversation, messages=tuple(
+        dataclasses.replace(m, extra={k: v for k, v in m.extra.items() if k not in REASONING_KEYS})
+        for m in conversation.messages))
 
 
 def _end_at_stop_tokens(full: str, spans: list[Span], template: ChatTemplate, messages: list[dict[str, Any]],
@@ -292,16 +345,17 @@ def _locate_turn(conversation: ChatConversation, message_index: int, turn_index:
     generated_from = _skip_space(text, start)  # all the model writes after the generation prompt
     content_start, content_end = find_rendered(text, message.content, start)
     if content_start < 0:
-        if message.content.strip():
+        if message.content.strip() and not message.tool_calls:
             raise TemplateError(
                 f"{conversation.source}, {conversation.where}: chat template '{template.name}' does not render the "
                 f"content of message {message_index} (assistant) as written, so its tokens cannot be found. "
                 "Fix: use a template that renders message content verbatim (--chat-template chatml), or "
                 "correct the template.")
-        content_start = content_end = _skip_space(text, start)  # tool calls only: trained as rendered
+        # tool calls only, or words beside a call the template drops (Llama-3.1): trained as rendered
+        content_start = content_end = _skip_space(text, start)
     if _has_generation_prompt(template):  # the model is given the header and writes the rest (`<think>`, ...)
         content_start = min(content_start, generated_from)
-    for key in ("reasoning_content", "thinking"):
+    for key in REASONING_KEYS:
         reasoning = message.extra.get(key)
         if isinstance(reasoning, str) and reasoning.strip():
             reasoning_start, _ = find_rendered(text, reasoning, start)

@@ -56,6 +56,8 @@ class ChatConversation:
     source: str
     where: str  # "line 12", "record 3", "row 7": what a user searches for in the file
     messages: tuple[Message, ...]
+    tools: tuple[dict[str, Any], ...] | None = None  # JSON schemas of the functions the model may call
+    template_kwargs: dict[str, Any] | None = None  # the record's chat_template_kwargs (enable_thinking, ...)
 
     @property
     def assistant_indices(self) -> list[int]:
@@ -98,6 +100,8 @@ class RenderOptions:
     overlong: Overlong = "drop"
     unstable_history: UnstableHistory = "tree"
     system_message: SystemMessage = "keep"  # fold: into the first user message, for templates without a system role
+    drop_tools: bool = False  # a template that renders no tool schemas: train without them (else an error)
+    drop_reasoning: bool = False  # a template that shows no reasoning: train without it (else an error)
 
 
 @dataclass(frozen=True)

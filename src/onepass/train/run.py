@@ -74,7 +74,7 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
         check_model_dir(config.model)  # a bad model dir fails now, not after data preparation
     check_trackers(config.report_to)
     tokenizer = tokenizer or load_tokenizer(config.tokenizer or config.model)
-    template = load_chat_template(tokenizer, config.data.chat_template)
+    template = load_chat_template(tokenizer, config.data.chat_template, config.data.chat_template_kwargs)
     train_data, eval_examples, train_files = _prepare_data(config, cluster, tokenizer, template, train_data,
                                                            eval_examples, prepare_data)
     if (config.early_stopping.patience or config.keep_best) and not (eval_examples and config.eval_every):
