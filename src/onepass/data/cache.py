@@ -39,9 +39,12 @@ def cache_key(paths: Sequence[str | Path], tokenizer: Any, template: ChatTemplat
               format_name: str | None, on_bad_record: str) -> str:
     """Everything that decides the tokens and masks: the data files' contents (and names within a
     directory; not where they live), the tokenizer, the template with its variables and stop texts
-    (generation_config.json's stop tokens among them), the options, and the data stage's own code."""
+    (generation_config.json's stop tokens among them), the options, the data stage's own code and
+    transformers' version."""
+    import transformers  # its chat-template rendering (reasoning aliases, ...) decides the text too
+
     digest = hashlib.sha256()
-    digest.update(data_stage_version().encode())
+    digest.update(data_stage_version().encode() + transformers.__version__.encode())
     for path in paths:
         path = Path(path)
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]

@@ -25,9 +25,9 @@ from onepass.data.formats import FORMATS, detect_format, expected_keys, to_conve
 from onepass.data.records import check_data_path, read_records
 from onepass.hub import dataset_files
 from onepass.data.render import cut_point, mask_tokens, render_conversation, tokenize_rendered
-from onepass.data.stats import Stats
+from onepass.data.stats import Stats, count_agentic
 from onepass.data.tree import TokenPath, merge_paths, tree_example
-from onepass.data.types import Conversation, Example, OnBadRecord, RenderedText, RenderOptions
+from onepass.data.types import ChatConversation, Conversation, Example, OnBadRecord, RenderedText, RenderOptions
 from onepass.errors import DataError, OnepassError, TemplateRenderError
 
 OPENING_WORDS = 2
@@ -81,6 +81,7 @@ def iter_conversations(paths: Sequence[str | Path], format_name: str | None, on_
                 rejects.append(error.as_row())
                 continue
             stats.conversations += 1
+            count_agentic(conversation, stats)
             yield conversation
         if records_in_file == 0:
             raise OnepassError(f"{path}: no records found (the file is empty). Fix: check the file, or remove it "
@@ -134,7 +135,11 @@ def _render_chunk(tokenizer: Any, template: ChatTemplate, options: RenderOptions
 def _render_units(conversations: list[Conversation], tokenizer: Any, template: ChatTemplate, options: RenderOptions,
                   on_bad_record: OnBadRecord, stats: Stats, rejects: list[dict[str, Any]]) -> list[_Unit]:
     units = []
+    controls = control_tokens(tokenizer)
     for conversation in conversations:
+        if controls and isinstance(conversation, ChatConversation):  # a user pasting `<|im_end|>`: counted
+            stats.agentic["messages with control tokens in their text"] += sum(
+                any(token in message.content for token in controls) for message in conversation.messages)
         try:
             result = render_conversation(conversation, template, options, tokenizer.eos_token)
         except DataError as error:  # tools or reasoning the template cannot show
@@ -165,6 +170,14 @@ def _render_units(conversations: list[Conversation], tokenizer: Any, template: C
         else:
             units += [_Unit(conversation, (text,)) for text in result.texts]
     return units
+
+
+def control_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """The texts of the tokenizer's special tokens (a message's text holding one is tokenized as that
+    token, not as text)."""
+    added = [str(token) for token in getattr(tokenizer, "added_tokens_decoder", {}).values()
+             if getattr(token, "special", False)]
+    return tuple(sorted({token for token in [*getattr(tokenizer, "all_special_tokens", ()), *added] if token}))
 
 
 def _overlong_error(conversation: Conversation, length: str, options: RenderOptions) -> OnepassError:

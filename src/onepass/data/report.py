@@ -35,6 +35,9 @@ def summary_table(stats: Stats, top_openings: int = 5) -> Table:
     table.add_row("truncated", f"{stats.truncated:,}")
     table.add_row("history rewritten by template",
                   f"{stats.unstable:,} (one tree each: {stats.trees:,}; split into turns: {stats.split:,})")
+    if stats.agentic:
+        table.add_row("tool use and reasoning", ", ".join(f"{what} {count:,}" for what, count in
+                                                          sorted(stats.agentic.items())))
     for note, count in stats.template_notes.items():
         table.add_row("chat template", f"{note} ({count:,} conversations)")
     total = sum(stats.openings.values())
@@ -92,6 +95,9 @@ def summary_line(name: str, stats: Stats) -> str:
             parts.append(f"{label} {sum(counts.values()):,} ({reasons})")
     if stats.truncated:
         parts.append(f"truncated {stats.truncated:,}")
+    for what in ("calls to undeclared functions", "messages with control tokens in their text"):
+        if stats.agentic[what]:
+            parts.append(f"{what} {stats.agentic[what]:,}")
     return "; ".join(parts)
 
 

@@ -26,6 +26,9 @@ class Stats:
     openings: Counter[str] = field(default_factory=Counter)  # first words of responses → count
     formats: dict[str, str] = field(default_factory=dict)  # file → detected format
     template_notes: Counter[str] = field(default_factory=Counter)  # what was done about the template → count
+    # tool use and reasoning: records with tools, tool calls, calls to functions the record does not declare,
+    # tool replies, messages with reasoning, messages whose text holds the tokenizer's control tokens
+    agentic: Counter[str] = field(default_factory=Counter)
 
     def merge(self, other: Stats) -> Stats:
         """Add `other`'s counts to these (e.g. a worker's chunk), in place."""
@@ -54,7 +57,28 @@ class Stats:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Stats:
-        stats = cls(**{"template_notes": {}, "trees": 0, **values})
-        for name in ("rejected", "dropped", "openings", "template_notes"):
+        stats = cls(**{"template_notes": {}, "trees": 0, "agentic": {}, **values})
+        for name in ("rejected", "dropped", "openings", "template_notes", "agentic"):
             setattr(stats, name, Counter(getattr(stats, name)))
         return stats
+
+
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # compat.REASONING_KEYS, without importing it
+
+
+def count_agentic(conversation: Any, stats: Stats) -> None:
+    """Add a conversation's tool use and reasoning to `stats.agentic` (nothing for plain chat)."""
+    messages = getattr(conversation, "messages", ())
+    tools = getattr(conversation, "tools", None)
+    if tools:
+        stats.agentic["records with tools"] += 1
+    declared = {(tool.get("function") or tool).get("name") for tool in tools or ()}
+    for message in messages:
+        for call in message.tool_calls or ():
+            stats.agentic["tool calls"] += 1
+            if (call.get("function") or call).get("name") not in declared:
+                stats.agentic["calls to undeclared functions"] += 1
+        if message.role == "tool":
+            stats.agentic["tool replies"] += 1
+        if any(message.extra.get(key) for key in REASONING_KEYS):
+            stats.agentic["messages with reasoning"] += 1
