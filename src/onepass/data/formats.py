@@ -157,7 +157,7 @@ def _parse_message(check: _Check, item: Any, where: str, dialect: Dialect) -> Me
         if role != "assistant":
             raise check.fail(f"{where}.train", f"'train' is set on a {role} message",
                              "only assistant messages can be trained; remove the key", "invalid_train_flag")
-    extra = {key: item[key] for key in PASSTHROUGH_KEYS if item.get(key) is not None}
+    extra = {key: item[key] for key in PASSTHROUGH_KEYS if item.get(key) is not None} if len(item) > 2 else {}
     return Message(role, content, train, _arguments_as_dicts(check, tool_calls, f"{where}.tool_calls"), extra)
 
 

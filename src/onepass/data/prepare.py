@@ -138,8 +138,11 @@ def _render_units(conversations: list[Conversation], tokenizer: Any, template: C
     controls = control_tokens(tokenizer)
     for conversation in conversations:
         if controls and isinstance(conversation, ChatConversation):  # a user pasting `<|im_end|>`: counted
-            stats.agentic["messages with control tokens in their text"] += sum(
-                any(token in message.content for token in controls) for message in conversation.messages)
+            texts = [message.content for message in conversation.messages]
+            everything = "\n".join(texts)  # one scan per token for the whole conversation, mostly all it takes
+            if any(token in everything for token in controls):
+                stats.agentic["messages with control tokens in their text"] += sum(
+                    any(token in text for token in controls) for text in texts)
         try:
             result = render_conversation(conversation, template, options, tokenizer.eos_token)
         except DataError as error:  # tools or reasoning the template cannot show

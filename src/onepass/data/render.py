@@ -116,7 +116,7 @@ def _render_chat(conversation: ChatConversation, template: ChatTemplate, options
             dropped += (f"template '{template.name}' drops the words beside a tool call: the call is trained as "
                         "rendered",)
 
-    unshown = _unshown_reasoning(conversation, turns)
+    unshown = _unshown_reasoning(conversation, turns) if any(m.extra for m in conversation.messages) else None
     if unshown is not None:
         if not options.drop_reasoning:
             raise DataError(conversation.source, conversation.where, f"messages[{unshown}].reasoning_content",
@@ -163,7 +163,9 @@ def _as_the_template_sees_it(conversation: ChatConversation, template: ChatTempl
                             "data.drop_tools: true to train without the schemas", code="template_cannot_render")
         template = template.for_conversation(None, conversation.template_kwargs)
         dropped += (f"tool schemas dropped (data.drop_tools): template '{template.name}' renders none",)
-    return template, template_messages(messages), dropped
+    if any(message.extra for message in conversation.messages):  # else there is nothing to normalise
+        messages = template_messages(messages)
+    return template, messages, dropped
 
 
 def _unshown_reasoning(conversation: ChatConversation, turns: list[TurnRender]) -> int | None:

@@ -70,6 +70,8 @@ def count_agentic(conversation: Any, stats: Stats) -> None:
     """Add a conversation's tool use and reasoning to `stats.agentic` (nothing for plain chat)."""
     messages = getattr(conversation, "messages", ())
     tools = getattr(conversation, "tools", None)
+    if not tools and not any(m.tool_calls or m.extra or m.role == "tool" for m in messages):
+        return
     if tools:
         stats.agentic["records with tools"] += 1
     declared = {(tool.get("function") or tool).get("name") for tool in tools or ()}
