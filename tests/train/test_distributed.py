@@ -198,16 +198,19 @@ def test_ranks_wait_for_rank_0_to_prepare_data_longer_than_the_process_group_tim
     assert "rank 1: waiting for rank 0 to prepare the data" in result.stderr
 
 
-def test_fsdp_in_bf16_gathers_bf16_parameters_keeps_fp32_masters_and_tracks_one_process(assets, tmp_path):
+@pytest.mark.parametrize("normalization", ["token", "sequence"])
+def test_fsdp_in_bf16_gathers_bf16_parameters_keeps_fp32_masters_and_tracks_one_process(assets, tmp_path,
+                                                                                        normalization):
     """FSDP2's mixed-precision policy: bf16 all-gathers and compute, fp32 gradient reduction and
-    sharded fp32 master weights; the loss curve follows one process's bf16 autocast run."""
-    extra = {"precision": "bf16", "epochs": 1}
+    sharded fp32 master weights; the loss curve follows one process's bf16 autocast run, with the
+    loss weights of sequence normalisation kept in fp32 (the root casts no inputs)."""
+    extra = {"precision": "bf16", "epochs": 1, "loss_normalization": normalization}
     onepass_train(write_config(assets, tmp_path / "one", grad_accum=4, **extra))
     result = onepass_train(write_config(assets, tmp_path / "two", grad_accum=2, strategy="fsdp", **extra), 2)
     assert "FSDP2 gathers parameters in bf16 and reduces gradients in fp32" in result.stderr
     expected_train, _ = losses(tmp_path / "one" / "out")
     got_train, _ = losses(tmp_path / "two" / "out")
-    torch.testing.assert_close(got_train, expected_train, rtol=1e-3, atol=0)
+    torch.testing.assert_close(got_train, expected_train, rtol=2e-4, atol=0)  # bf16 noise: ~5e-5; a rounded weight: 1e-3
     weights = final_weights(tmp_path / "two" / "out")
     assert {w.dtype for w in weights.values()} == {torch.float32}
 

@@ -216,8 +216,12 @@ def parallelize(module: torch.nn.Module, cluster: Cluster, strategy: Strategy,
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     # The root keeps its parameters (embeddings, final norm, output layer) gathered from forward to
     # backward: the output layer's gradient arrives there (made in forward by the fused loss, or from
-    # chunks recomputed in backward for soft-capped heads), and the embeddings' follows it.
-    fully_shard(module, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
+    # chunks recomputed in backward for soft-capped heads), and the embeddings' follows it. Its inputs
+    # are not cast: the policy's default would walk into the Batch and round its fp32 loss weights
+    # (1/25 → 0.0400390625 in bf16) under sequence and turn normalisation.
+    root_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype,
+                                       cast_forward_inputs=False)
+    fully_shard(module, mesh=mesh, reshard_after_forward=False, mp_policy=root_policy)
     return module
 
 
