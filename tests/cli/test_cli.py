@@ -79,6 +79,20 @@ def test_chat_prints_the_model_reply(tmp_path, tokenizer, capsys):
     assert capsys.readouterr().out == (certain * 3).strip() + "\n"
 
 
+def test_chat_with_tools_gives_the_model_their_schemas_or_refuses_a_template_that_renders_none(tmp_path, tokenizer,
+                                                                                               capsys):
+    constant_model(tmp_path / "model", tokenizer, "Paris")
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps({"tools": [{"type": "function", "function": {
+        "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]}))
+    chat = ["chat", "--model", str(tmp_path / "model"), "--prompt", "hello", "--max-new-tokens", "1", "--tools",
+            str(tools)]
+    assert main(chat + ["--chat-template", "chatml"]) == 0
+    assert "tools: get_weather" in capsys.readouterr().err
+    assert main(chat + ["--chat-template", "llama3"]) == 2
+    assert "renders no tool schemas" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["lrr=1"], "error: unknown config key 'lrr'. Did you mean 'lr'?"),
     (["model=/nowhere"], "error: model directory not found: /nowhere."),

@@ -16,6 +16,9 @@ def add_parsers(subparsers: Any) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--tools", default=None, metavar="FILE.json",
+                        help="JSON schemas of functions the model may call (a list, or {\"tools\": [...]}); "
+                             "the model's reply shows the call it makes")
     parser.set_defaults(handler=run_chat)
 
 
@@ -27,6 +30,8 @@ def run_chat(args: argparse.Namespace) -> int:
 
     tokenizer = load_tokenizer(args.model)
     template = load_chat_template(tokenizer, args.chat_template)
+    if args.tools:
+        template = with_tools(template, args.tools)
     model = load_model(args.model)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
@@ -52,3 +57,28 @@ def run_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": answer})
         if streamer is None:
             print(f"model> {answer}")
+
+
+def with_tools(template: Any, path: str) -> Any:
+    """The template with the tool schemas of a JSON file, checked; refused where it renders no tools."""
+    import json
+    from pathlib import Path
+
+    from onepass.data.formats import read_tools
+    from onepass.data.types import Record
+    from onepass.errors import OnepassError
+
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise OnepassError(f"--tools {path}: cannot read it as JSON ({error}). Fix: give a JSON file with a list of "
+                           "function schemas.") from None
+    tools = read_tools(Record(path, "the file", {"tools": value.get("tools") if isinstance(value, dict) and
+                                                 "tools" in value else value}))
+    template = template.for_conversation(tools)
+    if tools and not template.renders_tools:
+        raise OnepassError(f"--tools {path}: chat template '{template.name}' renders no tool schemas, so the model "
+                           "would not see them. Fix: --chat-template FILE.jinja with a template that renders tools.")
+    names = [(tool.get("function") or tool)["name"] for tool in tools or ()]
+    print(f"tools: {', '.join(names)}", file=sys.stderr)
+    return template

@@ -235,6 +235,11 @@ def _tools(check: _Check) -> tuple[dict[str, Any], ...] | None:
     return tuple(tools) or None
 
 
+def read_tools(record: Record) -> tuple[dict[str, Any], ...] | None:
+    """The `tools` of a record, checked (a list of JSON schemas, or a JSON string of one)."""
+    return _tools(_Check(record))
+
+
 def _template_kwargs(check: _Check) -> dict[str, Any] | None:
     kwargs = check.record.data.get("chat_template_kwargs")
     if kwargs is None:

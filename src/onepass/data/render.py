@@ -98,7 +98,7 @@ def _is_trained(conversation: ChatConversation, message_index: int, options: Ren
 
 
 def _render_chat(conversation: ChatConversation, template: ChatTemplate, options: RenderOptions) -> RenderResult:
-    template, messages, dropped = _as_the_template_sees_it(conversation, template, options)
+    template, messages, dropped = as_the_template_sees_it(conversation, template, options)
     ends_with_response = conversation.messages[-1].role == "assistant"
     full = None if ends_with_response else template.render(messages)  # else it is the last Q_k
     turns: list[TurnRender] = []
@@ -145,8 +145,9 @@ def _render_chat(conversation: ChatConversation, template: ChatTemplate, options
                         notes=notes)
 
 
-def _as_the_template_sees_it(conversation: ChatConversation, template: ChatTemplate, options: RenderOptions
-                             ) -> tuple[ChatTemplate, list[dict[str, Any]], tuple[str, ...]]:
+def as_the_template_sees_it(conversation: ChatConversation, template: ChatTemplate,
+                            options: RenderOptions = RenderOptions()
+                            ) -> tuple[ChatTemplate, list[dict[str, Any]], tuple[str, ...]]:
     """The template with the conversation's tools and template kwargs, and its messages as
     `apply_chat_template` hands them over (`compat.template_messages`). Tools or reasoning the template
     cannot show are an error, unless the options drop them: the model would otherwise be trained on

@@ -57,30 +57,15 @@ def run_demo(output_dir: str | Path, steps: int = 400, num_train: int = 3000, nu
              progress: bool = True) -> dict[str, Any]:
     from rich.console import Console
 
-    from onepass.config import load_config
-    from onepass.demo.tiny import build_model, build_tokenizer
     from onepass.train.run import build_run
     from onepass.train.trainer import Trainer
 
     console = Console()
     output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     train, held_out = make_dialogues(num_train, seed=0), make_dialogues(num_eval, seed=1)
-    for name, rows in (("train.jsonl", train), ("eval.jsonl", held_out)):
-        (output / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     corpus = [m["content"] for r in train[:500] for m in r["messages"]] + NAMES + THINGS
-    tokenizer = build_tokenizer(output / "base_model", extra_text=corpus * 2, vocab_size=640)
-    build_model(output / "base_model", vocab_size=len(tokenizer), hidden_size=128, num_layers=4, num_heads=4,
-                num_kv_heads=2, intermediate_size=256, max_position_embeddings=512)
-    # lr 1e-3: at 3e-3 whether the tiny model learns the task within 400 steps depended on the seed and on
-    # the last bits of the loss's rounding (held-out accuracy 1.0, 0.63 and 0.18 across such changes);
-    # at 1e-3 it reached 1.0 for seeds 0, 1 and 2
-    config = load_config(None, [
-        f"model={output / 'base_model'}", f"output_dir={output}", f"data.train=[{output / 'train.jsonl'}]",
-        f"data.eval=[{output / 'eval.jsonl'}]", f"data.cache_dir={output / 'cache'}", "max_seq_len=512",
-        "batch_size=2", "grad_accum=1", "lr=1e-3", "warmup_steps=20", f"max_steps={steps}", "weight_decay=0.01",
-        "seed=0", "eval_every=50", "precision=fp32", f"progress={str(progress).lower()}", "resume=never"])
+    config = tiny_run_config(output, train, held_out, corpus, steps, progress)
     console.print(f"[bold]onepass demo[/bold]: {num_train} three-turn dialogues, tiny Llama "
                   "(4 layers, 128 wide), CPU")
     run = build_run(config)
@@ -94,6 +79,29 @@ def run_demo(output_dir: str | Path, steps: int = 400, num_train: int = 3000, nu
     (output / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     _print_report(console, report, output)
     return report
+
+
+def tiny_run_config(output: Path, train: list[dict[str, Any]], held_out: list[dict[str, Any]], corpus: list[str],
+                    steps: int, progress: bool, vocab_size: int = 640) -> Any:
+    """The demos' run: the records written to OUTPUT/train.jsonl and eval.jsonl, a tiny tokenizer trained on
+    `corpus` and a tiny Llama (4 layers, 128 wide) in OUTPUT/base_model, and their training config."""
+    from onepass.config import load_config
+    from onepass.demo.tiny import build_model, build_tokenizer
+
+    output.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train.jsonl", train), ("eval.jsonl", held_out)):
+        (output / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer = build_tokenizer(output / "base_model", extra_text=corpus * 2, vocab_size=vocab_size)
+    build_model(output / "base_model", vocab_size=len(tokenizer), hidden_size=128, num_layers=4, num_heads=4,
+                num_kv_heads=2, intermediate_size=256, max_position_embeddings=512)
+    # lr 1e-3: at 3e-3 whether the tiny model learns the task within 400 steps depended on the seed and on
+    # the last bits of the loss's rounding (held-out accuracy 1.0, 0.63 and 0.18 across such changes);
+    # at 1e-3 it reached 1.0 for seeds 0, 1 and 2
+    return load_config(None, [
+        f"model={output / 'base_model'}", f"output_dir={output}", f"data.train=[{output / 'train.jsonl'}]",
+        f"data.eval=[{output / 'eval.jsonl'}]", f"data.cache_dir={output / 'cache'}", "max_seq_len=512",
+        "batch_size=2", "grad_accum=1", "lr=1e-3", "warmup_steps=20", f"max_steps={steps}", "weight_decay=0.01",
+        "seed=0", "eval_every=50", "precision=fp32", f"progress={str(progress).lower()}", "resume=never"])
 
 
 def _print_report(console: Any, report: dict[str, Any], output: Path) -> None:

@@ -19,7 +19,8 @@ import torch
 from onepass.data.chat_template import ChatTemplate
 from onepass.data.tree import TokenPath, Tree, merge_paths, tree_example
 from onepass.data.formats import to_conversation
-from onepass.data.render import find_rendered, mask_tokens, render_conversation, tokenize_rendered
+from onepass.data.render import (as_the_template_sees_it, find_rendered, mask_tokens, render_conversation,
+                                 tokenize_rendered)
 from onepass.data.types import (ChatConversation, Conversation, Example, RawConversation, Record, RenderedText,
                                 RenderOptions)
 from onepass.errors import DataError, OnepassError
@@ -49,7 +50,7 @@ def _message_ends(conversation: Conversation, template: ChatTemplate, text: str)
             ends.append(position)
         ends[-1] = len(text)
         return ends
-    messages = [m.to_template() for m in conversation.messages]
+    template, messages, _ = as_the_template_sees_it(conversation, template)  # its tools, its kwargs
     ends = []
     for index in range(len(messages)):
         prefix = template.render(messages[:index + 1]).rstrip()

@@ -92,20 +92,22 @@ class SampleReplies:
 
     def __init__(self, conversations: list[Any], output_dir: Path, max_new_tokens: int = 64,
                  enabled: bool = True):
-        self.prompts = [(c.messages[:c.assistant_indices[-1]], c.messages[c.assistant_indices[-1]].content)
+        self.prompts = [(dataclasses.replace(c, messages=c.messages[:c.assistant_indices[-1]]),
+                         c.messages[c.assistant_indices[-1]].content)
                         for c in conversations if getattr(c, "assistant_indices", None)]
         self.path, self.max_new_tokens, self.enabled = output_dir / "samples.jsonl", max_new_tokens, enabled
 
     def write(self, step: int, model: Any, tokenizer: Any, template: Any) -> list[dict[str, Any]]:
+        from onepass.data.render import as_the_template_sees_it
         from onepass.score.chat import reply
 
         if not (self.enabled and self.prompts):
             return []
         rows = []
-        for messages, reference in self.prompts:
-            prompt = [m.to_template() for m in messages]
+        for conversation, reference in self.prompts:  # each with its own tools and template kwargs
+            own_template, prompt, _ = as_the_template_sees_it(conversation, template)
             rows.append({"step": step, "prompt": prompt[-1]["content"], "reply": reply(
-                model, tokenizer, template, prompt, max_new_tokens=self.max_new_tokens), "reference": reference})
+                model, tokenizer, own_template, prompt, max_new_tokens=self.max_new_tokens), "reference": reference})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in rows)
