@@ -76,6 +76,32 @@ def _aliased(message: dict[str, Any]) -> dict[str, Any]:
     return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
+GENERATION_TAG = r"\{%-?\s*generation\s*-?%\}"
+
+
+def generation_marks(source: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                     variables: dict[str, Any]) -> tuple[str, list[tuple[int, int]]]:
+    """The text a template with `{% generation %}` blocks renders, and the character spans those blocks
+    mark: what `apply_chat_template(..., return_assistant_tokens_mask=True)` trains (transformers'
+    `render_jinja_template`)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    [text], [spans] = render_jinja_template(conversations=[messages], tools=tools, chat_template=source,
+                                            return_assistant_tokens_mask=True, **variables)
+    return text, [(start, end) for start, end in spans]
+
+
+def sdpa_takes_grouped_heads(mask: Any, key: Any, value: Any) -> bool:
+    """Whether SDPA may be given fewer key/value heads than query heads (`enable_gqa`) here, by
+    transformers' own rule (`use_gqa_in_sdpa`): on CUDA a mask with `enable_gqa` leaves only the math
+    kernel (fp32 scores kept for backward), so with a mask the key/value heads are repeated instead."""
+    from transformers.integrations.sdpa_attention import use_gqa_in_sdpa
+
+    if len(inspect.signature(use_gqa_in_sdpa).parameters) == 2:  # transformers < 5.x: (mask, key)
+        return use_gqa_in_sdpa(mask, key)
+    return use_gqa_in_sdpa(mask, key, value)
+
+
 def base_model(model: Any) -> Any:
     """The model inside a peft wrapper (peft's `get_base_model`; the model itself otherwise)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

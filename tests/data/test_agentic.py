@@ -87,11 +87,11 @@ def test_the_tool_schemas_reach_the_model_and_tool_replies_are_never_trained(tok
 
 def test_a_template_that_renders_no_tools_is_an_error_unless_the_tools_are_dropped_on_purpose(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [weather_record()])
-    chatml = template(tokenizer, builtin_template("chatml"))
+    llama3 = template(tokenizer, builtin_template("llama3"))
     with pytest.raises(DataError, match="renders no tool schemas") as error:
-        prepare([path], tokenizer, chatml, RenderOptions(), use_cache=False)
+        prepare([path], tokenizer, llama3, RenderOptions(), use_cache=False)
     assert error.value.field == "tools" and "data.drop_tools" in str(error.value)
-    data = prepare([path], tokenizer, chatml, RenderOptions(drop_tools=True), use_cache=False)
+    data = prepare([path], tokenizer, llama3, RenderOptions(drop_tools=True), use_cache=False)
     assert len(data.examples) == 1 and any("tool schemas dropped" in n for n in data.stats.template_notes)
 
 

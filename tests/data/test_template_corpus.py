@@ -10,6 +10,7 @@ history renders it); a record a template refuses must be an error naming the rec
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,41 @@ def test_real_template_masks_match_its_training_variant_or_history_rewriting_giv
     assert len(got) == len(expected), (got, expected)
     for ours, theirs in zip(got, expected):
         assert agrees(ours, theirs, messages), (got, expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prepare_reports_its_masks_agree_with_the_generation_marks_of_a_training_variant(tokenizer, tmp_path,
+                                                                                         family):
+    """The data-side twin of the model check: where the template marks what to train, prepare compares."""
+    from onepass.data.prepare import prepare
+    from onepass.data.report import summary_line
+
+    from conftest import write_jsonl
+
+    records = [{"messages": CONVERSATIONS[name], **({"tools": TOOLS[name]} if name in TOOLS else {})}
+               for name in ("plain", "system", "agentic") if (family, name) not in KNOWN_GAPS]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    template = dataclasses.replace(original(tokenizer, family), name=f"{family}_training",
+                                   source=(CORPUS / f"{family}_training.jinja").read_text())
+    data = prepare([path], tokenizer, template, OPTIONS, use_cache=False, on_bad_record="skip")
+    compared = sum(data.stats.generation_marks.values())
+    assert data.stats.generation_marks["differ"] == 0, data.stats.generation_marks
+    assert compared == data.stats.examples - data.stats.trees - data.stats.split
+    if compared:
+        assert f"masks agree with the template's generation marks: {compared}/{compared}" in summary_line("d",
+                                                                                                          data.stats)
+
+
+def test_masks_that_differ_from_the_generation_marks_are_counted(tokenizer, tmp_path):
+    from onepass.data.prepare import prepare
+
+    from conftest import write_jsonl
+
+    marks_the_user = ("{% for m in messages %}{% if m['role'] == 'user' %}{% generation %}<|im_start|>user\n"
+                      "{{ m['content'] }}<|im_end|>\n{% endgeneration %}{% else %}<|im_start|>{{ m['role'] }}\n"
+                      "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": CONVERSATIONS["plain"]}] * 3)
+    data = prepare([path], tokenizer, ChatTemplate("marks", marks_the_user, variables(tokenizer)), RenderOptions(),
+                   use_cache=False)
+    assert data.stats.generation_marks == {"differ": 3}

@@ -24,7 +24,8 @@ from onepass.data.chat_template import ChatTemplate
 from onepass.data.formats import FORMATS, detect_format, expected_keys, to_conversation
 from onepass.data.records import check_data_path, read_records
 from onepass.hub import dataset_files
-from onepass.data.render import cut_point, mask_tokens, render_conversation, tokenize_rendered
+from onepass.data.render import (cut_point, generation_marks_agree, has_generation_marks, mask_tokens,
+                                 render_conversation, tokenize_rendered)
 from onepass.data.stats import Stats, count_agentic
 from onepass.data.tree import TokenPath, merge_paths, tree_example
 from onepass.data.types import ChatConversation, Conversation, Example, OnBadRecord, RenderedText, RenderOptions
@@ -136,6 +137,7 @@ def _render_units(conversations: list[Conversation], tokenizer: Any, template: C
                   on_bad_record: OnBadRecord, stats: Stats, rejects: list[dict[str, Any]]) -> list[_Unit]:
     units = []
     controls = control_tokens(tokenizer)
+    marks = has_generation_marks(template)
     for conversation in conversations:
         if controls and isinstance(conversation, ChatConversation):  # a user pasting `<|im_end|>`: counted
             texts = [message.content for message in conversation.messages]
@@ -162,6 +164,10 @@ def _render_units(conversations: list[Conversation], tokenizer: Any, template: C
             stats.rejected[error.reason] += 1
             rejects.append(error.as_row())
             continue
+        if marks and isinstance(conversation, ChatConversation) and len(result.texts) == 1 and not result.unstable:
+            agree = generation_marks_agree(conversation, template, options, result.texts[0])
+            if agree is not None:
+                stats.generation_marks["agree" if agree else "differ"] += 1
         stats.unstable += result.unstable
         stats.split += result.split
         stats.trees += result.tree

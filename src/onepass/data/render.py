@@ -20,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from onepass.compat import REASONING_KEYS, template_messages
+from onepass.compat import GENERATION_TAG, REASONING_KEYS, generation_marks, template_messages
 from onepass.data.chat_template import ChatTemplate
 from onepass.data.types import (ChatConversation, Conversation, RawConversation, RenderedText, RenderOptions,
                                 Span)
@@ -184,6 +185,53 @@ def _without_reasoning(conversation: ChatConversation) -> ChatConversation:
     return dataclasses.replace(conversation, messages=tuple(
         dataclasses.replace(m, extra={k: v for k, v in m.extra.items() if k not in REASONING_KEYS})
         for m in conversation.messages))
+
+
+def has_generation_marks(template: ChatTemplate) -> bool:
+    return re.search(GENERATION_TAG, template.source) is not None
+
+
+def generation_marks_agree(conversation: ChatConversation, template: ChatTemplate, options: RenderOptions,
+                           rendered: RenderedText) -> bool | None:
+    """Whether onepass's trained spans are what the template's own `{% generation %}` blocks mark
+    (transformers' assistant mask), the data-side twin of the model check; None where the two do not
+    ask the same question (loss_on other than assistant, per-message train flags, a template that fails
+    to mark). A span agrees when it is the marked text, or the marked text less template text before it
+    (a header the generation prompt already gives the model)."""
+    if options.loss_on != "assistant" or any(m.train is not None for m in conversation.messages):
+        return None
+    if options.system_message == "fold":
+        conversation = fold_system_message(conversation)
+    own, messages, _ = as_the_template_sees_it(conversation, template, options)
+    try:
+        text, marked = generation_marks(own.source, own.adapt(messages), list(own.tools) if own.tools else None,
+                                        dict(own.variables))
+    except Exception:  # noqa: BLE001 - the template cannot mark this record: nothing to compare
+        return None
+    if not text or not rendered.text.startswith(text.rstrip()):
+        return None
+    ours, theirs = _covered(text, [(s.start, s.end) for s in rendered.spans if s.trained]), _covered(text, marked)
+    if ours == theirs:
+        return True
+    if ours - theirs:
+        return False
+    contents = [m.content for m in conversation.messages if m.content.strip()]
+    extra = sorted(theirs - ours)  # marked but not trained: only a header right before trained text
+    runs, start = [], extra[0]
+    for previous, index in zip(extra, extra[1:] + [None]):
+        if index is None or text[previous + 1:index].strip():  # a run ends where untrained text comes between
+            runs.append((start, previous + 1))
+            start = index
+    for run_start, run_end in runs:
+        piece = text[run_start:run_end]
+        if _skip_space(text, run_end) not in ours or any(c in piece or piece in c for c in contents):
+            return False
+    return True
+
+
+def _covered(text: str, spans: list[tuple[int, int]]) -> set[int]:
+    """The non-space characters of `text` inside the spans."""
+    return {i for start, end in spans for i in range(start, min(end, len(text))) if not text[i].isspace()}
 
 
 def _end_at_stop_tokens(full: str, spans: list[Span], template: ChatTemplate, messages: list[dict[str, Any]],

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from onepass.data.cache import PreparedData
-from onepass.data.stats import Stats
+from onepass.data.stats import Stats, describe_generation_marks
 from onepass.data.types import Example
 from onepass.errors import OnepassError
 
@@ -35,6 +35,8 @@ def summary_table(stats: Stats, top_openings: int = 5) -> Table:
     table.add_row("truncated", f"{stats.truncated:,}")
     table.add_row("history rewritten by template",
                   f"{stats.unstable:,} (one tree each: {stats.trees:,}; split into turns: {stats.split:,})")
+    if stats.generation_marks:
+        table.add_row("generation marks", describe_generation_marks(stats))
     if stats.agentic:
         table.add_row("tool use and reasoning", ", ".join(f"{what} {count:,}" for what, count in
                                                           sorted(stats.agentic.items())))
@@ -95,6 +97,8 @@ def summary_line(name: str, stats: Stats) -> str:
             parts.append(f"{label} {sum(counts.values()):,} ({reasons})")
     if stats.truncated:
         parts.append(f"truncated {stats.truncated:,}")
+    if stats.generation_marks:
+        parts.append(describe_generation_marks(stats))
     for what in ("calls to undeclared functions", "messages with control tokens in their text"):
         if stats.agentic[what]:
             parts.append(f"{what} {stats.agentic[what]:,}")

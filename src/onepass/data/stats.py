@@ -29,6 +29,8 @@ class Stats:
     # tool use and reasoning: records with tools, tool calls, calls to functions the record does not declare,
     # tool replies, messages with reasoning, messages whose text holds the tokenizer's control tokens
     agentic: Counter[str] = field(default_factory=Counter)
+    # onepass's masks against the template's own {% generation %} marks, where it has them: agree / differ
+    generation_marks: Counter[str] = field(default_factory=Counter)
 
     def merge(self, other: Stats) -> Stats:
         """Add `other`'s counts to these (e.g. a worker's chunk), in place."""
@@ -57,10 +59,18 @@ class Stats:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Stats:
-        stats = cls(**{"template_notes": {}, "trees": 0, "agentic": {}, **values})
-        for name in ("rejected", "dropped", "openings", "template_notes", "agentic"):
+        stats = cls(**{"template_notes": {}, "trees": 0, "agentic": {}, "generation_marks": {}, **values})
+        for name in ("rejected", "dropped", "openings", "template_notes", "agentic", "generation_marks"):
             setattr(stats, name, Counter(getattr(stats, name)))
         return stats
+
+
+def describe_generation_marks(stats: Stats) -> str:
+    """ "masks agree with the template's generation marks: 2,000/2,000", or "" where none were compared."""
+    compared = sum(stats.generation_marks.values())
+    if not compared:
+        return ""
+    return f"masks agree with the template's generation marks: {stats.generation_marks['agree']:,}/{compared:,}"
 
 
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # compat.REASONING_KEYS, without importing it
