@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from onepass.train import distributed
 from onepass.train.distributed import Cluster, rank_share
 from onepass.demo.tiny import build_model
 
@@ -322,3 +323,23 @@ def test_every_rank_follows_rank_0s_view_of_the_checkpoints_on_disk(tmp_path):
         "rank 0 resumed at step 3", "rank 1 resumed at step 3"]
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == [
         "step-00000001", "step-00000002", "step-00000003"]
+
+
+@pytest.mark.parametrize("visible, expected", [(8, 3), (1, 0)])
+def test_each_rank_binds_its_own_gpu_and_hands_it_to_the_process_group(monkeypatch, visible, expected):
+    """LOCAL_RANK 3 on a node showing the rank all 8 GPUs is cuda:3; where the launcher shows each rank only
+    its own GPU, cuda:0 (not "invalid device ordinal"); NCCL gets the device when the group is made."""
+    calls = {}
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("set_device", device))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend, **kwargs: calls.setdefault("group", (backend, kwargs)))
+    distributed.init()
+    assert calls["set_device"] == torch.device("cuda", expected)
+    backend, kwargs = calls["group"]
+    assert backend == "nccl" and kwargs["device_id"] == torch.device("cuda", expected)

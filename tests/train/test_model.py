@@ -36,6 +36,32 @@ def test_flash_attention_only_where_transformers_finds_it_usable_and_the_model_c
     assert choose_attention(device, dtype, flash_available=lambda: installed) == expected
 
 
+def test_flash_attention_only_for_model_classes_that_support_it_without_a_hub_kernel():
+    """Asked of each class of the zoo, built on the meta device: Gemma-3/4 conditional generation, Llama-4,
+    Mllama and others say `_supports_flash_attn = False`; gpt-oss would be redirected to a Hub kernel."""
+    import zoo_configs
+    from transformers import AutoModelForCausalLM
+
+    from onepass.train.model import flash_refusal
+
+    chosen = {}
+    for name in ("llama", "qwen3", "gpt_oss", "mllama", "gemma3", "mamba"):
+        config = zoo_configs.tiny_config(name) if name in zoo_configs.architectures() else None
+        if config is None:
+            from transformers import AutoConfig
+
+            config = AutoConfig.for_model(name)
+        with torch.device("meta"):
+            model_class = type(AutoModelForCausalLM.from_config(config))
+        chosen[name] = choose_attention("cuda", torch.bfloat16, model_class, flash_available=lambda: True)
+        supported = getattr(model_class, "_supports_flash_attn", False) and not getattr(
+            model_class, "_compatible_flash_implementations", None)
+        assert (chosen[name] == "flash_attention_2") is bool(supported), name
+        assert (flash_refusal("cuda", torch.bfloat16, model_class, lambda: True) is None) is bool(supported)
+    assert chosen["llama"] == chosen["qwen3"] == "flash_attention_2"
+    assert chosen["gpt_oss"] == chosen["mllama"] == PACKED_ATTENTION
+
+
 def test_the_export_keeps_the_base_models_dtype_and_loads_with_transformers(run_assets, tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -96,3 +122,17 @@ def test_full_fine_tuning_of_a_vision_language_checkpoint_leaves_its_vision_towe
              if "vision_tower" in name or "multi_modal_projector" in name}
     assert tower and not any(tower.values())
     assert all(p.requires_grad for name, p in model.named_parameters() if "language_model" in name)
+
+
+def test_the_check_runs_fp32_matmuls_at_full_precision_and_gives_the_users_setting_back():
+    """Through torch's precision API, not the legacy allow_tf32 flags newer torch refuses to mix with it."""
+    from onepass.train.check import exact_matmuls
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 allowed, as many GPU users set it
+    try:
+        with exact_matmuls():
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -198,3 +198,30 @@ def test_blocks_longer_than_the_matmul_limit_attend_with_sdpa(monkeypatch):
         got = model._attention(None, q, k, v, None, 0.0, None, {})
         expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert torch.equal(got, expected)
+
+
+def test_no_sdpa_call_passes_both_a_mask_and_grouped_heads(monkeypatch):
+    """With a mask, `enable_gqa` leaves CUDA only the math kernel: key/value heads are repeated instead,
+    as transformers' own SDPA attention does (trees and sliding windows pass masks)."""
+    import torch.nn.functional as F
+
+    from onepass.train import model as model_module
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask") is not None, kwargs.get("enable_gqa", False)))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 12, 16), torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16)
+    windowed = model_module._attention(None, q, k, v, None, 0.0, 5, {})
+    path = model_module._attention(None, q[:, :, 8:], k, v, None, 0.0, None, {})  # a tree path's own nodes
+    causal = model_module._attention(None, q, k, v, None, 0.0, None, {})
+    assert (True, True) not in calls and (False, True) in calls  # no mask: grouped heads stay grouped
+    expanded = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    mask = model_module._causal_mask(12, 12, 5, q.device)
+    torch.testing.assert_close(windowed, sdpa(q, *expanded, attn_mask=mask), rtol=0, atol=1e-6)
+    torch.testing.assert_close(path, causal[:, :, 8:], rtol=0, atol=1e-6)

@@ -163,16 +163,15 @@ def check_packing(model: Any, vocab_size: int | None = None, tolerance: float = 
 
 @contextlib.contextmanager
 def exact_matmuls() -> Iterator[None]:
-    """fp32 matmuls in fp32 for the check (CUDA may run them in TF32, rounding at 1e-3)."""
-    if not torch.cuda.is_available():
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    """fp32 matmuls in fp32 for the check (CUDA may run them in TF32, rounding at 1e-3), through
+    `torch.set_float32_matmul_precision`: newer torch refuses the legacy `allow_tf32` flags once the
+    precision API has been used, and the user's setting comes back after."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        torch.set_float32_matmul_precision(before)
 
 
 @contextlib.contextmanager

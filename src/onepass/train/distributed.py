@@ -62,14 +62,21 @@ def init(timeout_minutes: float = 30.0) -> Cluster:
     """Join the process group torchrun describes in the environment (nccl on CUDA, gloo on CPU);
     a plain single process gets a one-rank Cluster and no process group."""
     if launched_by_torchrun() and not dist.is_initialized():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-            backend = "nccl"
+            device = local_cuda_device()
+            torch.cuda.set_device(device)
+            # bound now: NCCL then knows its device before the first collective (no guess, no hang)
+            dist.init_process_group("nccl", timeout=timedelta(minutes=timeout_minutes), device_id=device)
         else:
-            backend = "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+            dist.init_process_group("gloo", timeout=timedelta(minutes=timeout_minutes))
     return current()
+
+
+def local_cuda_device() -> torch.device:
+    """This rank's GPU: LOCAL_RANK among the GPUs the process sees. A launcher that shows each rank only
+    its own GPU (CUDA_VISIBLE_DEVICES per rank, Slurm's --gpus-per-task) makes that index 0."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
 
 
 def current() -> Cluster:
@@ -77,7 +84,7 @@ def current() -> Cluster:
     if not (dist.is_available() and dist.is_initialized()):
         return Cluster(device=default_device())
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = local_cuda_device() if torch.cuda.is_available() else torch.device("cpu")
     return Cluster(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 

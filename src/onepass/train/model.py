@@ -15,7 +15,8 @@ import torch
 from onepass import accel
 from onepass.accel import grouped_attention
 from onepass.compat import (attention_implementation, base_model, enable_activation_checkpointing,
-                            own_modules_load_kwargs, supports_sdpa, takes_attention_interface)
+                            own_modules_load_kwargs, sdpa_takes_grouped_heads, supports_sdpa,
+                            takes_attention_interface)
 from onepass.errors import OnepassError
 from onepass.hub import local_or_hub
 from onepass.train.batch import LAYOUT_KWARG
@@ -114,8 +115,14 @@ def _attention(module: Any, query: Any, key: Any, value: Any, scaling: float | N
     if grouped_attention.applies(module, query, key, value, dropout):
         return grouped_attention.attention(query, key, value, mask if mask is not None else
                                            _causal_mask(queries, keys, None, query.device), scaling)
+    grouped = query.shape[1] != key.shape[1]
+    if grouped and not sdpa_takes_grouped_heads(mask, key, value):  # as the model's own SDPA attention does
+        from transformers.integrations.sdpa_attention import repeat_kv
+
+        key, value = (repeat_kv(t, query.shape[1] // key.shape[1]) for t in (key, value))
+        grouped = False
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
-                                          scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+                                          scale=scaling, enable_gqa=grouped)
 
 
 def _causal_mask(queries: int, keys: int, window: int | None, device: Any) -> Any:
@@ -141,25 +148,40 @@ def register_packed_attention() -> None:
     AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
 
 
-def choose_attention(device_type: str, compute_dtype: Any = torch.float32,
+def choose_attention(device_type: str, compute_dtype: Any = torch.float32, model_class: type | None = None,
                      flash_available: Callable[[], bool] | None = None) -> str:
-    """flash_attention_2 on CUDA when transformers finds a usable flash-attn (its own check: version,
-    not just an import) and the model computes in bf16/fp16 (flash-attention rejects fp32); onepass's
-    packed SDPA otherwise."""
-    if device_type == "cuda" and compute_dtype in (torch.bfloat16, torch.float16):
-        if flash_available is None:
-            from transformers.utils import is_flash_attn_2_available as flash_available
-        if flash_available():
-            return "flash_attention_2"
+    """flash_attention_2 where `flash_refusal` finds nothing against it; onepass's packed SDPA otherwise."""
+    if flash_refusal(device_type, compute_dtype, model_class, flash_available) is None:
+        return "flash_attention_2"
     register_packed_attention()
     return PACKED_ATTENTION
 
 
-def describe_attention(attention: str) -> str:
+def flash_refusal(device_type: str, compute_dtype: Any, model_class: type | None = None,
+                  flash_available: Callable[[], bool] | None = None) -> str | None:
+    """Why flash-attention varlen cannot run here, or None: it needs CUDA, bf16/fp16 compute (it refuses
+    fp32), a flash-attn that transformers finds usable (its own check: version, not just an import),
+    and a model class that supports it (`_supports_flash_attn`; 28 causal-LM classes of transformers
+    5.25 do not) with no Hub kernel of its own in its place (gpt-oss's `_compatible_flash_implementations`)."""
+    if device_type != "cuda":
+        return "not on CUDA"
+    if compute_dtype not in (torch.bfloat16, torch.float16):
+        return "it refuses fp32"
+    if model_class is not None and not getattr(model_class, "_supports_flash_attn", False):
+        return f"{model_class.__name__} does not support it"
+    if model_class is not None and getattr(model_class, "_compatible_flash_implementations", None):
+        return f"{model_class.__name__} would take a Hub kernel instead"
+    if flash_available is None:
+        from transformers.utils import is_flash_attn_2_available as flash_available
+    return None if flash_available() else "flash-attn is not installed or not usable with this torch"
+
+
+def describe_attention(attention: str, why_not_flash: str | None = None) -> str:
     if attention == PACKED_ATTENTION:
+        flash = f"; flash-attention not used: {why_not_flash}" if why_not_flash else ""
         return ("attention: onepass packed SDPA (conversations of similar length share one call per layer; "
                 f"under bf16 on the CPU, blocks of up to {grouped_attention.CPU_MATH_MAX_KEYS} keys as two bf16 matmuls "
-                "where grouped-attention is installed)")
+                f"where grouped-attention is installed{flash})")
     return f"attention: {attention} (varlen: each conversation attends to itself only)"
 
 
@@ -233,7 +255,6 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
     path = check_model_dir(path)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or torch.float32
-    attention = choose_attention(device.type, compute_dtype or dtype)
     try:
         if not weights:
             with torch.device("meta"):
@@ -242,10 +263,13 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **own_modules_load_kwargs())
     except (OSError, ValueError, ImportError) as error:
         raise OnepassError(f"{path}: could not load the model ({error}).") from None
+    attention = choose_attention(device.type, compute_dtype or dtype, type(model))
     try:
         use_packing_attention(model, attention)
-    except (ValueError, ImportError) as error:  # e.g. a flash-attention install that does not load
-        raise OnepassError(f"{path}: could not set the attention implementation {attention} ({error}).") from None
+    except (ValueError, ImportError, RuntimeError):  # a flash-attn that does not load here: packed SDPA instead
+        if attention == PACKED_ATTENTION:
+            raise
+        use_packed_attention(model)
     return model if not weights else model.to(device)
 
 
@@ -297,7 +321,11 @@ def build_model(config: TrainConfig, device: torch.device, announce: bool = Fals
     bf16 = uses_bf16(config.precision, device)
     model = load_model(config.model, device, weights=weights, compute_dtype=torch.bfloat16 if bf16 else torch.float32)
     if announce:
-        print(describe_attention(attention_implementation(model)), file=sys.stderr)
+        compute = torch.bfloat16 if bf16 else torch.float32
+        why = flash_refusal(device.type, compute, type(base_model(model))) if device.type == "cuda" else None
+        why = why or ("flash-attn failed to load" if attention_implementation(model) == PACKED_ATTENTION and
+                      device.type == "cuda" and compute != torch.float32 else None)
+        print(describe_attention(attention_implementation(model), why), file=sys.stderr)
     frozen = freeze_outside_language_model(model)
     if frozen and announce:
         parts = sorted({name.split(".")[1] if name.count(".") > 1 else name.split(".")[0] for name in frozen})
