@@ -57,9 +57,6 @@ def run_demo(output_dir: str | Path, steps: int = 400, num_train: int = 3000, nu
              progress: bool = True) -> dict[str, Any]:
     from rich.console import Console
 
-    from onepass.train.run import build_run
-    from onepass.train.trainer import Trainer
-
     console = Console()
     output = Path(output_dir)
     started = time.perf_counter()
@@ -68,16 +65,26 @@ def run_demo(output_dir: str | Path, steps: int = 400, num_train: int = 3000, nu
     config = tiny_run_config(output, train, held_out, corpus, steps, progress)
     console.print(f"[bold]onepass demo[/bold]: {num_train} three-turn dialogues, tiny Llama "
                   "(4 layers, 128 wide), CPU")
+    report = train_and_measure(config, turn_accuracy, held_out, started)
+    _print_report(console, report, output)
+    return report
+
+
+def train_and_measure(config: Any, accuracy: Any, held_out: list[dict[str, Any]], started: float) -> dict[str, Any]:
+    """Build the run, measure `accuracy(model, tokenizer, template, held_out)` before and after training,
+    and write the report to OUTPUT/eval.json."""
+    from onepass.train.run import build_run
+    from onepass.train.trainer import Trainer
+
     run = build_run(config)
-    before = turn_accuracy(run.model, run.tokenizer, run.template, held_out)
+    before = accuracy(run.model, run.tokenizer, run.template, held_out)
     result = Trainer(run).fit()
-    after = turn_accuracy(run.model, run.tokenizer, run.template, held_out)
+    after = accuracy(run.model, run.tokenizer, run.template, held_out)
     report = {"before": before, "after": after, "steps": result.steps,
               "eval_loss_before": (result.eval_before or {}).get("eval_loss"),
               "eval_loss_after": (result.eval_after or {}).get("eval_loss"),
               "seconds": round(time.perf_counter() - started, 1)}
-    (output / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    _print_report(console, report, output)
+    (Path(config.output_dir) / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from onepass.demo.run import tiny_run_config
+from onepass.demo.run import tiny_run_config, train_and_measure
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather",
@@ -85,9 +85,6 @@ def run_tools_demo(output_dir: str | Path, steps: int = 800, num_train: int = 30
     from rich.console import Console
     from rich.table import Table
 
-    from onepass.train.run import build_run
-    from onepass.train.trainer import Trainer
-
     console = Console()
     output = Path(output_dir)
     started = time.perf_counter()
@@ -100,15 +97,7 @@ def run_tools_demo(output_dir: str | Path, steps: int = 800, num_train: int = 30
     config = tiny_run_config(output, train, held_out, corpus, steps, progress, vocab_size=1024)
     console.print(f"[bold]onepass demo --task tools[/bold]: {num_train} tool-calling conversations (two functions "
                   "given as JSON schemas), tiny Llama (4 layers, 128 wide), CPU")
-    run = build_run(config)
-    before = tool_accuracy(run.model, run.tokenizer, run.template, held_out)
-    result = Trainer(run).fit()
-    after = tool_accuracy(run.model, run.tokenizer, run.template, held_out)
-    report = {"before": before, "after": after, "steps": result.steps,
-              "eval_loss_before": (result.eval_before or {}).get("eval_loss"),
-              "eval_loss_after": (result.eval_after or {}).get("eval_loss"),
-              "seconds": round(time.perf_counter() - started, 1)}
-    (output / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = train_and_measure(config, tool_accuracy, held_out, started)
     table = Table(title="held-out exact match: the call (name and arguments) and the answer from the tool's reply")
     for column in ("", "calls", "answers"):
         table.add_column(column, justify="right" if column else "left")
