@@ -129,3 +129,77 @@ def trained(config):
     return Trainer(build_run(config))
 
 
+
+
+@pytest.fixture
+def fake_flash(monkeypatch):
+    """flash-attn on the CPU, for the CUDA branches CI cannot run: a `flash_attn` module whose varlen
+    kernel is SDPA over each `cu_seqlens` segment, and which checks what the real one requires (bf16/fp16
+    inputs, int32 `cu_seqlens` on the inputs' device). Plugged in under transformers' own flash dispatch
+    (`modeling_flash_attention_utils`), so onepass's kwargs go through transformers' real code. Yields
+    `calls` (each call's dtype and number of segments) and `leak` (set it: the kernel attends across
+    segments, as a broken one would)."""
+    import sys
+    import types
+
+    import torch
+    import torch.nn.functional as F
+    import transformers.modeling_flash_attention_utils as flash_utils
+
+    state = types.SimpleNamespace(calls=[], leak=False)
+
+    def attend(q, k, v, scale, causal, window):  # (L, H, D) each
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+        queries, keys = q.shape[2], k.shape[2]
+        distance = torch.arange(keys - queries, keys)[:, None] - torch.arange(keys)[None, :]
+        mask = distance >= 0 if causal else torch.ones_like(distance, dtype=torch.bool)
+        if window is not None and window[0] >= 0:
+            mask &= distance <= window[0]
+        if k.shape[1] != q.shape[1]:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[0].transpose(0, 1)
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                               softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                               alibi_slopes=None, deterministic=False, return_attn_probs=False):
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise RuntimeError("FlashAttention only support fp16 and bf16 data type")
+        for cu in (cu_seqlens_q, cu_seqlens_k):
+            assert cu.dtype == torch.int32 and cu.device == q.device, (cu.dtype, cu.device)
+        state.calls.append((q.dtype, len(cu_seqlens_q) - 1))
+        bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        if state.leak:
+            bounds_q, bounds_k = [0, bounds_q[-1]], [0, bounds_k[-1]]
+        return torch.cat([attend(q[a:b], k[c:d], v[c:d], softmax_scale, causal, window_size)
+                          for a, b, c, d in zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:])])
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                        softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise RuntimeError("FlashAttention only support fp16 and bf16 data type")
+        return torch.stack([attend(a, b, c, softmax_scale, causal, window_size) for a, b, c in zip(q, k, v)])
+
+    module = types.ModuleType("flash_attn")
+    module.flash_attn_func, module.flash_attn_varlen_func, module.flash_attn_with_kvcache = (
+        flash_attn_func, flash_attn_varlen_func, None)
+    module.__version__ = "2.8.3"
+    padding = types.ModuleType("flash_attn.bert_padding")
+    padding.pad_input, padding.unpad_input = flash_utils._pad_input, flash_utils._unpad_input
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
+    monkeypatch.setitem(sys.modules, "flash_attn.bert_padding", padding)
+    monkeypatch.setattr(flash_utils, "is_flash_attn_2_available", lambda: True)
+    monkeypatch.setattr(flash_utils, "is_flash_attn_3_available", lambda: False)
+    monkeypatch.setattr(flash_utils, "is_flash_attn_4_available", lambda: False)
+    monkeypatch.setattr(flash_utils, "_loaded_implementation", None)
+    yield state
+
+
+def use_fake_flash(model):
+    """The model on flash_attention_2. transformers' own switch refuses flash on a CPU model (and, with
+    `kernels` installed, would look for a Hub kernel), so this model's switch sets its config's field."""
+    def switch(name):
+        model.config._attn_implementation = name
+
+    model.set_attn_implementation = switch
+    switch("flash_attention_2")
+    return model

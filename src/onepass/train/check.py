@@ -18,6 +18,7 @@ model's whole-sequence forward computes); scoring then computes each turn from i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -38,6 +39,9 @@ from onepass.train.model import (PACKED, SEPARATE, device_of, evaluating, own_at
 # check runs in fp32 (autocast off), where reordered sums differ by ~1e-6 and a leak between packed
 # conversations by ~1e-3 and more.
 TOLERANCE = 2e-4
+# The same for flash-attention against packed SDPA, both in bf16 (flash refuses fp32): bf16 rounds each
+# per-token log-probability by ~1e-2 on its own; conversations that leak into one another differ by more.
+FLASH_TOLERANCE = 1e-1
 LENGTHS = (19, 11, 27)  # short, and of different lengths: the packed attention groups them as it would a batch
 # One probe sequence, and the prefixes of it whose tokens are compared with the whole's: sparse indexers
 # pick a few keys (top-k), so the prefixes are longer than the zoo's tiny top-k and windows
@@ -56,6 +60,7 @@ class PackingCheck:
     prefix_difference: float  # the model's own forward on a whole sequence against on its prefixes
     tokens: int
     seconds: float
+    flash: str | None = None  # with flash-attention varlen: how it compared with packed SDPA under bf16
 
     @property
     def prefix_consistent(self) -> bool:
@@ -73,6 +78,8 @@ class PackingCheck:
         else:
             line += (f"; prefix-consistent: no: a token's log-prob depends on what follows, by up to "
                      f"{self.prefix_difference:.1e} nats")
+        if self.flash:
+            line += f"; {self.flash}"
         return line + f" ({self.seconds:.1f} s)"
 
     def to_json(self) -> dict[str, Any]:
@@ -116,7 +123,42 @@ def onepass_logprobs(model: Any, examples: list[Example]) -> np.ndarray:
 
 def check_packing(model: Any, vocab_size: int | None = None, tolerance: float = TOLERANCE) -> PackingCheck:
     """Compare onepass's path with the model's own forward (fp32, on the model's device), choose the
-    packing that equals it, and put the model in that mode; raise a clear error when neither does."""
+    packing that equals it, and put the model in that mode; raise a clear error when neither does. A
+    model on flash-attention varlen (which refuses fp32) is checked on packed SDPA in fp32, and flash
+    is then compared with packed SDPA under bf16: where it fails or differs, packed SDPA runs instead."""
+    flash = attention_implementation(base_model(model)) == "flash_attention_2"
+    result = _check_packing(model, vocab_size, tolerance)
+    if flash and result.packing == PACKED:
+        result = dataclasses.replace(result, flash=check_flash(model, probe_examples(
+            vocab_size or model.get_output_embeddings().weight.shape[0])))
+    return result
+
+
+def check_flash(model: Any, examples: list[Example]) -> str:
+    """Flash-attention varlen against onepass's packed SDPA on the probe, both under bf16 autocast (the
+    precision flash runs in), within `FLASH_TOLERANCE`; the model is left on flash where they agree and
+    on packed SDPA where flash fails or differs. What was found, for the check's line."""
+    base = base_model(model)
+    device = device_of(model)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        use_packed_attention(base)
+        expected = onepass_logprobs(model, examples)
+        base.set_attn_implementation("flash_attention_2")
+        try:
+            difference = _difference(onepass_logprobs(model, examples), expected)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a flash-attn build that fails here: packed SDPA instead
+            use_packed_attention(base)
+            return f"flash-attention fails ({_one_line(error)}): packed SDPA runs instead"
+    if difference > FLASH_TOLERANCE:
+        use_packed_attention(base)
+        return (f"flash-attention differs from packed SDPA by {difference:.1e} nats under bf16 (allowed: "
+                f"{FLASH_TOLERANCE:.0e}): packed SDPA runs instead")
+    return f"flash-attention varlen == packed SDPA under bf16, max {difference:.1e}"
+
+
+def _check_packing(model: Any, vocab_size: int | None, tolerance: float) -> PackingCheck:
     started = time.perf_counter()
     vocab_size = vocab_size or model.get_output_embeddings().weight.shape[0]
     examples = probe_examples(vocab_size)

@@ -21,7 +21,8 @@ from onepass.accel.fused_loss import LossWorkspace, TiedGradient, FusedLinearNLL
 from onepass.compat import load_balancing_loss_function
 from onepass.train.batch import IGNORE_INDEX, Batch
 from onepass.errors import OnepassError
-from onepass.train.model import SEPARATE, backbone_and_head, base_model, packing_of, refuse_trees
+from onepass.train.model import (SEPARATE, backbone_and_head, base_model, half_precision_for_flash, packing_of,
+                                 refuse_trees)
 
 
 def hidden_states(model: Any, batch: Batch) -> torch.Tensor:
@@ -38,7 +39,8 @@ def trunk_outputs(model: Any, batch: Batch, router_logits: bool = False
     trunk, _ = backbone_and_head(model)
     extra = {"output_router_logits": True} if router_logits else {}
     if packing_of(model) != SEPARATE:
-        output = trunk(**batch.model_kwargs(), use_cache=False, **extra)
+        with half_precision_for_flash(model):
+            output = trunk(**batch.model_kwargs(), use_cache=False, **extra)
         return output.last_hidden_state, _router_logits(output, router_logits)
     if batch.layout is not None and batch.layout.trees:
         refuse_trees(model)

@@ -294,6 +294,18 @@ def use_packing_attention(model: Any, attention: str) -> Any:
     return model
 
 
+def half_precision_for_flash(model: Any) -> Any:
+    """bf16 autocast for a forward of an fp32 model on flash-attention outside any autocast (scoring,
+    replies and evaluation of a model built for bf16 training): flash-attention refuses fp32 inputs.
+    Nothing where an autocast is already on, or the model runs another attention."""
+    base = base_model(model)
+    if attention_implementation(base) != "flash_attention_2" or torch.is_autocast_enabled(device_of(base).type):
+        return contextlib.nullcontext()
+    if next(base.parameters()).dtype not in (torch.float32,):
+        return contextlib.nullcontext()
+    return torch.autocast(device_of(base).type, dtype=torch.bfloat16)
+
+
 def refuse_trees(model: Any) -> None:
     """Tree examples attend along their paths, which only packed attention computes: a model that
     computes each conversation alone refuses them."""
