@@ -69,6 +69,14 @@ def onepass_run(work: Path, model_dir: str | Path, precision: str, max_seq_len: 
     return build_run(config)
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work (a timer read without it stops before the work is done)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def run_onepass(work: Path, model_dir: str, max_seq_len: int, rows_per_step: int, precision: str,
                 checkpointing: bool = False) -> dict:
     from onepass.train.step import train_step
@@ -76,9 +84,11 @@ def run_onepass(work: Path, model_dir: str, max_seq_len: int, rows_per_step: int
     run = onepass_run(work, model_dir, precision, max_seq_len, rows_per_step, checkpointing)
     batches = [run.plan.step_batches(step) for step in range(run.plan.steps_per_epoch)]
     train_step(run.objective, run.optimizer, run.scheduler, batches[0], run.step_options)  # warm-up, not timed
+    synchronize()
     start = time.perf_counter()
     for micro_batches in batches[1:]:
         train_step(run.objective, run.optimizer, run.scheduler, micro_batches, run.step_options)
+    synchronize()  # the GPU's queued work belongs to the timed steps
     seconds = time.perf_counter() - start
     timed = batches[1:]
     tokens = sum(b.num_tokens for step in timed for b in step)
@@ -150,6 +160,7 @@ def run_trl(work: Path, model_dir: str, max_seq_len: int, tokens_per_step: int, 
         out = collator(features)
         counts["steps"] += 1
         if counts["steps"] == 2:  # the first step is warm-up, as for onepass
+            synchronize()
             counts["start"] = time.perf_counter()
         if counts["steps"] >= 2:
             counts["tokens"] += int(out["attention_mask"].sum())
@@ -158,6 +169,7 @@ def run_trl(work: Path, model_dir: str, max_seq_len: int, tokens_per_step: int, 
 
     trainer.data_collator = counting_collator
     trainer.train()
+    synchronize()
     seconds = time.perf_counter() - counts["start"]
     return {"seconds": seconds, "tokens": counts["tokens"], "trained_tokens": counts["trained"],
             "steps": counts["steps"] - 1, "batch": batch}

@@ -56,16 +56,37 @@ def equivalence(device: str) -> list[tuple[str, bool, str]]:
 
     from onepass.data.types import Example
     from onepass.demo.tiny import build_model
-    from onepass.train.batch import collate
-    from onepass.train.loss import label_nll, sft_loss
-    from onepass.train.model import PACKED_ATTENTION, choose_attention, use_packed_attention
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     examples = [Example(rng.integers(3, 500, n).astype(np.int32), np.ones(n, np.int8), np.zeros(n, np.int32))
                 for n in (37, 5, 120, 64, 9)]
-    model = build_model(None, 512, hidden_size=128, num_layers=2, intermediate_size=256).to(device)
-    attentions = {PACKED_ATTENTION, choose_attention(device, torch.bfloat16)}
+    results = []
+    for name, model in (("llama", build_model(None, 512, hidden_size=128, num_layers=2, intermediate_size=256)),
+                        ("sliding-window", sliding_window_model())):
+        results += equivalence_of(name, model.to(device), examples, device)
+    return results
+
+
+def sliding_window_model():
+    """A tiny Mistral whose 16-token window is shorter than most probe conversations."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            sliding_window=16))
+
+
+def equivalence_of(name: str, model, examples, device: str) -> list[tuple[str, bool, str]]:
+    import numpy as np
+    import torch
+
+    from onepass.train.batch import collate
+    from onepass.train.check import check_packing
+    from onepass.train.loss import label_nll, sft_loss
+    from onepass.train.model import PACKED_ATTENTION, choose_attention, use_packed_attention
+
+    attentions = {PACKED_ATTENTION, choose_attention(device, torch.bfloat16, type(model))}
     results = []
     for attention in sorted(attentions):
         with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
@@ -83,14 +104,46 @@ def equivalence(device: str) -> list[tuple[str, bool, str]]:
             packed = collate(examples).to(device)
             nll, _ = label_nll(model, packed)
             worst = float((nll.float() - expected).abs().max())
-            results.append((f"{attention}: packed log-probs == each conversation alone (bf16, |diff| < 0.05)",
-                            worst < 0.05, f"max |diff| {worst:.4f} nats"))
+            results.append((f"{name}, {attention}: packed log-probs == each conversation alone (bf16, |diff| < "
+                            "0.05)", worst < 0.05, f"max |diff| {worst:.4f} nats"))
             whole = float(sft_loss(model, packed, packed.units)[0])
             alone = sum(float(sft_loss(model, collate([e]).to(device), packed.units)[0]) for e in examples)
             relative = abs(whole - alone) / abs(alone)
-            results.append((f"{attention}: packed loss == unpacked loss (bf16, relative < 1e-2)", relative < 1e-2,
-                            f"{whole:.5f} vs {alone:.5f}"))
+            results.append((f"{name}, {attention}: packed loss == unpacked loss (bf16, relative < 1e-2)",
+                            relative < 1e-2, f"{whole:.5f} vs {alone:.5f}"))
+        if attention == PACKED_ATTENTION:
+            results.append(tree_equivalence(name, model, device))
+        if attention != PACKED_ATTENTION:  # the start-up check as a run on this GPU makes it, flash included
+            try:
+                line, passed = check_packing(model).describe(), True
+            except Exception as error:  # noqa: BLE001 - a refusal is a failed check here
+                line, passed = str(error), False
+            results.append((f"{name}: the start-up check with {attention}", passed, line))
     return results
+
+
+def tree_equivalence(name: str, model, device: str) -> tuple[str, bool, str]:
+    """Three completions of one prompt as one tree (packed SDPA, path by path): each completion's
+    log-probabilities equal the prompt and that completion alone, at bf16."""
+    import numpy as np
+    import torch
+
+    from onepass.data.tree import TokenPath, merge_paths, tree_example
+    from onepass.score.scoring import node_logprobs, token_logprobs
+    from onepass.train.model import use_packed_attention
+
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(3, 500, 40)
+    paths = [TokenPath(np.concatenate([prompt, rng.integers(3, 500, n)]).astype(np.int32),
+                       np.r_[np.zeros(40), np.ones(n)].astype(np.int8), np.zeros(40 + n, np.int32)) for n in (30, 7, 18)]
+    tree = merge_paths(paths)
+    use_packed_attention(model)
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        [values] = node_logprobs(model, [tree_example(tree)])
+        alone = token_logprobs(model, [tree_example(merge_paths([path])) for path in paths])
+    worst = max(float(np.abs(values[nodes[1:]] - expected).max()) for nodes, expected in zip(tree.paths, alone))
+    return (f"{name}, tree: each completion's log-probs == it alone after the prompt (bf16, |diff| < 0.05)",
+            worst < 0.05, f"max |diff| {worst:.4f} nats")
 
 
 def smollm2_dir() -> Path | None:
@@ -110,8 +163,11 @@ def throughput(work: Path, name: str, model_dir: Path, dry_run: bool) -> dict:
         command = [sys.executable, str(BENCH / "real_model.py"), "--run", f"{tool}-bf16", "--work", str(work),
                    "--model-dir", str(model_dir), "--max-seq-len", "1024" if dry_run else "2048",
                    "--rows-per-step", "2" if dry_run else "8", "--threads", str(os.cpu_count() or 1)]
-        env = {**os.environ, "ONEPASS_CACHE": str(work)}  # onepass on the allocator `onepass train` starts on
-        results[tool] = result = run_child(f"{name} {tool}", command, on_mimalloc(env) if tool == "onepass" else env)
+        env = {**os.environ, "ONEPASS_CACHE": str(work)}
+        # onepass on the allocator `onepass train` starts on: mimalloc on the CPU, the C library's on a GPU machine
+        on_cpu = dry_run or not Path("/dev/nvidiactl").exists()
+        results[tool] = result = run_child(f"{name} {tool}", command,
+                                           on_mimalloc(env) if tool == "onepass" and on_cpu else env)
         result["mfu"] = result["model_flops"] / result["seconds"] / result["matmul_peak_flops"] \
             if "model_flops" in result else None
     return results
