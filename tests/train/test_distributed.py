@@ -343,3 +343,12 @@ def test_each_rank_binds_its_own_gpu_and_hands_it_to_the_process_group(monkeypat
     assert calls["set_device"] == torch.device("cuda", expected)
     backend, kwargs = calls["group"]
     assert backend == "nccl" and kwargs["device_id"] == torch.device("cuda", expected)
+
+
+def test_under_fsdp_on_gpus_rank_0_loads_the_model_into_cpu_memory_not_onto_one_gpu(monkeypatch):
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    gpu = Cluster(rank=0, world_size=2, device=torch.device("cuda", 0))
+    assert distributed.loading_device(gpu, "fsdp") == torch.device("cpu")
+    assert distributed.loading_device(gpu, "ddp") == torch.device("cuda", 0)  # DDP replicates: each its own GPU
+    cpu = Cluster(rank=0, world_size=2, device=torch.device("cpu"))
+    assert distributed.loading_device(cpu, "fsdp") == torch.device("cpu")

@@ -211,3 +211,30 @@ def test_a_moe_models_router_loss_is_added_as_its_own_forward_adds_it():
     assert router_loss > 0
     config.output_router_logits = False  # off: no router term, as in the model's own forward
     assert SFTObjective(model).router is None
+
+
+def test_the_loss_finds_its_trained_positions_on_the_host_not_by_a_device_sync(monkeypatch):
+    """`nonzero` on the device makes the host wait for the GPU every micro-batch: collate finds the
+    positions, their labels and weights in numpy, and the loss only gathers with them."""
+    import numpy as np
+
+    from onepass.data.types import Example
+    from onepass.demo.tiny import build_model
+    from onepass.train.batch import IGNORE_INDEX, collate, padding_batch
+    from onepass.train.loss import sft_loss
+    from onepass.train.model import use_packed_attention
+
+    rng = np.random.default_rng(0)
+    examples = [Example(rng.integers(3, 100, n).astype(np.int32), (rng.random(n) < 0.5).astype(np.int8),
+                        np.zeros(n, np.int32)) for n in (12, 30, 7)]
+    batch = collate(examples, "sequence")
+    labels = batch.labels[0].numpy()
+    assert np.array_equal(batch.positions.numpy(), np.flatnonzero(labels != IGNORE_INDEX))
+    assert np.array_equal(batch.targets.numpy(), labels[batch.positions.numpy()])
+    assert np.array_equal(batch.weights.numpy(), batch.label_weights[0].numpy()[batch.positions.numpy()])
+    model = use_packed_attention(build_model(None, vocab_size=100))
+    expected = sft_loss(model, batch, batch.units)[0].item()
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda *a, **k: (_ for _ in ()).throw(AssertionError("nonzero")))
+    loss, nll = sft_loss(model, batch, batch.units)
+    assert loss.item() == expected
+    assert sft_loss(model, padding_batch(examples[0]), 1.0)[1].item() == 0.0  # a padding pass logs nothing

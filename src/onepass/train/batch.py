@@ -9,6 +9,8 @@ so the trainer can sum it over micro-batches (and ranks) before any backward pas
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -36,13 +38,24 @@ class Batch:
     num_tokens: int
     num_trained_tokens: int
     layout: AttentionLayout | None = None  # how the packed attention runs (None: built from cu_seq_lens)
+    # The positions that have a label, and their labels and weights, found on the host when the batch is
+    # made: the loss gathers with them, so no step waits for the device to find them (`nonzero`)
+    positions: torch.Tensor | None = None  # (n,) int64
+    targets: torch.Tensor | None = None  # (n,) int64: labels[0, positions]
+    weights: torch.Tensor | None = None  # (n,) float32: label_weights[0, positions]
 
     def to(self, device: torch.device | str) -> "Batch":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        device = torch.device(device)
+
+        def move(tensor: torch.Tensor) -> torch.Tensor:  # from pinned memory, a copy the host need not wait for
+            if device.type == "cuda" and tensor.device.type == "cpu":
+                tensor = tensor.pin_memory()
+            return tensor.to(device, non_blocking=True)
+
         layout = None if self.layout is None else self.layout.to(device)
         return Batch(move(self.input_ids), move(self.position_ids), move(self.labels), move(self.label_weights),
                      move(self.cu_seq_lens), self.max_length, self.units, self.num_tokens, self.num_trained_tokens,
-                     layout)
+                     layout, *(None if t is None else move(t) for t in (self.positions, self.targets, self.weights)))
 
     def model_kwargs(self) -> dict:
         """What the model's forward needs for packed attention (transformers' varlen kwargs, and onepass's
@@ -96,6 +109,7 @@ def collate(examples: Sequence[Example], normalization: Normalization = "token")
     lengths = [len(e) for e in examples]
     cu_seq_lens = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     trees = tuple(TreeBlocks.of(e.parent) if e.is_tree else None for e in examples)
+    positions = np.flatnonzero(labels != IGNORE_INDEX)
     return Batch(
         input_ids=torch.from_numpy(input_ids)[None],
         position_ids=torch.from_numpy(position_ids)[None],
@@ -105,8 +119,11 @@ def collate(examples: Sequence[Example], normalization: Normalization = "token")
         max_length=max(lengths),
         units=sum(u for _, u in weights_and_units),
         num_tokens=int(len(input_ids)),
-        num_trained_tokens=int((labels != IGNORE_INDEX).sum()),
+        num_trained_tokens=len(positions),
         layout=AttentionLayout.of(lengths, trees),
+        positions=torch.from_numpy(positions),
+        targets=torch.from_numpy(labels[positions]),
+        weights=torch.from_numpy(weights[positions]),
     )
 
 
@@ -114,6 +131,5 @@ def padding_batch(example: Example) -> Batch:
     """A micro-batch that trains nothing (every loss weight zero, no units, no tokens counted).
     A rank whose share of a step is short runs it, so every rank makes the same number of passes."""
     batch = collate([example])
-    return Batch(batch.input_ids, batch.position_ids, batch.labels, torch.zeros_like(batch.label_weights),
-                 batch.cu_seq_lens, batch.max_length, units=0.0, num_tokens=0, num_trained_tokens=0,
-                 layout=batch.layout)
+    return dataclasses.replace(batch, label_weights=torch.zeros_like(batch.label_weights), units=0.0, num_tokens=0,
+                               num_trained_tokens=0, weights=torch.zeros_like(batch.weights))

@@ -239,6 +239,15 @@ def loads_weights(cluster: Cluster, strategy: Strategy) -> bool:
     return not (cluster.is_distributed and strategy == "fsdp") or cluster.is_main
 
 
+def loading_device(cluster: Cluster, strategy: Strategy) -> torch.device:
+    """Where this rank loads the model. Under FSDP2 on GPUs, rank 0 reads the whole model into CPU memory,
+    not onto one GPU (a model that needs sharding does not fit on one): `fully_shard` moves it to the GPU
+    one decoder layer at a time as it shards it."""
+    if cluster.is_distributed and strategy == "fsdp" and cluster.device.type == "cuda":
+        return torch.device("cpu")
+    return cluster.device
+
+
 def receive_weights(module: torch.nn.Module, rank0_state: dict[str, torch.Tensor] | None, cluster: Cluster) -> None:
     """After `parallelize` under FSDP2: each rank's shards of rank 0's weights (`rank0_state`, the
     module's state dict taken before sharding; None elsewhere), and rank 0's buffers, including those

@@ -154,16 +154,20 @@ def _fusable(model: Any, head: Any, transform: OutputTransform) -> bool:
         and not transform.softcap
 
 
-def trained_positions(batch: Batch) -> torch.Tensor:
-    """Flat positions of the packed row that have a label."""
-    return (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1)
+def trained_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat positions of the packed row that have a label, their labels and their loss weights (found
+    when the batch was made; a batch built by hand finds them here)."""
+    if batch.positions is not None:
+        return batch.positions, batch.targets, batch.weights
+    positions = (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1)
+    return positions, batch.labels[0, positions], batch.label_weights[0, positions]
 
 
 def label_nll(model: Any, batch: Batch, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-label NLL (in label order) and the flat positions they belong to."""
     hidden = hidden_states(model, batch)[0]
-    positions = trained_positions(batch)
-    return nll_at(model, hidden, positions, batch.labels[0, positions], chunk_size), positions
+    positions, targets, _ = trained_positions(batch)
+    return nll_at(model, hidden, positions, targets, chunk_size), positions
 
 
 def nll_at(model: Any, hidden: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
@@ -202,8 +206,7 @@ def loss_of_hidden(model: Any, batch: Batch, hidden: torch.Tensor, denominator: 
                    workspace: LossWorkspace | None = None, tie: TiedGradient | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """`sft_loss` from the trunk's last hidden states (T, d)."""
-    positions = trained_positions(batch)
-    targets, weights = batch.labels[0, positions], batch.label_weights[0, positions]
+    positions, targets, weights = trained_positions(batch)
     _, head = backbone_and_head(model)
     transform = OutputTransform.of(model)
     if _fusable(model, head, transform) and torch.is_grad_enabled():
@@ -218,7 +221,7 @@ def loss_of_hidden(model: Any, batch: Batch, hidden: torch.Tensor, denominator: 
         weighted = weighted + sum(p.sum() for p in head.parameters() if p.requires_grad) * 0.0
     if denominator <= 0:  # a step with no trained token: nothing to learn, and no division by zero
         return weighted * 0.0, weighted.new_zeros(())
-    return weighted / denominator, nll.detach()[weights > 0].sum()  # a padding batch logs nothing
+    return weighted / denominator, torch.where(weights > 0, nll.detach(), 0.0).sum()  # a padding batch logs nothing
 
 
 class SFTObjective(torch.nn.Module):

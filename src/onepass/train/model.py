@@ -243,7 +243,7 @@ def own_attention(model: Any) -> Iterator[Any]:
 
 
 def load_model(path: str | Path, device: torch.device | str | None = None, dtype: Any = None,
-               compute_dtype: Any = None, weights: bool = True) -> Any:
+               compute_dtype: Any = None, weights: bool = True, compute_device: torch.device | None = None) -> Any:
     """AutoModelForCausalLM from a local directory, on `device` (default: the process's device), with
     packed attention where its class takes an attention implementation from transformers' interface
     (else its own attention, one conversation per forward). `compute_dtype`: what attention computes
@@ -263,7 +263,7 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **own_modules_load_kwargs())
     except (OSError, ValueError, ImportError) as error:
         raise OnepassError(f"{path}: could not load the model ({error}).") from None
-    attention = choose_attention(device.type, compute_dtype or dtype, type(model))
+    attention = choose_attention((compute_device or device).type, compute_dtype or dtype, type(model))
     try:
         use_packing_attention(model, attention)
     except (ValueError, ImportError, RuntimeError):  # a flash-attn that does not load here: packed SDPA instead
@@ -326,12 +326,15 @@ def use_tree_attention(model: Any) -> None:
         use_packed_attention(base)
 
 
-def build_model(config: TrainConfig, device: torch.device, announce: bool = False, weights: bool = True) -> Any:
+def build_model(config: TrainConfig, device: torch.device, announce: bool = False, weights: bool = True,
+                compute_device: torch.device | None = None) -> Any:
     """The model to train: loaded (see `load_model`; without `weights` on the meta device), its language
     model alone trainable (`freeze_outside_language_model`), with LoRA adapters, activation
     checkpointing, the configured accelerations (onepass.accel) and compile."""
+    device, loading_device = compute_device or device, device  # FSDP2's rank 0 loads into CPU memory
     bf16 = uses_bf16(config.precision, device)
-    model = load_model(config.model, device, weights=weights, compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+    model = load_model(config.model, loading_device, weights=weights, compute_device=device,
+                       compute_dtype=torch.bfloat16 if bf16 else torch.float32)
     if announce:
         compute = torch.bfloat16 if bf16 else torch.float32
         why = flash_refusal(device.type, compute, type(base_model(model))) if device.type == "cuda" else None

@@ -87,8 +87,9 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
                     config.loss_normalization, cluster, mixture)
     total_steps = config.max_steps or plan.total_steps(config.epochs)
     weights = model is not None or distributed.loads_weights(cluster, config.strategy)
-    model = model if model is not None else build_model(config, cluster.device, announce=cluster.is_main,
-                                                        weights=weights)
+    model = model if model is not None else build_model(config, distributed.loading_device(cluster, config.strategy),
+                                                        announce=cluster.is_main, weights=weights,
+                                                        compute_device=cluster.device)
     _check_model(config, cluster, model)
     if has_trees(train_data.examples) or has_trees(eval_examples):
         use_tree_attention(model)
@@ -98,6 +99,7 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
                                         uses_bf16(config.precision, cluster.device))
     if cluster.is_distributed and config.strategy == "fsdp":
         distributed.receive_weights(objective, rank0_state, cluster)
+        del rank0_state  # the whole model's weights: only the shards stay
     optimizer, scheduler = build_optimizer(distributed.unwrap(objective), config, total_steps)
     checkpointer = Checkpointer(config.output_dir, config.save_every, config.keep_last,
                                 yaml.safe_dump(to_dict(config), sort_keys=False), cluster)
