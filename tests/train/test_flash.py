@@ -3,6 +3,8 @@ stand-in kernel (conftest.fake_flash): what onepass hands flash-attention varlen
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -83,3 +85,23 @@ def test_the_start_up_check_falls_back_to_packed_sdpa_where_flash_lets_conversat
     assert "flash-attention differs from packed SDPA" in result.describe() and "packed SDPA runs instead" in \
         result.describe()
     assert attention_implementation(model) == PACKED_ATTENTION
+
+
+def test_a_training_step_on_flash_copies_no_attention_layout_to_the_device(fake_flash, monkeypatch):
+    """flash-attention varlen takes cu_seq_lens: the packed SDPA's layout is not moved for it."""
+    from onepass.train.layout import AttentionLayout
+    from onepass.train.loss import SFTObjective
+    from onepass.train.step import StepOptions, train_step
+
+    model = use_fake_flash(use_packed_attention(build_model(None, vocab_size=100)))
+    objective = SFTObjective(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    moved = []
+    original = AttentionLayout.to
+    monkeypatch.setattr(AttentionLayout, "to", lambda self, device: moved.append(device) or original(self, device))
+    result = train_step(objective, optimizer, scheduler, [collate(conversations())], StepOptions("bf16"))
+    assert math.isfinite(result.loss) and fake_flash.calls and not moved
+    model.config._attn_implementation = "onepass_packed"
+    train_step(objective, optimizer, scheduler, [collate(conversations())], StepOptions("bf16"))
+    assert moved  # packed SDPA reads it

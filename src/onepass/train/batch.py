@@ -44,7 +44,9 @@ class Batch:
     targets: torch.Tensor | None = None  # (n,) int64: labels[0, positions]
     weights: torch.Tensor | None = None  # (n,) float32: label_weights[0, positions]
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str, layout: bool = True) -> "Batch":
+        """On `device`; without the `layout` where the attention does not read it (flash-attention varlen
+        takes `cu_seq_lens`), so it is not copied."""
         device = torch.device(device)
 
         def move(tensor: torch.Tensor) -> torch.Tensor:  # from pinned memory, a copy the host need not wait for
@@ -52,10 +54,10 @@ class Batch:
                 tensor = tensor.pin_memory()
             return tensor.to(device, non_blocking=True)
 
-        layout = None if self.layout is None else self.layout.to(device)
+        moved = self.layout.to(device) if self.layout is not None and layout else None
         return Batch(move(self.input_ids), move(self.position_ids), move(self.labels), move(self.label_weights),
                      move(self.cu_seq_lens), self.max_length, self.units, self.num_tokens, self.num_trained_tokens,
-                     layout, *(None if t is None else move(t) for t in (self.positions, self.targets, self.weights)))
+                     moved, *(None if t is None else move(t) for t in (self.positions, self.targets, self.weights)))
 
     def model_kwargs(self) -> dict:
         """What the model's forward needs for packed attention (transformers' varlen kwargs, and onepass's

@@ -17,7 +17,7 @@ from onepass.train import distributed
 from onepass.train.batch import collate, padding_batch
 from onepass.train.checkpoint import TrainerState
 from onepass.train.distributed import Cluster
-from onepass.train.model import device_of, evaluating
+from onepass.train.model import device_of, evaluating, reads_layout
 from onepass.train.plan import packed_micro_batches
 from onepass.train.device import Precision, autocast
 
@@ -35,11 +35,11 @@ def evaluate(objective: Any, examples: list[Example], max_seq_len: int, batch_si
     if padding:  # this rank's share is short: pass on the shortest example with zero weight
         batches += [padding_batch(examples[lengths.index(min(lengths))])] * padding
     with evaluating(objective):
-        device = device_of(objective)
+        device, layout = device_of(objective), reads_layout(distributed.unwrap(objective).model)
         nll_sum, count = torch.zeros((), device=device), 0
         for batch in batches:
             with autocast(precision, device):
-                _, batch_nll, _ = objective(batch.to(device), 1.0)
+                _, batch_nll, _ = objective(batch.to(device, layout), 1.0)
             nll_sum += batch_nll.float()
             count += batch.num_trained_tokens
     nll_sum, count = distributed.all_reduce_sum([float(nll_sum), count], cluster)  # one device sync

@@ -294,6 +294,12 @@ def use_packing_attention(model: Any, attention: str) -> Any:
     return model
 
 
+def reads_layout(model: Any) -> bool:
+    """Whether a forward reads a batch's `AttentionLayout` (onepass's packed SDPA does, and one
+    conversation per forward checks it for trees); flash-attention varlen takes `cu_seq_lens` only."""
+    return attention_implementation(base_model(model)) != "flash_attention_2"
+
+
 def half_precision_for_flash(model: Any) -> Any:
     """bf16 autocast for a forward of an fp32 model on flash-attention outside any autocast (scoring,
     replies and evaluation of a model built for bf16 training): flash-attention refuses fp32 inputs.

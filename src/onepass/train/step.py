@@ -13,7 +13,7 @@ from onepass.train import distributed
 from onepass.train.batch import Batch
 from onepass.train.device import Precision, autocast
 from onepass.train.distributed import Cluster
-from onepass.train.model import device_of
+from onepass.train.model import device_of, reads_layout
 
 OnNonfinite = Literal["error", "skip_step"]
 
@@ -72,6 +72,7 @@ def _accumulate_gradients(objective: Any, micro_batches: list[Batch], denominato
     """Forward and backward over the micro-batches, syncing gradients across ranks only on the last.
     Returns this rank's part of the step's loss and of its router loss (each a sum over its micro-batches)."""
     device = device_of(objective)
+    layout = reads_layout(distributed.unwrap(objective).model)
     scale = distributed.gradient_scale(cluster)
     total_loss = torch.zeros((), device=device)
     total_router = torch.zeros((), device=device)
@@ -79,7 +80,7 @@ def _accumulate_gradients(objective: Any, micro_batches: list[Batch], denominato
         share = router_share if batch.num_tokens > 0 else 0.0
         with distributed.gradient_sync(objective, enabled=index == len(micro_batches) - 1):
             with autocast(precision, device):
-                loss, _, router_loss = objective(batch.to(device), denominator, share)
+                loss, _, router_loss = objective(batch.to(device, layout), denominator, share)
             (loss * scale).backward()
         total_loss += (loss.detach() - share * router_loss).float()
         total_router += share * router_loss.float()
