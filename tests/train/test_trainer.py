@@ -37,7 +37,7 @@ def gradients(model, micro_batches, denominator):
 @pytest.mark.parametrize("normalization", ["token", "sequence", "turn"])
 def test_k_micro_batches_give_the_same_gradients_as_one_batch_of_k_times_b(normalization):
     torch.manual_seed(0)
-    model = use_packed_attention(build_model(None, vocab_size=100)).double()  # fp64: the identity, not rounding
+    model = use_packed_attention(build_model(None, vocab_size=100)).double()
     rng = np.random.default_rng(3)
     examples = [random_example(rng, int(n)) for n in rng.integers(4, 30, size=12)]
     one = collate(examples, normalization)
@@ -45,8 +45,14 @@ def test_k_micro_batches_give_the_same_gradients_as_one_batch_of_k_times_b(norma
     assert sum(b.units for b in micro) == one.units
     big = gradients(model, [one], one.units)
     accumulated = gradients(model, micro, sum(b.units for b in micro))
+    # fp64, yet transformers computes RMSNorm and the rotary tables in fp32 whatever the model's dtype, and a
+    # vectorised fp32 sum or cos rounds a row by an ulp differently where the row lies differently in memory
+    # (its alignment varies from process to process): the two batchings agree to fp32 rounding carried
+    # through the layers (seen: up to 1.7e-7 where the largest gradient is 0.085, in about 1 run of 10), not
+    # to fp64's; a wrong normaliser would differ by a factor
+    scale = max(float(g.abs().max()) for g in big)
     for a, b in zip(big, accumulated):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5 * scale)
 
 
 def test_sequence_normalisation_weighs_each_conversation_the_same():
