@@ -35,7 +35,7 @@ def evaluate(objective: Any, examples: list[Example], max_seq_len: int, batch_si
     if padding:  # this rank's share is short: pass on the shortest example with zero weight
         batches += [padding_batch(examples[lengths.index(min(lengths))])] * padding
     with evaluating(objective):
-        device, layout = device_of(objective), reads_layout(distributed.unwrap(objective).model)
+        device, layout = device_of(objective), reads_layout(objective)
         nll_sum, count = torch.zeros((), device=device), 0
         for batch in batches:
             with autocast(precision, device):

@@ -294,10 +294,12 @@ def use_packing_attention(model: Any, attention: str) -> Any:
     return model
 
 
-def reads_layout(model: Any) -> bool:
-    """Whether a forward reads a batch's `AttentionLayout` (onepass's packed SDPA does, and one
-    conversation per forward checks it for trees); flash-attention varlen takes `cu_seq_lens` only."""
-    return attention_implementation(base_model(model)) != "flash_attention_2"
+def reads_layout(module: Any) -> bool:
+    """Whether a forward of `module` (a model, or an objective or wrapper holding one) reads a batch's
+    `AttentionLayout`: onepass's packed SDPA does, and one conversation per forward checks it for trees;
+    flash-attention varlen takes `cu_seq_lens` only."""
+    model = next((m for m in module.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")), None)
+    return model is None or attention_implementation(model) != "flash_attention_2"
 
 
 def half_precision_for_flash(model: Any) -> Any:

@@ -72,7 +72,7 @@ def _accumulate_gradients(objective: Any, micro_batches: list[Batch], denominato
     """Forward and backward over the micro-batches, syncing gradients across ranks only on the last.
     Returns this rank's part of the step's loss and of its router loss (each a sum over its micro-batches)."""
     device = device_of(objective)
-    layout = reads_layout(distributed.unwrap(objective).model)
+    layout = reads_layout(objective)
     scale = distributed.gradient_scale(cluster)
     total_loss = torch.zeros((), device=device)
     total_router = torch.zeros((), device=device)
