@@ -116,3 +116,26 @@ def test_template_kwargs_from_the_record_and_from_the_config_reach_the_template(
     expected = [tokenizer.apply_chat_template(chat["messages"], chat_template=qwen3.read_text(), tokenize=False,
                                               enable_thinking=thinking) for thinking in (False, True)]
     assert texts == [tokenizer.decode(tokenizer(t, add_special_tokens=False).input_ids) for t in expected]
+
+
+def test_list_valued_template_kwargs_and_empty_arguments_are_taken_as_given(tokenizer, tmp_path):
+    """gpt-oss and Llama-3.1 read `builtin_tools: [...]`; logged calls of an argument-less function carry ""."""
+    from onepass.data.chat_template import load_chat_template
+
+    record = weather_record(arguments="")
+    record["chat_template_kwargs"] = {"builtin_tools": ["browser"]}
+    path = write_jsonl(tmp_path / "d.jsonl", [record])
+    source = Path(trl.__file__).parent / "chat_templates" / "llama3_1.jinja"
+    data = prepare([path], tokenizer, load_chat_template(tokenizer, str(source), {"date_string": "1 Jan 2026"}),
+                   RenderOptions(), use_cache=False)
+    text = tokenizer.decode(data.examples[0].input_ids.tolist())
+    assert "Tools: browser" in text and '{"name": "get_weather", "parameters": {}}' in text
+
+
+def test_a_sharegpt_call_keeps_its_reasoning():
+    record = {"conversations": [{"from": "human", "value": "Weather?"},
+                                {"from": "function_call", "value": '{"name": "get_weather", "arguments": {}}',
+                                 "reasoning_content": "I should call it."},
+                                {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}]}
+    conversation = to_conversation(Record("d.jsonl", "line 1", record), "sharegpt")
+    assert conversation.messages[1].extra == {"reasoning_content": "I should call it."}

@@ -46,7 +46,7 @@ class ChatTemplate:
         (which override the template's own, as `apply_chat_template(..., **kwargs)` does)."""
         if not tools and not kwargs:
             return self if self.tools is None else dataclasses.replace(self, tools=None)
-        variables = tuple(sorted({**dict(self.variables), **(kwargs or {})}.items())) if kwargs else self.variables
+        variables = template_variables({**dict(self.variables), **(kwargs or {})}) if kwargs else self.variables
         return dataclasses.replace(self, variables=variables, tools=tuple(tools) if tools else None)
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
@@ -99,9 +99,20 @@ def _render(source: str, variables: tuple[tuple[str, Any], ...], name: str, mess
         raise TemplateRenderError(f"chat template '{name}' failed to render: {error}") from None
 
 
+class JSONValue(str):
+    """A template variable that is a list or an object (e.g. gpt-oss's `builtin_tools`), held as its JSON
+    text so that the variables stay hashable (they key the cached renderer and probes)."""
+
+
+def template_variables(values: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted((key, JSONValue(json.dumps(value, sort_keys=True)) if isinstance(value, (list, dict))
+                         else value) for key, value in values.items()))
+
+
 @functools.lru_cache(maxsize=64)
 def _renderer(source: str, variables: tuple[tuple[str, Any], ...]) -> JinjaRenderer:
-    return JinjaRenderer(source, {"tools": None, "documents": None, **dict(variables)})
+    values = {key: json.loads(value) if isinstance(value, JSONValue) else value for key, value in variables}
+    return JinjaRenderer(source, {"tools": None, "documents": None, **values})
 
 
 PROBE_TOOL = {"type": "function", "function": {
@@ -158,7 +169,7 @@ def load_chat_template(tokenizer: Any, chat_template: str | None = None,
                            f"one ({', '.join(BUILTIN_TEMPLATES)}), e.g. --chat-template chatml.")
     variables = {key: value for key, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
     variables.update(kwargs or {})
-    return ChatTemplate(name, source, tuple(sorted(variables.items())), stop_texts(tokenizer))
+    return ChatTemplate(name, source, template_variables(variables), stop_texts(tokenizer))
 
 
 def stop_texts(tokenizer: Any) -> tuple[str, ...]:

@@ -139,6 +139,7 @@ def _parse_message(check: _Check, item: Any, where: str, dialect: Dialect) -> Me
                          f"use one of {', '.join(dialect.roles)}", "unknown_role")
     role = dialect.roles[spoken]
     tool_calls = item.get("tool_calls")
+    extra = {key: item[key] for key in PASSTHROUGH_KEYS if item.get(key) is not None} if len(item) > 2 else {}
     if spoken == "function_call" and dialect is SHAREGPT:  # the call, as JSON, in the value
         tool_calls = _sharegpt_calls(check, item.get(dialect.content_key), f"{where}.{dialect.content_key}")
         item = {key: value for key, value in item.items() if key != dialect.content_key}
@@ -157,7 +158,6 @@ def _parse_message(check: _Check, item: Any, where: str, dialect: Dialect) -> Me
         if role != "assistant":
             raise check.fail(f"{where}.train", f"'train' is set on a {role} message",
                              "only assistant messages can be trained; remove the key", "invalid_train_flag")
-    extra = {key: item[key] for key in PASSTHROUGH_KEYS if item.get(key) is not None} if len(item) > 2 else {}
     return Message(role, content, train, _arguments_as_dicts(check, tool_calls, f"{where}.tool_calls"), extra)
 
 
@@ -177,13 +177,16 @@ def _arguments_as_dicts(check: _Check, tool_calls: list[Any] | None, where: str)
                              'write calls as {"type": "function", "function": {"name": "...", "arguments": {...}}}',
                              "invalid_tools")
         arguments = function.get("arguments")
+        if isinstance(arguments, str) and not arguments.strip():  # logged calls of argument-less functions
+            arguments = {}
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments)
             except json.JSONDecodeError as error:
                 raise check.fail(f"{here}{'.function' if wrapped else ''}.arguments",
                                  f"arguments are not valid JSON ({error.msg} at character {error.pos})",
-                                 "give the arguments as an object, or as a JSON string of one", "invalid_tools") from None
+                                 "give the arguments as an object, or as a JSON string of one",
+                                 "invalid_tools") from None
         if arguments is not None and not isinstance(arguments, dict):
             raise check.fail(f"{here}{'.function' if wrapped else ''}.arguments",
                              f"arguments must be an object, got {type(arguments).__name__}",

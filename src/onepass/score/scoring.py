@@ -183,7 +183,7 @@ def turn_prefixes(tokenizer: Any, template: ChatTemplate, conversation: ChatConv
     inference-time render), only it trained."""
     prefixes = []
     for index in conversation.assistant_indices:
-        prefix = ChatConversation(conversation.source, conversation.where, tuple(
+        prefix = dataclasses.replace(conversation, messages=tuple(  # its tools and template kwargs kept
             dataclasses.replace(m, train=(i == index) if m.role == "assistant" else None)
             for i, m in enumerate(conversation.messages[:index + 1])))
         as_last = dataclasses.replace(options, unstable_history="split")  # this turn in its own context

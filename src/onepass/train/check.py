@@ -121,14 +121,19 @@ def onepass_logprobs(model: Any, examples: list[Example]) -> np.ndarray:
     return -nll.double().cpu().numpy()
 
 
-def check_packing(model: Any, vocab_size: int | None = None, tolerance: float = TOLERANCE) -> PackingCheck:
+def check_packing(model: Any, vocab_size: int | None = None, tolerance: float = TOLERANCE,
+                  compare_flash: bool = True) -> PackingCheck:
     """Compare onepass's path with the model's own forward (fp32, on the model's device), choose the
     packing that equals it, and put the model in that mode; raise a clear error when neither does. A
     model on flash-attention varlen (which refuses fp32) is checked on packed SDPA in fp32, and flash
-    is then compared with packed SDPA under bf16: where it fails or differs, packed SDPA runs instead."""
+    is then compared with packed SDPA under bf16: where it fails or differs, packed SDPA runs instead
+    (not with `compare_flash` false: the model is not where it will run, e.g. in CPU memory before FSDP2
+    shards it onto GPUs)."""
     flash = attention_implementation(base_model(model)) == "flash_attention_2"
     result = _check_packing(model, vocab_size, tolerance)
     if flash and result.packing == PACKED:
+        if not compare_flash:
+            return dataclasses.replace(result, flash="flash-attention not compared (checked before sharding)")
         result = dataclasses.replace(result, flash=check_flash(model, probe_examples(
             vocab_size or model.get_output_embeddings().weight.shape[0])))
     return result
@@ -210,10 +215,15 @@ def exact_matmuls() -> Iterator[None]:
     precision API has been used, and the user's setting comes back after."""
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
+    convolutions = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    if convolutions is not None:  # convolution layers (Mamba's, hybrids') too, through the same kind of API
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
     try:
         yield
     finally:
         torch.set_float32_matmul_precision(before)
+        if convolutions is not None:
+            torch.backends.cudnn.conv.fp32_precision = convolutions
 
 
 @contextlib.contextmanager

@@ -91,21 +91,23 @@ class SampleReplies:
     person sees behaviour change, not only loss. Written by rank 0 (with its full copy of the model)."""
 
     def __init__(self, conversations: list[Any], output_dir: Path, max_new_tokens: int = 64,
-                 enabled: bool = True):
+                 enabled: bool = True, options: Any = None):
         self.prompts = [(dataclasses.replace(c, messages=c.messages[:c.assistant_indices[-1]]),
                          c.messages[c.assistant_indices[-1]].content)
                         for c in conversations if getattr(c, "assistant_indices", None)]
         self.path, self.max_new_tokens, self.enabled = output_dir / "samples.jsonl", max_new_tokens, enabled
+        self.options = options  # the run's RenderOptions (drop_tools, ...): prompts render as training did
 
     def write(self, step: int, model: Any, tokenizer: Any, template: Any) -> list[dict[str, Any]]:
         from onepass.data.render import as_the_template_sees_it
+        from onepass.data.types import RenderOptions
         from onepass.score.chat import reply
 
         if not (self.enabled and self.prompts):
             return []
         rows = []
         for conversation, reference in self.prompts:  # each with its own tools and template kwargs
-            own_template, prompt, _ = as_the_template_sees_it(conversation, template)
+            own_template, prompt, _ = as_the_template_sees_it(conversation, template, self.options or RenderOptions())
             rows.append({"step": step, "prompt": prompt[-1]["content"], "reply": reply(
                 model, tokenizer, own_template, prompt, max_new_tokens=self.max_new_tokens), "reference": reference})
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,9 @@ from onepass.train.evaluation import EarlyStopping, Evaluator, SampleReplies
 from onepass.train.loss import SFTObjective
 from onepass.train.mixture import Mixture, describe as describe_mixture
 from onepass.train.check import check_packing
-from onepass.train.model import PACKED, build_model, check_model_dir, set_packing, use_tree_attention
+from onepass.compat import attention_implementation, base_model
+from onepass.train.model import (PACKED, PACKED_ATTENTION, build_model, check_model_dir, device_of, set_packing,
+                                 use_packed_attention, use_tree_attention)
 from onepass.train.plan import StepPlan
 from onepass.train.device import describe_precision, uses_bf16
 from onepass.train.step import StepOptions
@@ -133,21 +135,24 @@ def _check_model(config: TrainConfig, cluster: Cluster, model: Any) -> None:
             print("checked: no (check_model: false): onepass's path is not compared with the model's own forward",
                   file=sys.stderr)
         return
-    outcome: tuple[str, str] | tuple[None, str] = (PACKED, "")
+    outcome: tuple[str | None, str, str | None] = (PACKED, "", None)
     if cluster.is_main:
         try:
-            result = check_packing(model)
-            outcome = (result.packing, result.describe())
+            # FSDP2's rank 0 checks the model in CPU memory, before sharding it onto the GPUs: flash is not run there
+            result = check_packing(model, compare_flash=device_of(model).type == cluster.device.type)
+            message = result.describe()
             if not result.prefix_consistent:
-                outcome = (result.packing, result.describe() + "\nnote: training follows the model's own forward on "
-                           "whole sequences, as every trainer does; scores per turn need one pass per turn on this "
-                           "model (onepass score does that)")
+                message += ("\nnote: training follows the model's own forward on whole sequences, as every trainer "
+                            "does; scores per turn need one pass per turn on this model (onepass score does that)")
+            outcome = (result.packing, message, attention_implementation(base_model(model)))
         except OnepassError as error:
-            outcome = (None, str(error))
-    packing, message = distributed.broadcast(outcome, cluster)
+            outcome = (None, str(error), None)
+    packing, message, attention = distributed.broadcast(outcome, cluster)
     if packing is None:
         raise OnepassError(message)
     set_packing(model, packing)
+    if attention == PACKED_ATTENTION and packing == PACKED:  # the check put rank 0 on packed SDPA: every rank
+        use_packed_attention(model)
     if cluster.is_main:
         print(message, file=sys.stderr)
 
@@ -206,7 +211,8 @@ def _sample_replies(config: TrainConfig, cluster: Cluster) -> SampleReplies:
     files = [file for files in source_files(config.data.eval_sources()) for file in files]
     conversations = load_conversations(files, config.data.format, "skip", Stats(), [],
                                        limit=config.eval_samples) if cluster.is_main else []
-    return SampleReplies(conversations, Path(config.output_dir), enabled=cluster.is_main)
+    return SampleReplies(conversations, Path(config.output_dir), enabled=cluster.is_main,
+                         options=config.render_options())
 
 
 def build_optimizer(model: Any, config: TrainConfig, total_steps: int) -> tuple[Any, Any]:
