@@ -120,7 +120,7 @@ def _render_chat(conversation: ChatConversation, template: ChatTemplate, options
     unshown = _unshown_reasoning(conversation, turns) if any(m.extra for m in conversation.messages) else None
     if unshown is not None:
         if not options.drop_reasoning:
-            raise DataError(conversation.source, conversation.where, f"messages[{unshown}].reasoning_content",
+            raise DataError(conversation.source, conversation.where, unshown,
                             f"chat template '{template.name}' does not show this message's reasoning, so it would be "
                             "dropped", "use a template that renders reasoning (--chat-template FILE.jinja), or set "
                             "data.drop_reasoning: true to train without it", code="template_cannot_render")
@@ -170,14 +170,15 @@ def as_the_template_sees_it(conversation: ChatConversation, template: ChatTempla
     return template, messages, dropped
 
 
-def _unshown_reasoning(conversation: ChatConversation, turns: list[TurnRender]) -> int | None:
-    """The first assistant message whose reasoning its own turn's render (the turn as the last message,
-    what the model writes at inference) does not show, or None."""
+def _unshown_reasoning(conversation: ChatConversation, turns: list[TurnRender]) -> str | None:
+    """The field of the first assistant message whose reasoning its own turn's render (the turn as the
+    last message, what the model writes at inference) does not show (`messages[3].thinking`), or None."""
     for turn in turns:
         message = conversation.messages[turn.message_index]
-        reasoning = next((message.extra[k] for k in REASONING_KEYS if isinstance(message.extra.get(k), str)), "")
-        if reasoning.strip() and find_rendered(turn.as_last, reasoning, 0)[0] < 0:
-            return turn.message_index
+        key = next((k for k in REASONING_KEYS if isinstance(message.extra.get(k), str)), None)
+        if key is not None and message.extra[key].strip() and find_rendered(turn.as_last, message.extra[key],
+                                                                              0)[0] < 0:
+            return f"messages[{turn.message_index}].{key}"
     return None
 
 

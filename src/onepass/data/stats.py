@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from onepass.compat import REASONING_KEYS
+
 
 @dataclass
 class Stats:
@@ -71,9 +73,6 @@ def describe_generation_marks(stats: Stats) -> str:
     if not compared:
         return ""
     return f"masks agree with the template's generation marks: {stats.generation_marks['agree']:,}/{compared:,}"
-
-
-REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # compat.REASONING_KEYS, without importing it
 
 
 def count_agentic(conversation: Any, stats: Stats) -> None:

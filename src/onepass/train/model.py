@@ -341,14 +341,14 @@ def build_model(config: TrainConfig, device: torch.device, announce: bool = Fals
     checkpointing, the configured accelerations (onepass.accel) and compile."""
     device, loading_device = compute_device or device, device  # FSDP2's rank 0 loads into CPU memory
     bf16 = uses_bf16(config.precision, device)
-    model = load_model(config.model, loading_device, weights=weights, compute_device=device,
-                       compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+    compute = torch.bfloat16 if bf16 else torch.float32
+    model = load_model(config.model, loading_device, weights=weights, compute_device=device, compute_dtype=compute)
     if announce:
-        compute = torch.bfloat16 if bf16 else torch.float32
-        why = flash_refusal(device.type, compute, type(base_model(model))) if device.type == "cuda" else None
-        why = why or ("flash-attn failed to load" if attention_implementation(model) == PACKED_ATTENTION and
-                      device.type == "cuda" and compute != torch.float32 else None)
-        print(describe_attention(attention_implementation(model), why), file=sys.stderr)
+        attention = attention_implementation(model)
+        why = None
+        if device.type == "cuda" and attention == PACKED_ATTENTION:  # flash was refused, or failed to load
+            why = flash_refusal(device.type, compute, type(model)) or "flash-attn failed to load"
+        print(describe_attention(attention, why), file=sys.stderr)
     frozen = freeze_outside_language_model(model)
     if frozen and announce:
         parts = sorted({name.split(".")[1] if name.count(".") > 1 else name.split(".")[0] for name in frozen})
