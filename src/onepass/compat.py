@@ -91,6 +91,61 @@ def generation_marks(source: str, messages: list[dict[str, Any]], tools: list[di
     return text, [(start, end) for start, end in spans]
 
 
+def _chat_template_utils() -> Any:
+    from transformers.utils import chat_template_utils
+
+    if not hasattr(chat_template_utils, "mark_control_tokens"):
+        from onepass.errors import OnepassError
+
+        raise OnepassError("data.sanitize_control_tokens needs a transformers whose apply_chat_template has "
+                           "sanitize_control_tokens (5.25 has it; the lock installs it). Fix: pip install -r "
+                           "requirements.lock, or leave data.sanitize_control_tokens off.")
+    return chat_template_utils
+
+
+def chat_control_tokens(tokenizer: Any, source: str) -> tuple[str, ...]:
+    """The tokens `apply_chat_template(..., chat_template=source, sanitize_control_tokens=True)` encodes as
+    text where they appear in a message: the special tokens, and the added tokens the template writes
+    (or the tokenizer's `chat_control_tokens`). Where a transformers has no such option: the special
+    tokens."""
+    own = getattr(tokenizer, "_get_control_tokens", None)
+    if own is not None:
+        return tuple(own(source))
+    added = [str(token) for token in getattr(tokenizer, "added_tokens_decoder", {}).values()
+             if getattr(token, "special", False)]
+    return tuple(sorted({token for token in [*getattr(tokenizer, "all_special_tokens", ()), *added] if token}))
+
+
+def mark_control_tokens(value: Any, control_tokens: tuple[str, ...]) -> Any:
+    """A message, tool schema or template kwarg with the control tokens in its strings wrapped in
+    transformers' private markers, as `apply_chat_template(..., sanitize_control_tokens=True)` marks them
+    before rendering (`encode_marked_text` encodes what they wrap as text)."""
+    utils = _chat_template_utils()
+    control_re, _ = utils._get_control_token_patterns(tuple(control_tokens))
+    return utils.mark_control_tokens(value, control_re)
+
+
+def control_token_marks() -> tuple[str, str]:
+    """transformers' two marker characters (private-use code points) around a marked control token."""
+    utils = _chat_template_utils()
+    return utils._CONTROL_TOKEN_START, utils._CONTROL_TOKEN_END
+
+
+def control_token_markers(tokenizer: Any) -> Any:
+    """The pattern that finds a marked token (group 1) or a lone marker in a rendered text, where
+    `encode_marked_chat` splits it."""
+    _, markers_re = _chat_template_utils()._get_control_token_patterns(tuple(tokenizer.added_tokens_encoder))
+    return markers_re
+
+
+def encode_token_as_text(tokenizer: Any, token: str) -> list[int]:
+    """The ids of a control token's text spelled as plain text, as `encode_marked_chat` encodes a marked
+    token in the middle of a chat (after a newline it then removes, so SentencePiece adds no space)."""
+    utils = _chat_template_utils()
+    newline_ids = tokenizer.encode("\n", add_special_tokens=False)
+    return utils._encode_chat_piece(tokenizer, token, True, newline_ids)
+
+
 def sdpa_takes_grouped_heads(mask: Any, key: Any, value: Any) -> bool:
     """Whether SDPA may be given fewer key/value heads than query heads (`enable_gqa`) here, by
     transformers' own rule (`use_gqa_in_sdpa`): on CUDA a mask with `enable_gqa` leaves only the math

@@ -51,6 +51,9 @@ class DataConfig:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     drop_tools: bool = False  # records with tools, a template that renders none: train without them (else error)
     drop_reasoning: bool = False  # reasoning, a template that shows none: train without it (else error)
+    # control tokens in message text (a user pasting <|im_end|>) encoded as text, as apply_chat_template(...,
+    # sanitize_control_tokens=True) does; else they are the tokens themselves (counted in the account)
+    sanitize_control_tokens: bool = False
     num_workers: int = 0  # processes that render and tokenize; 0: the machine's cores
     cache_dir: str | None = None
 
@@ -70,7 +73,8 @@ class DataConfig:
         return RenderOptions(loss_on=self.loss_on, train_on_eot=self.train_on_eot, max_seq_len=max_seq_len,
                              overlong=self.overlong, unstable_history=self.unstable_history,
                              system_message=self.system_message, drop_tools=self.drop_tools,
-                             drop_reasoning=self.drop_reasoning)
+                             drop_reasoning=self.drop_reasoning,
+                             sanitize_control_tokens=self.sanitize_control_tokens)
 
 
 @dataclass

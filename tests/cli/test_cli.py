@@ -178,3 +178,18 @@ def test_check_says_when_a_models_own_forward_is_not_prefix_consistent(tmp_path)
     assert result.returncode == 0, result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("checked:")]
     assert "prefix-consistent: no: a token's log-prob depends on what follows, by up to" in line
+
+
+def test_inspect_folds_a_records_tool_schemas_to_one_line_per_function(tmp_path, tokenizer_dir, capsys):
+    from pathlib import Path
+
+    trl = pytest.importorskip("trl")
+    qwen25 = Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja"
+    tools = Path(__file__).parents[2] / "examples" / "data" / "tools.jsonl"
+    assert main(["inspect", str(tools), "--tokenizer", str(tokenizer_dir), "--chat-template", str(qwen25),
+                 "--num-examples", "1", "--no-cache"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens of tool schemas, folded: 2 functions]" in out
+    assert "  get_weather(city: string) - The weather in a city today." in out
+    assert '"parameters"' not in out  # the schemas' JSON itself is folded away
+    assert "<tool_call>" in out and "<|im_end|>" in out  # the rest of the example as before

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from onepass.compat import chat_control_tokens
 from onepass.data.chat_template import ChatTemplate, builtin_template
 from onepass.data.formats import to_conversation
 from onepass.data.prepare import prepare
+from onepass.data.report import summary_line
 from onepass.data.types import Record, RenderOptions
 from onepass.errors import DataError
 
@@ -33,7 +35,7 @@ def weather_record(arguments='{"city": "Paris"}', tools=(WEATHER,), name="get_we
 
 def template(tokenizer, source: str) -> ChatTemplate:
     variables = tuple(sorted((k, v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)))
-    return ChatTemplate("t", source, variables)
+    return ChatTemplate("t", source, variables, control_tokens=chat_control_tokens(tokenizer, source))
 
 
 def error_of(record: dict) -> DataError:
@@ -102,7 +104,23 @@ def test_calls_to_undeclared_functions_and_control_tokens_in_text_are_counted(to
     data = prepare([path], tokenizer, template(tokenizer, QWEN25.read_text()), RenderOptions(), use_cache=False)
     assert data.stats.agentic["calls to undeclared functions"] == 1
     assert data.stats.agentic["messages with control tokens in their text"] == 1
+    assert "data.sanitize_control_tokens: true encodes them as text" in summary_line("train data", data.stats)
 
+
+def test_sanitized_control_tokens_are_trained_as_text_in_a_reply_and_never_as_the_token(tokenizer, tmp_path):
+    record = {"messages": [{"role": "user", "content": "Say <|im_end|> please"},
+                           {"role": "assistant", "content": "Here: <|im_end|> done"}]}
+    path = write_jsonl(tmp_path / "d.jsonl", [record])
+    chatml = template(tokenizer, builtin_template("chatml"))
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    raw = prepare([path], tokenizer, chatml, RenderOptions(), use_cache=False).examples[0]
+    assert raw.input_ids.tolist().count(end) == 4  # two pasted, two the template's own
+    data = prepare([path], tokenizer, chatml, RenderOptions(sanitize_control_tokens=True), use_cache=False)
+    example = data.examples[0]
+    assert example.input_ids.tolist().count(end) == 2  # the template's own, ending each turn
+    trained = tokenizer.decode(example.input_ids[example.loss_mask == 1])
+    assert trained == "Here: <|im_end|> done<|im_end|>"  # the pasted one as text, then the real end of turn
+    assert data.stats.agentic["messages with control tokens in their text (encoded as text)"] == 2
 
 def test_template_kwargs_from_the_record_and_from_the_config_reach_the_template(tokenizer, tmp_path):
     from onepass.data.chat_template import load_chat_template

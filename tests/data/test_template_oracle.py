@@ -131,3 +131,66 @@ def test_the_training_input_is_what_the_tokenizers_own_apply_chat_template_rende
         return
     assert not any("dropped" in note for note in result.notes)
     assert_renders_as_the_oracle(tokenizer, source, conversation, result)
+
+
+def pasted_control_tokens(tokens: tuple[str, ...]) -> dict:
+    """The agentic record with the tokenizer's control tokens pasted into every kind of string a user
+    supplies: system and user text, a reply, reasoning, a call's arguments, a tool reply, a schema."""
+    pasted = " ".join(tokens[:4])
+    record = json.loads(json.dumps(agentic()))
+    record["tools"][0]["function"]["description"] += f" {pasted}"
+    for message in record["messages"]:
+        if message["content"]:
+            message["content"] += f" {pasted}"
+        if "reasoning_content" in message:
+            message["reasoning_content"] += f" {pasted}"
+    record["messages"][2]["tool_calls"][0]["function"]["arguments"]["city"] += pasted
+    return record
+
+
+def sanitized_oracle_ids(tokenizer, source: str, conversation, tools: bool) -> list[int]:
+    template = ChatTemplate("oracle", source, variables(tokenizer))
+    messages = template.adapt([m.to_template() for m in conversation.messages])
+    out = tokenizer.apply_chat_template(messages, tools=list(conversation.tools) if tools and conversation.tools
+                                        else None, chat_template=source, tokenize=True,
+                                        sanitize_control_tokens=True, return_dict=False)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def without_trailing_space(tokenizer, ids: list[int]) -> list[int]:
+    while ids and not tokenizer.decode(ids[-1:]).strip():
+        ids = ids[:-1]
+    return ids
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_with_sanitize_control_tokens_the_token_ids_are_apply_chat_templates_with_that_option(tokenizer, name):
+    """A user pasting `<|im_end|>` into any string: with data.sanitize_control_tokens, onepass's token ids
+    are `apply_chat_template(..., tokenize=True, sanitize_control_tokens=True)`'s, to the id."""
+    from onepass.compat import chat_control_tokens
+    from onepass.data.render import tokenize_rendered
+
+    source = (CORPUS / f"{name}.jinja").read_text()
+    tokens = chat_control_tokens(tokenizer, source)
+    record = pasted_control_tokens(tokens)
+    conversation = to_conversation(Record("d.jsonl", "line 1", record), "messages")
+    template = ChatTemplate("t", source, variables(tokenizer), control_tokens=tokens)
+    options = RenderOptions(sanitize_control_tokens=True, drop_tools=True, drop_reasoning=True)
+    try:
+        expected = sanitized_oracle_ids(tokenizer, source, conversation, tools=True)
+    except Exception:  # the template itself refuses the record: so does onepass
+        with pytest.raises((TemplateRenderError, DataError)):
+            render_conversation(conversation, template, options, tokenizer.eos_token)
+        return
+    result = render_conversation(conversation, template, options, tokenizer.eos_token)
+    if any("reasoning dropped" in note for note in result.notes):
+        conversation = without_reasoning(conversation)
+    tools = not any("tool schemas dropped" in note for note in result.notes)
+    if not tools or any("reasoning dropped" in note for note in result.notes):
+        expected = sanitized_oracle_ids(tokenizer, source, conversation, tools)
+    ids, _ = tokenize_rendered(tokenizer, [result.texts[-1]])[0]  # a tree's last path is the whole conversation
+    assert result.texts[-1].marked
+    if result.tree or result.split:
+        assert without_trailing_space(tokenizer, ids.tolist()) == without_trailing_space(tokenizer, expected)
+    else:
+        assert ids.tolist() == expected

@@ -31,8 +31,24 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         write_json_lines(data, sys.stdout)
     else:
-        print_report(data, tokenizer, num_examples=args.num_examples)
+        print_report(data, tokenizer, num_examples=args.num_examples, folds=_tool_folds(args, data, tokenizer))
     return 0
+
+
+def _tool_folds(args: argparse.Namespace, data: Any, tokenizer: Any) -> dict:
+    """The shown examples' tool schemas, folded to one line per function (their records read again)."""
+    from onepass.data.chat_template import load_chat_template
+    from onepass.data.prepare import iter_conversations
+    from onepass.data.report import tool_folds
+    from onepass.data.stats import Stats
+
+    shown = data.examples[:args.num_examples]
+    if not data.stats.agentic.get("records with tools") or not len(shown):
+        return {}
+    data_config = _data_config(args)
+    template = load_chat_template(tokenizer, data_config.chat_template, data_config.chat_template_kwargs)
+    conversations = iter_conversations(data_config.train_paths(), data_config.format, "skip", Stats(), [])
+    return tool_folds(list(shown), conversations, tokenizer, template, data_config.render_options(args.max_seq_len))
 
 
 def run_prepare(args: argparse.Namespace) -> int:

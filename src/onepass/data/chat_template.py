@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from onepass.compat import JinjaRenderer
+from onepass.compat import JinjaRenderer, chat_control_tokens
 from onepass.errors import OnepassError, TemplateRenderError
 
 BUILTIN_TEMPLATES = ("chatml", "llama3", "gemma", "mistral", "qwen3")
@@ -35,6 +35,9 @@ class ChatTemplate:
     # where a template writes nothing after a response, the stop token that follows is its end of turn.
     stop_texts: tuple[str, ...] = ()
     tools: tuple[dict[str, Any], ...] | None = None  # the tool schemas of the conversation being rendered
+    # The tokens `apply_chat_template(..., sanitize_control_tokens=True)` would encode as text in a message
+    # (the special tokens, and the added tokens this template writes): counted, and sanitized on request.
+    control_tokens: tuple[str, ...] = ()
 
     def variable(self, name: str) -> Any:
         """A special token or template kwarg the template sees (eos_token, enable_thinking, ...), or None."""
@@ -77,7 +80,8 @@ def as_text_parts(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def with_json_arguments(message: dict[str, Any]) -> dict[str, Any]:
-    """Tool-call arguments as a JSON string (data holds them as a dict, the Hugging Face convention)."""
+    """Tool-call arguments as a JSON string (data holds them as a dict, the Hugging Face convention), its
+    text as written (like the templates' `tojson`), so that marked control tokens stay marked."""
     calls = message.get("tool_calls")
     if not calls:
         return message
@@ -85,7 +89,8 @@ def with_json_arguments(message: dict[str, Any]) -> dict[str, Any]:
     for call in calls:
         function = call.get("function") if isinstance(call, dict) else None
         if isinstance(function, dict) and isinstance(function.get("arguments"), dict):
-            call = {**call, "function": {**function, "arguments": json.dumps(function["arguments"])}}
+            arguments = json.dumps(function["arguments"], ensure_ascii=False)
+            call = {**call, "function": {**function, "arguments": arguments}}
         converted.append(call)
     return {**message, "tool_calls": converted}
 
@@ -169,7 +174,8 @@ def load_chat_template(tokenizer: Any, chat_template: str | None = None,
                            f"one ({', '.join(BUILTIN_TEMPLATES)}), e.g. --chat-template chatml.")
     variables = {key: value for key, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
     variables.update(kwargs or {})
-    return ChatTemplate(name, source, template_variables(variables), stop_texts(tokenizer))
+    return ChatTemplate(name, source, template_variables(variables), stop_texts(tokenizer),
+                        control_tokens=chat_control_tokens(tokenizer, source))
 
 
 def stop_texts(tokenizer: Any) -> tuple[str, ...]:

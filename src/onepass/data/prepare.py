@@ -136,15 +136,16 @@ def _render_chunk(tokenizer: Any, template: ChatTemplate, options: RenderOptions
 def _render_units(conversations: list[Conversation], tokenizer: Any, template: ChatTemplate, options: RenderOptions,
                   on_bad_record: OnBadRecord, stats: Stats, rejects: list[dict[str, Any]]) -> list[_Unit]:
     units = []
-    controls = control_tokens(tokenizer)
+    controls = template.control_tokens
     marks = has_generation_marks(template)
     for conversation in conversations:
         if controls and isinstance(conversation, ChatConversation):  # a user pasting `<|im_end|>`: counted
             texts = [message.content for message in conversation.messages]
             everything = "\n".join(texts)  # one scan per token for the whole conversation, mostly all it takes
             if any(token in everything for token in controls):
-                stats.agentic["messages with control tokens in their text"] += sum(
-                    any(token in text for token in controls) for text in texts)
+                found = sum(any(token in text for token in controls) for text in texts)
+                stats.agentic["messages with control tokens in their text" + (
+                    " (encoded as text)" if options.sanitize_control_tokens else "")] += found
         try:
             result = render_conversation(conversation, template, options, tokenizer.eos_token)
         except DataError as error:  # tools or reasoning the template cannot show
@@ -179,14 +180,6 @@ def _render_units(conversations: list[Conversation], tokenizer: Any, template: C
         else:
             units += [_Unit(conversation, (text,)) for text in result.texts]
     return units
-
-
-def control_tokens(tokenizer: Any) -> tuple[str, ...]:
-    """The texts of the tokenizer's special tokens (a message's text holding one is tokenized as that
-    token, not as text)."""
-    added = [str(token) for token in getattr(tokenizer, "added_tokens_decoder", {}).values()
-             if getattr(token, "special", False)]
-    return tuple(sorted({token for token in [*getattr(tokenizer, "all_special_tokens", ()), *added] if token}))
 
 
 def _overlong_error(conversation: Conversation, length: str, options: RenderOptions) -> OnepassError:

@@ -13,6 +13,11 @@ How trained spans are found, without `{% generation %}` markers or marker token 
    one tree example, shared prefixes computed once, see tree.py), error, warn (train on T as
    rendered), or split (one example per assistant turn, each with its inference-time context).
 4. T is tokenized once with character offsets; a token is trained when it overlaps a trained span.
+
+With `sanitize_control_tokens`, the control tokens inside a conversation's strings are wrapped in
+transformers' markers before rendering (as `apply_chat_template(..., sanitize_control_tokens=True)`
+does), spans are found in the marked text, and `tokenize_rendered` encodes what the markers wrap as
+plain text, the rest as usual.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from onepass.compat import GENERATION_TAG, REASONING_KEYS, generation_marks, template_messages
+from onepass.compat import (GENERATION_TAG, REASONING_KEYS, control_token_marks, control_token_markers,
+                            encode_token_as_text,
+                            generation_marks, mark_control_tokens, template_messages)
 from onepass.data.chat_template import ChatTemplate
 from onepass.data.types import (ChatConversation, Conversation, RawConversation, RenderedText, RenderOptions,
                                 Span)
-from onepass.errors import DataError, TemplateError
+from onepass.errors import DataError, OnepassError, TemplateError
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,24 @@ def render_conversation(conversation: Conversation, template: ChatTemplate, opti
         return RenderResult((_render_raw(conversation, eos_token),))
     if options.system_message == "fold":
         conversation = fold_system_message(conversation)
-    return _render_chat(conversation, template, options)
+    if not (options.sanitize_control_tokens and template.control_tokens):
+        return _render_chat(conversation, template, options)
+    result = _render_chat(_with_marked_control_tokens(conversation, template.control_tokens), template, options)
+    marks = control_token_marks()
+    texts = tuple(dataclasses.replace(text, marked=True) if any(m in text.text for m in marks) else text
+                  for text in result.texts)
+    return dataclasses.replace(result, texts=texts)
+
+
+def _with_marked_control_tokens(conversation: ChatConversation, tokens: tuple[str, ...]) -> ChatConversation:
+    """The conversation with the control tokens in its messages, tools and template kwargs marked as
+    transformers marks them (`compat.mark_control_tokens`), to be encoded as text."""
+    messages = tuple(dataclasses.replace(
+        message, content=mark_control_tokens(message.content, tokens), extra=mark_control_tokens(message.extra, tokens),
+        tool_calls=mark_control_tokens(message.tool_calls, tokens)) for message in conversation.messages)
+    return dataclasses.replace(conversation, messages=messages,
+                               tools=mark_control_tokens(conversation.tools, tokens),
+                               template_kwargs=mark_control_tokens(conversation.template_kwargs, tokens))
 
 
 def fold_system_message(conversation: ChatConversation) -> ChatConversation:
@@ -168,6 +192,22 @@ def as_the_template_sees_it(conversation: ChatConversation, template: ChatTempla
     if any(message.extra for message in conversation.messages):  # else there is nothing to normalise
         messages = template_messages(messages)
     return template, messages, dropped
+
+
+def tools_block(conversation: ChatConversation, template: ChatTemplate,
+                options: RenderOptions = RenderOptions()) -> tuple[str, int, int] | None:
+    """The conversation's render and the characters [start, end) in it that its tool schemas add (what
+    differs from the render without them), for `inspect` to fold; None without tools shown."""
+    if not conversation.tools:
+        return None
+    own, messages, dropped = as_the_template_sees_it(conversation, template, options)
+    if dropped or own.tools is None:
+        return None
+    with_tools = own.render(messages)
+    without = own.for_conversation(None, conversation.template_kwargs).render(messages)
+    start = _common_prefix(with_tools, without)
+    end = len(with_tools) - _common_prefix(with_tools[start:][::-1], without[start:][::-1])
+    return (with_tools, start, end) if end > start else None
 
 
 def _unshown_reasoning(conversation: ChatConversation, turns: list[TurnRender]) -> str | None:
@@ -442,11 +482,15 @@ def _relocate_in_full(conversation: ChatConversation, full: str, turns: list[Tur
 
 
 def tokenize_rendered(tokenizer: Any, rendered: list[RenderedText]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Token ids and character offsets for each text, in one batched call of the Rust tokenizer."""
+    """Token ids and character offsets for each text, in one batched call of the Rust tokenizer (a text
+    with marked control tokens, piece by piece: `_encode_marked`)."""
     backend = tokenizer.backend_tokenizer
     results: list[tuple[np.ndarray, np.ndarray]] = [None] * len(rendered)  # type: ignore[list-item]
+    marked = {i for i, item in enumerate(rendered) if item.marked}
+    for i in marked:
+        results[i] = _encode_marked(tokenizer, rendered[i].text)
     for add_special in (False, True):
-        indices = [i for i, item in enumerate(rendered) if item.add_special_tokens == add_special]
+        indices = [i for i, item in enumerate(rendered) if item.add_special_tokens == add_special and i not in marked]
         if not indices:
             continue
         encodings = backend.encode_batch([rendered[i].text for i in indices], add_special_tokens=add_special)
@@ -455,6 +499,47 @@ def tokenize_rendered(tokenizer: Any, rendered: list[RenderedText]) -> list[tupl
             offsets = np.fromiter(flat, dtype=np.int64, count=2 * len(encoding.offsets)).reshape(-1, 2)
             results[i] = (np.fromiter(encoding.ids, dtype=np.int32, count=len(encoding.ids)), offsets)
     return results
+
+
+def _encode_marked(tokenizer: Any, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """Ids and offsets of a text rendered from marked strings, as transformers' `encode_marked_chat`
+    encodes it: split at each marked token and lone marker; the first piece encoded as it is, each later
+    one after a newline that is then removed (so SentencePiece adds no space); a marked token spelled as
+    plain text, its tokens all at the token's characters (in the message whose text holds it)."""
+    markers = control_token_markers(tokenizer)
+    backend = tokenizer.backend_tokenizer
+    newline = backend.encode("\n", add_special_tokens=False).ids
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+
+    def plain(piece: str, at: int, first: bool) -> None:
+        if not piece:
+            return
+        encoding = backend.encode(piece if first else "\n" + piece, add_special_tokens=False)
+        shift = 0 if first else -1
+        if not first and encoding.ids[:len(newline)] == newline:
+            pairs = list(zip(encoding.ids, encoding.offsets))[len(newline):]
+        else:
+            encoding = backend.encode(piece, add_special_tokens=False) if not first else encoding
+            pairs, shift = list(zip(encoding.ids, encoding.offsets)), 0
+        ids.extend(token for token, _ in pairs)
+        offsets.extend((at + start + shift, at + end + shift) for _, (start, end) in pairs)
+
+    cursor = 0
+    for match in markers.finditer(text):
+        plain(text[cursor:match.start()], cursor, first=cursor == 0)
+        token = match.group(1)
+        if token:
+            as_text = encode_token_as_text(tokenizer, token)
+            if tokenizer.convert_tokens_to_ids(token) in as_text:
+                raise OnepassError(f"cannot sanitize {token!r}: the tokenizer makes that token from plain text, so "
+                                   "it cannot be encoded as text. Fix: set data.sanitize_control_tokens: false.")
+            token_start = match.start(1)
+            ids.extend(as_text)
+            offsets.extend([(token_start, token_start + len(token))] * len(as_text))
+        cursor = match.end()
+    plain(text[cursor:], cursor, first=cursor == 0)
+    return np.asarray(ids, dtype=np.int32), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
 
 
 def mask_tokens(rendered: RenderedText, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

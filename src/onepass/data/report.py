@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, TextIO
+
+import numpy as np
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from onepass.data.cache import PreparedData
+from onepass.data.chat_template import ChatTemplate
+from onepass.data.render import tokenize_rendered, tools_block
 from onepass.data.stats import Stats, describe_generation_marks
-from onepass.data.types import Example
+from onepass.data.types import ChatConversation, Conversation, Example, RenderedText, RenderOptions
 from onepass.errors import OnepassError
 
 TURN_COLOURS = ("green", "cyan", "magenta", "yellow", "blue")
@@ -57,11 +64,71 @@ def _reasons(counts: dict[str, int]) -> str:
     return f"{total:,}: " + ", ".join(f"{reason} ×{count}" for reason, count in sorted(counts.items()))
 
 
-def coloured_example(example: Example, tokenizer: Any) -> Text:
-    """The example's text, trained tokens coloured by turn, the rest dimmed."""
+@dataclass(frozen=True)
+class Fold:
+    """Tokens [first, last) of an example shown as a few lines instead (a record's tool schemas)."""
+
+    first: int
+    last: int
+    lines: tuple[str, ...]
+
+
+def tool_line(tool: dict[str, Any]) -> str:
+    """One function schema as one line: `name(arg: type, optional?: type) - description`."""
+    function = tool.get("function", tool) if isinstance(tool, dict) else {}
+    parameters = function.get("parameters") if isinstance(function.get("parameters"), dict) else {}
+    properties = parameters.get("properties") if isinstance(parameters.get("properties"), dict) else {}
+    required = set(parameters.get("required") or ())
+    arguments = ", ".join(f"{name}{'' if name in required else '?'}: "
+                          f"{schema.get('type', 'any') if isinstance(schema, dict) else 'any'}"
+                          for name, schema in properties.items())
+    description = str(function.get("description") or "").strip().splitlines()
+    return f"{function.get('name', '?')}({arguments})" + (f" - {description[0]}" if description else "")
+
+
+def tool_folds(examples: Sequence[Example], conversations: Iterable[Conversation], tokenizer: Any,
+               template: ChatTemplate, options: RenderOptions, scan_limit: int = 10_000) -> dict[int, Fold]:
+    """For each example with tool schemas (found among the first `scan_limit` conversations by file and
+    line), the tokens its schemas render to, folded to one line per function."""
+    wanted = {(example.source, example.where): index for index, example in enumerate(examples)}
+    folds: dict[int, Fold] = {}
+    for conversation in itertools.islice(conversations, scan_limit):
+        index = wanted.pop((conversation.source, conversation.where), None)
+        if index is not None and isinstance(conversation, ChatConversation) and conversation.tools:
+            fold = _tools_fold(examples[index], conversation, tokenizer, template, options)
+            if fold is not None:
+                folds[index] = fold
+        if not wanted:
+            break
+    return folds
+
+
+def _tools_fold(example: Example, conversation: ChatConversation, tokenizer: Any, template: ChatTemplate,
+                options: RenderOptions) -> Fold | None:
+    found = tools_block(conversation, template, options)
+    if found is None:
+        return None
+    text, start, end = found
+    [(ids, offsets)] = tokenize_rendered(tokenizer, [RenderedText(text, ())])
+    first = int(np.searchsorted(offsets[:, 1], start, side="right"))  # the first token ending after start
+    last = int(np.searchsorted(offsets[:, 0], end, side="left"))  # the first token starting at or after end
+    if last <= first or ids[:last].tolist() != example.input_ids[:last].tolist():
+        return None  # the example is not this render (truncated, sanitized, ...): shown unfolded
+    lines = tuple(tool_line(tool) for tool in conversation.tools or ())
+    return Fold(first, last, (f"[{last - first} tokens of tool schemas, folded: {len(lines)} functions]",
+                              *(f"  {line}" for line in lines)))
+
+
+def coloured_example(example: Example, tokenizer: Any, fold: Fold | None = None) -> Text:
+    """The example's text, trained tokens coloured by turn, the rest dimmed; the tokens of `fold`
+    shown as its lines."""
     text = Text()
-    for token_id, trained, turn in zip(example.input_ids.tolist(), example.loss_mask.tolist(),
-                                       example.turn.tolist()):
+    for index, (token_id, trained, turn) in enumerate(zip(example.input_ids.tolist(), example.loss_mask.tolist(),
+                                                          example.turn.tolist())):
+        if fold is not None and fold.first <= index < fold.last:
+            if index == fold.first:
+                text.append("\n" + "\n".join(fold.lines) + "\n", style="italic")
+            continue
         piece = tokenizer.decode([token_id])
         if trained:
             text.append(piece, style=f"bold {TURN_COLOURS[max(turn, 0) % len(TURN_COLOURS)]}")
@@ -70,7 +137,8 @@ def coloured_example(example: Example, tokenizer: Any) -> Text:
     return text
 
 
-def print_report(data: PreparedData, tokenizer: Any, num_examples: int = 2, console: Console | None = None) -> None:
+def print_report(data: PreparedData, tokenizer: Any, num_examples: int = 2, console: Console | None = None,
+                 folds: dict[int, Fold] | None = None) -> None:
     console = console or Console()
     if data.from_cache:
         console.print(f"[bold]loaded prepared data from cache[/bold] {data.cache_path} (inputs unchanged)")
@@ -78,7 +146,7 @@ def print_report(data: PreparedData, tokenizer: Any, num_examples: int = 2, cons
     for index, example in enumerate(data.examples[:num_examples]):
         console.rule(f"example {index} ({example.source}, {example.where}): "
                      f"{len(example)} tokens, {example.num_trained_tokens} trained (coloured)")
-        console.print(coloured_example(example, tokenizer))
+        console.print(coloured_example(example, tokenizer, (folds or {}).get(index)))
 
 
 def write_json_lines(data: PreparedData, stream: TextIO) -> None:
@@ -99,9 +167,13 @@ def summary_line(name: str, stats: Stats) -> str:
         parts.append(f"truncated {stats.truncated:,}")
     if stats.generation_marks:
         parts.append(describe_generation_marks(stats))
-    for what in ("calls to undeclared functions", "messages with control tokens in their text"):
+    for what in ("calls to undeclared functions", "messages with control tokens in their text",
+                 "messages with control tokens in their text (encoded as text)"):
         if stats.agentic[what]:
             parts.append(f"{what} {stats.agentic[what]:,}")
+    if stats.agentic["messages with control tokens in their text"]:
+        parts.append("(they are trained as the tokens themselves; data.sanitize_control_tokens: true encodes "
+                     "them as text)")
     return "; ".join(parts)
 
 

@@ -102,6 +102,7 @@ class RenderOptions:
     system_message: SystemMessage = "keep"  # fold: into the first user message, for templates without a system role
     drop_tools: bool = False  # a template that renders no tool schemas: train without them (else an error)
     drop_reasoning: bool = False  # a template that shows no reasoning: train without it (else an error)
+    sanitize_control_tokens: bool = False  # control tokens in message text encoded as text (see render.py)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class RenderedText:
     train_all: bool = False  # loss_on == "all": every token is trained
     add_special_tokens: bool = False  # raw text: the tokenizer adds its own BOS; templates write theirs
     cut_anywhere: bool = False  # plain text may be truncated at any token
+    marked: bool = False  # holds control tokens marked to be encoded as text (sanitize_control_tokens)
 
 
 @dataclass(frozen=True)
