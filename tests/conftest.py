@@ -26,6 +26,14 @@ def tokenizer(tokenizer_dir):
     return load_tokenizer(tokenizer_dir)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def library_logs_on_stderr():
+    """The library's log lines on stderr, as the command line shows them (tests read them with capsys)."""
+    from onepass.cli.main import show_logs
+
+    show_logs()
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ONEPASS_CACHE", str(tmp_path / "cache"))

@@ -30,6 +30,11 @@ class ActivationCasts(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def with_cast_once(model):
+    cast_once(model)
+    return model
+
+
 def tiny(seed: int = 0):
     return use_packed_attention(build_model(None, vocab_size=100, hidden_size=HIDDEN, seed=seed))
 
@@ -107,7 +112,7 @@ def test_a_tensor_changed_in_place_between_two_readers_is_cast_again():
 
 
 def test_rotary_tables_come_in_the_compute_dtype_under_autocast_only():
-    model = cast_once(tiny())
+    model = with_cast_once(tiny())
     rotary = next(module for module in model.modules() if is_rotary(module))
     x, positions = torch.randn(1, 5, HIDDEN), torch.arange(5)[None]
     assert {t.dtype for t in rotary(x, positions)} == {torch.float32}
@@ -118,7 +123,7 @@ def test_rotary_tables_come_in_the_compute_dtype_under_autocast_only():
 def test_outside_autocast_the_hooks_change_nothing():
     ids = torch.randint(3, 100, (2, 24))
     plain_logits, plain_grads = forward_backward(tiny(), ids, autocast=False)
-    hooked_logits, hooked_grads = forward_backward(cast_once(tiny()), ids, autocast=False)
+    hooked_logits, hooked_grads = forward_backward(with_cast_once(tiny()), ids, autocast=False)
     assert torch.equal(plain_logits, hooked_logits)
     assert all(torch.equal(hooked_grads[name], grad) for name, grad in plain_grads.items())
 
@@ -126,21 +131,21 @@ def test_outside_autocast_the_hooks_change_nothing():
 def test_with_both_casts_bf16_logits_still_track_fp32():
     ids = torch.randint(3, 100, (2, 24))
     reference, _ = forward_backward(tiny(), ids, autocast=False)
-    logits, _ = forward_backward(cast_once(tiny()), ids)
+    logits, _ = forward_backward(with_cast_once(tiny()), ids)
     torch.testing.assert_close(logits, reference, rtol=0, atol=0.05 * reference.abs().max().item())
 
 
 def test_the_training_model_shares_casts_under_bf16_only(run_assets, tmp_path):
     from conftest import make_config
 
-    from onepass.accel.cast_once import HOOKED
-    from onepass.train.model import build_model as build_training_model
+    from onepass.accel.cast_once import shares_input_casts
+    from onepass.train.handle import build_model as build_training_model
 
     for precision, hooked in (("bf16", True), ("fp32", False)):
         config = make_config(run_assets, tmp_path / precision, f"precision={precision}")
-        model = build_training_model(config, torch.device("cpu"))
+        model = build_training_model(config, torch.device("cpu")).model
         linear = next(module for module in model.modules() if isinstance(module, torch.nn.Linear))
-        assert getattr(model, HOOKED, False) is hooked
+        assert shares_input_casts(model) is hooked
         assert any(isinstance(hook, SharedInputCast) for hook in linear._forward_pre_hooks.values()) is hooked
 
 

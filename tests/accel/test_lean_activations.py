@@ -8,11 +8,17 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from onepass.demo.tiny import build_model
-from onepass.accel.lean_activations import RMSNormFunction, SavedBytes, SwiGLUFunction, lean_activations
+from onepass.accel.lean_activations import (RMSNormFunction, SavedBytes, SwiGLUFunction, installed_modules,
+                                            lean_activations)
 from onepass.accel.cast_once import cast_once
 from onepass.train.model import use_packed_attention
 
 HIDDEN, INTERMEDIATE, LAYERS = 64, 160, 2
+
+
+def with_cast_once(model):
+    cast_once(model)
+    return model
 
 
 def tiny():
@@ -40,7 +46,8 @@ def test_lean_norms_and_mlps_compute_the_same_forward_pass_and_the_same_gradient
     ids = torch.randint(3, 100, (2, 24))
     plain_logits, plain_grads = forward_backward(tiny(), ids, autocast=False)
     model = tiny()
-    assert lean_activations(model) == 3 * LAYERS + 1  # two norms and an MLP a layer, and the final norm
+    lean_activations(model)
+    assert len(installed_modules(model)) == 3 * LAYERS + 1  # two norms and an MLP a layer, and the final norm
     lean_logits, lean_grads = forward_backward(model, ids, autocast=False)
     assert torch.equal(plain_logits, lean_logits)
     for name, grad in plain_grads.items():
@@ -49,10 +56,10 @@ def test_lean_norms_and_mlps_compute_the_same_forward_pass_and_the_same_gradient
 
 def test_lean_norms_and_mlps_compute_the_same_forward_pass_and_the_same_gradients_under_bf16_autocast():
     ids = torch.randint(3, 100, (2, 24))
-    plain_logits, plain_grads = forward_backward(cast_once(tiny()), ids, autocast=True)
+    plain_logits, plain_grads = forward_backward(with_cast_once(tiny()), ids, autocast=True)
     model = tiny()
     lean_activations(model)
-    lean_logits, lean_grads = forward_backward(cast_once(model), ids, autocast=True)
+    lean_logits, lean_grads = forward_backward(with_cast_once(model), ids, autocast=True)
     assert torch.equal(plain_logits, lean_logits)
     for name, grad in plain_grads.items():  # the same bf16 roundings; only the fp32 norm's sums may differ
         torch.testing.assert_close(lean_grads[name], grad, rtol=1e-2, atol=1e-3 * grad.abs().max().item())
@@ -113,9 +120,11 @@ def test_a_norm_with_other_arithmetic_and_a_lora_wrapped_mlp_keep_their_own_forw
     gemma = AutoModelForCausalLM.from_config(GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                                          num_hidden_layers=1, num_attention_heads=4,
                                                          num_key_value_heads=2, head_dim=8))
-    assert lean_activations(gemma) == 0  # Gemma's norm scales by 1 + weight, its MLP runs GELU
+    lean_activations(gemma)
+    assert installed_modules(gemma) == []  # Gemma's norm scales by 1 + weight, its MLP runs GELU
     lora = get_peft_model(tiny(), LoraConfig(r=4, target_modules=["down_proj"], task_type="CAUSAL_LM"))
-    assert lean_activations(lora) == 2 * LAYERS + 1  # the norms only
+    lean_activations(lora)
+    assert len(installed_modules(lora)) == 2 * LAYERS + 1  # the norms only
     mlp = lora.get_base_model().model.layers[0].mlp
     assert "forward" not in vars(mlp)
 
@@ -124,12 +133,12 @@ def test_the_training_model_keeps_fewer_activations_and_no_weight_copies_unless_
     """Under activation checkpointing one layer's activations are alive at a time: nothing to gain."""
     from conftest import make_config
 
-    from onepass.train.model import build_model as build_training_model
+    from onepass.train.handle import build_model as build_training_model
 
     for checkpointing, lean in (("false", True), ("true", False)):
         config = make_config(run_assets, tmp_path / checkpointing, "precision=bf16",
                              f"gradient_checkpointing={checkpointing}")
-        model = build_training_model(config, torch.device("cpu"))
+        model = build_training_model(config, torch.device("cpu")).model
         replaced = [type(m).__name__ for m in model.modules() if "forward" in vars(m)]
         assert any(name.endswith("RMSNorm") for name in replaced) is lean
         assert any(name.endswith("MLP") for name in replaced) is lean
@@ -142,13 +151,37 @@ def test_installed_accelerations_stay_installed_through_train_and_eval_switches(
     would then be untrue. onepass loads the model's own modules (compat.own_modules_load_kwargs)."""
     from conftest import make_config
 
-    from onepass.train.model import build_model as build_training_model
+    from onepass.train.handle import build_model as build_training_model
 
     config = make_config(run_assets, tmp_path, "precision=bf16", "accelerations=[lean-activations,cast-once]")
-    model = build_training_model(config, torch.device("cpu"))
+    model = build_training_model(config, torch.device("cpu")).model
     installed = {name: module.forward for name, module in model.named_modules() if "forward" in vars(module)}
     assert any(name.endswith("norm") for name in installed) and any(name.endswith("mlp") for name in installed)
     model.train()
     model.eval()
     model.train()
     assert {name: module.forward for name, module in model.named_modules() if "forward" in vars(module)} == installed
+
+
+def test_restoring_the_handle_gives_the_model_back_its_own_modules_hooks_and_attention(run_assets, tmp_path):
+    """What onepass installs is held by the handle, not the model: after `restore()` no module has a
+    forward of its own, no hook is left, the attention is the one the model came with, and no attribute
+    named onepass is on the model or any of its modules."""
+    from conftest import make_config
+
+    from onepass.compat import attention_implementation
+    from onepass.train.handle import prepare_for_training
+
+    config = make_config(run_assets, tmp_path, "precision=bf16")
+    model = tiny()
+    model.set_attn_implementation("eager")
+    parameters = {name: p.detach().clone() for name, p in model.named_parameters()}
+    handle = prepare_for_training(model, config, torch.device("cpu"))
+    assert handle.accelerations.names and any("forward" in vars(m) for m in model.modules())
+    assert attention_implementation(model).startswith("onepass_packed")
+    assert handle.restore() is model
+    assert attention_implementation(model) == "eager"
+    for module in model.modules():
+        assert "forward" not in vars(module) and not module._forward_hooks and not module._forward_pre_hooks
+        assert not [name for name in vars(module) if "onepass" in name.lower()]
+    assert all(torch.equal(p, parameters[name]) for name, p in model.named_parameters())

@@ -157,13 +157,15 @@ def test_scoring_equals_the_models_own_forward_on_each_turns_prefix_even_where_i
     from transformers import AutoModelForCausalLM
 
     from onepass.score.scoring import score_file, turn_prefixes
-    from onepass.train.check import check_packing, own_forward_logprobs
+    from onepass.train.check import apply_check, check_packing, own_forward_logprobs
 
     config = zoo_configs.tiny_config(name)
     config.vocab_size = len(tokenizer)
     torch.manual_seed(0)
     model = use_packed_attention(AutoModelForCausalLM.from_config(config).eval())
-    consistent = check_packing(model).prefix_consistent
+    result = check_packing(model)
+    apply_check(model, result.packing, result.attention)
+    consistent = result.prefix_consistent
     assert consistent is (name == "llama")
     template = load_chat_template(tokenizer, "chatml")
     path = tmp_path / "chat.jsonl"

@@ -176,8 +176,10 @@ def torchrun_script(tmp_path, text, *args, timeout=300):
 MAIN_FIRST_SCRIPT = """
 import sys, time
 import torch.distributed as dist
+from onepass.cli.main import show_logs
 from onepass.train import distributed
 
+show_logs()  # the library's log lines on stderr, as the command line shows them
 cluster = distributed.init(timeout_minutes=1 / 60)  # collectives give up after one second
 with distributed.main_first(cluster, notice_seconds=0.5):
     print(f"rank {cluster.rank} enters at {time.time()}", flush=True)
@@ -254,9 +256,9 @@ from onepass.train import distributed
 built = []
 build_model = run_module.build_model
 def recording_build_model(*args, **kwargs):
-    model = build_model(*args, **kwargs)
-    built.append(next(model.parameters()).device.type)
-    return model
+    handle = build_model(*args, **kwargs)
+    built.append(next(handle.model.parameters()).device.type)
+    return handle
 run_module.build_model = recording_build_model
 run = run_module.build_run(load_config(sys.argv[1]))
 rank = run.cluster.rank

@@ -71,12 +71,13 @@ def test_the_start_up_check_compares_flash_with_packed_sdpa_and_keeps_flash_wher
     model = use_fake_flash(use_packed_attention(build_model(None, vocab_size=100)))
     result = check_packing(model)
     assert result.max_difference < 2e-4 and "flash-attention varlen == packed SDPA under bf16" in result.describe()
-    assert attention_implementation(model) == "flash_attention_2" and fake_flash.calls
+    assert result.attention == "flash_attention_2" and fake_flash.calls
+    assert attention_implementation(model) == "flash_attention_2"  # the check left the model as it came
 
 
 def test_the_start_up_check_falls_back_to_packed_sdpa_where_flash_lets_conversations_leak(fake_flash):
     from onepass.compat import attention_implementation
-    from onepass.train.check import check_packing
+    from onepass.train.check import apply_check, check_packing
     from onepass.train.model import PACKED_ATTENTION
 
     fake_flash.leak = True
@@ -84,6 +85,8 @@ def test_the_start_up_check_falls_back_to_packed_sdpa_where_flash_lets_conversat
     result = check_packing(model)
     assert "flash-attention differs from packed SDPA" in result.describe() and "packed SDPA runs instead" in \
         result.describe()
+    assert result.attention == PACKED_ATTENTION and attention_implementation(model) == "flash_attention_2"
+    apply_check(model, result.packing, result.attention)  # what a run then does with it
     assert attention_implementation(model) == PACKED_ATTENTION
 
 

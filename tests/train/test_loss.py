@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from onepass import accel
 from onepass.data.types import Example
 from onepass.train.batch import collate
 from onepass.accel.fused_loss import LossWorkspace, FusedLinearNLL, fused_chunks
@@ -156,10 +157,11 @@ def test_a_tied_output_layer_gets_the_embedding_rows_added_into_the_loss_gradien
     grads, calls = [], []
     for tied in (False, True):
         model = tied_model()
-        objective = SFTObjective(model) if tied else None
-        assert (objective is not None and objective.tie is not None) or not tied
+        installed = accel.install(model, ("fused-loss", "tied-gradient") if tied else ("fused-loss",))
+        objective = SFTObjective(model, head_loss=installed.head_loss) if tied else None
+        assert (objective is not None and objective.head_loss.tie is not None) or not tied
         with Calls() as seen:
-            loss = objective(batch, 7.0)[0] if tied else sft_loss(model, batch, 7.0)[0]
+            loss = objective(batch, 7.0)[0] if tied else sft_loss(model, batch, 7.0, head_loss=installed.head_loss)[0]
             loss.backward()
         grads.append({name: p.grad for name, p in model.named_parameters()})
         calls.append(seen.names)
@@ -179,7 +181,7 @@ def test_a_compiled_trunk_leaves_a_tied_output_layer_to_autograd_with_the_same_g
     grads = []
     for compiled in (False, True):
         model = tied_model().float()
-        objective = SFTObjective(model)
+        objective = SFTObjective(model, head_loss=accel.install(model, ("fused-loss", "tied-gradient")).head_loss)
         if compiled:
             backbone_and_head(model)[0].compile()
         objective(batch, 5.0)[0].backward()

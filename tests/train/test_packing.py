@@ -122,10 +122,15 @@ def test_packed_loss_and_gradients_equal_unpacked(model):
     assert abs(packed_loss - total) < 1e-6
 
 
-def test_output_projection_sees_only_trained_positions_in_bounded_chunks(model):
+@pytest.mark.parametrize("fused", [False, True])
+def test_output_projection_sees_only_trained_positions_in_bounded_chunks(model, fused):
     """Every matmul with the vocabulary in its shape (logits, and the two gradients from them) works
-    on at most chunk_size trained positions, and the logits are made once: not recomputed in backward."""
+    on at most chunk_size trained positions; the stock head loss makes the logits again in backward
+    (checkpointed chunks), the fused one (an acceleration) makes them once."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    from onepass.accel.fused_loss import FusedHeadLoss
+    from onepass.train.loss import STOCK_HEAD_LOSS
 
     vocab = model.config.vocab_size
     logits_rows, chunk_rows = [], []
@@ -144,11 +149,12 @@ def test_output_projection_sees_only_trained_positions_in_bounded_chunks(model):
     rng = np.random.default_rng(6)
     batch = collate([random_example(rng, n) for n in (40, 70)])  # 110 tokens: no other shape equals the vocab
     with MatmulShapes():
-        sft_loss(model, batch, batch.units, chunk_size=16)[0].backward()
+        sft_loss(model, batch, batch.units, chunk_size=16,
+                 head_loss=FusedHeadLoss() if fused else STOCK_HEAD_LOSS)[0].backward()
     trained = batch.num_trained_tokens
     assert trained < batch.num_tokens
     assert max(chunk_rows) <= 16  # never a (tokens x vocabulary) tensor, whatever the prompt length
-    assert sum(logits_rows) == trained  # only trained positions, once
+    assert sum(logits_rows) == trained * (1 if fused else 2)  # only trained positions
 
 
 def _attention_and_grads(attend, q, k, v):
@@ -166,6 +172,7 @@ def test_short_blocks_under_bf16_autocast_attend_as_grouped_bf16_matmuls_equal_t
     with fewer queries than keys."""
     import torch.nn.functional as F
 
+    from onepass.accel import grouped_attention
     from onepass.accel.grouped_attention import CPU_MATH_MAX_KEYS
     from onepass.accel.grouped_attention import attention as grouped
     from onepass.train.model import _attention
@@ -175,7 +182,7 @@ def test_short_blocks_under_bf16_autocast_attend_as_grouped_bf16_matmuls_equal_t
     distance = torch.arange(20 - queries, 20)[:, None] - torch.arange(20)[None, :]
     mask = None if queries == 20 else distance >= 0
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        routed = _attention(None, q, k, v.bfloat16(), None, 0.0, None, {})
+        routed = _attention(None, q, k, v.bfloat16(), None, 0.0, None, {}, block=grouped_attention.block)
         full_mask = mask if mask is not None else distance >= 0
         got = _attention_and_grads(lambda *t: grouped(*t, full_mask, None), q, k, v)
     assert 20 <= CPU_MATH_MAX_KEYS and routed.dtype == torch.bfloat16 and torch.equal(routed, got[0])
@@ -195,7 +202,7 @@ def test_blocks_longer_than_the_matmul_limit_attend_with_sdpa(monkeypatch):
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 20, 16), torch.randn(2, 2, 20, 16), torch.randn(2, 2, 20, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = model._attention(None, q, k, v, None, 0.0, None, {})
+        got = model._attention(None, q, k, v, None, 0.0, None, {}, block=grouped_attention.block)
         expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert torch.equal(got, expected)
 

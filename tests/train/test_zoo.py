@@ -18,9 +18,10 @@ import zoo_configs
 from onepass.data.types import Example
 from onepass.errors import OnepassError
 from onepass.train.batch import collate
-from onepass.train.check import check_packing, own_forward_logprobs
+from onepass.train.check import own_forward_logprobs
+from onepass.train.handle import check_model, prepare_model
 from onepass.train.loss import sft_loss
-from onepass.train.model import PACKED, SEPARATE, own_attention, packing_of, use_packed_attention
+from onepass.train.model import PACKED, SEPARATE, own_attention, packing_of
 
 # The refusals, by kind (the README lists them). A new refusal, or a refused model that becomes exact, is a
 # change this test makes visible.
@@ -46,10 +47,11 @@ def conversations(vocab: int, seed: int = 1) -> list[Example]:
 
 
 def checked(name: str):
-    """The tiny model, through onepass's start-up check: (model, result), or (None, error) when refused."""
-    model = use_packed_attention(zoo_configs.build(name))
+    """The tiny model, prepared for scoring (the default accelerations) and through onepass's start-up
+    check: (handle, result), or (None, error) when refused."""
+    handle = prepare_model(zoo_configs.build(name))
     try:
-        return model, check_packing(model)
+        return handle, check_model(handle).check
     except OnepassError as error:
         return None, error
 
@@ -64,12 +66,13 @@ def test_the_zoo_covers_the_decoder_only_text_architectures_of_transformers():
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_every_architecture_is_exact_in_scoring_or_refused_with_one_clear_error(name):
-    model, result = checked(name)
+    handle, result = checked(name)
     if name in REFUSED:
-        assert model is None, f"{name} is now exact ({result.describe()}): take it out of REFUSED and the README"
+        assert handle is None, f"{name} is now exact ({result.describe()}): take it out of REFUSED and the README"
         assert "\n" not in str(result) and "Fix:" in str(result)
         return
-    assert model is not None, f"{name} refused: {result}"
+    assert handle is not None, f"{name} refused: {result}"
+    model = handle.model
     assert result.packing in (PACKED, SEPARATE) and result.max_difference <= 2e-4
     assert result.prefix_consistent is (name not in NOT_PREFIX_CONSISTENT), result.describe()
     assert ("prefix-consistent: yes" in result.describe()) is result.prefix_consistent
@@ -77,7 +80,7 @@ def test_every_architecture_is_exact_in_scoring_or_refused_with_one_clear_error(
     from onepass.score.scoring import token_logprobs
 
     examples = conversations(zoo_configs.VOCAB)
-    scored = np.concatenate(token_logprobs(model, examples))
+    scored = np.concatenate(token_logprobs(model, examples, head_loss=handle.head_loss))
     np.testing.assert_allclose(scored, own_forward_logprobs(model, examples), rtol=0, atol=2e-4)
 
 
@@ -96,7 +99,7 @@ def own_loss_gradients(model, examples) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in ARCHITECTURES if n not in REFUSED])
 def test_every_exact_architecture_trains_with_the_gradients_of_its_own_loss(name):
-    model, result = checked(name)  # in eval mode (dropout off, modules or functional): both passes one function
+    model = checked(name)[0].model  # in eval mode (dropout off, modules or functional): both passes one function
     examples = conversations(zoo_configs.VOCAB)
     expected = own_loss_gradients(model, examples)
     model.zero_grad(set_to_none=True)
@@ -118,7 +121,7 @@ def test_every_exact_architecture_generates_the_greedy_reply_of_its_own_generate
     from onepass.score.chat import generate
 
     reference = zoo_configs.build(name)  # the same weights, never touched by onepass
-    model, _ = checked(name)
+    model = checked(name)[0].model
     for each in (reference, model):  # twelve tokens each, whatever a random model says first
         each.generation_config.eos_token_id = None
     prompt = torch.from_numpy(conversations(zoo_configs.VOCAB, seed=3)[2].input_ids.astype(np.int64))[None]

@@ -4,17 +4,20 @@ its gain. `accelerations: auto` (the default) installs those measured on this ki
 so far; none on CUDA until measured on a GPU), `none` runs the stock core (the model's own modules and
 forward, the output layer in checkpointed chunks), a list installs those named. A run prints what it
 installed.
+
+The stock core knows none of them: the objective takes a head-loss strategy (`loss.HeadLoss`), the
+packed attention a block-attention function (`model.sdpa_block`), and the model's own modules run
+their own forwards. `install` puts the faster ones in place, all here, and returns what it did as an
+`Installed`, whose `restore()` takes them out again; nothing is recorded on the model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
-from onepass.compat import base_model
 from onepass.errors import OnepassError
-
-ATTRIBUTE = "onepass_accelerations"  # on the Hugging Face model: the names installed
 
 
 @dataclass(frozen=True)
@@ -79,37 +82,42 @@ def check_setting(setting: Any) -> list[str]:
     return names
 
 
-def install(model: Any, names: tuple[str, ...], checkpointing: bool = False) -> tuple[str, ...]:
-    """Install `names` on `model` (once); the names installed."""
+@dataclass
+class Installed:
+    """What `install` put on a model: the names, the head-loss strategy the objective and scoring take,
+    and how to take each change out again (`restore`)."""
+
+    names: tuple[str, ...]
+    head_loss: Any  # loss.HeadLoss: the stock one, or the fused loss's
+    undo: list[Callable[[], None]] = field(default_factory=list)
+
+    def restore(self) -> None:
+        """The model's own forwards, hooks and attention back, in the reverse order of installing."""
+        while self.undo:
+            self.undo.pop()()
+
+
+def install(model: Any, names: tuple[str, ...], checkpointing: bool = False) -> Installed:
+    """Install `names` on `model`; what was installed, to pass on (`head_loss`) and to `restore`."""
     from onepass.accel import grouped_attention
     from onepass.accel.cast_once import cast_once
+    from onepass.accel.fused_loss import FusedHeadLoss, LossWorkspace, TiedGradient
     from onepass.accel.lean_activations import lean_activations
+    from onepass.train.loss import STOCK_HEAD_LOSS
 
-    setattr(base_model(model), ATTRIBUTE, frozenset(names))
-    grouped_attention.mark(model, "grouped-attention" in names)
+    installed = Installed(tuple(names), STOCK_HEAD_LOSS)
+    if "fused-loss" in names:
+        tie = TiedGradient.install(model) if "tied-gradient" in names else None
+        if tie is not None:
+            installed.undo.append(tie.remove)
+        installed.head_loss = FusedHeadLoss(LossWorkspace() if "loss-workspace" in names else None, tie)
+    if "grouped-attention" in names:
+        installed.undo.append(grouped_attention.install(model))
     if "lean-activations" in names:
-        lean_activations(model)
+        installed.undo.append(lean_activations(model))
     if "cast-once" in names:
-        cast_once(model, recast=not checkpointing)
-    return names
-
-
-# What runs for a model onepass did not build with `build_model` (scoring, chat, a test's or a script's
-# model): the accelerations that need nothing installed, where they were measured
-UNINSTALLED = ("fused-loss", "tied-gradient", "loss-workspace")
-
-
-def enabled(model: Any, name: str) -> bool:
-    """Whether `name` runs for `model`: what `install` put on it, else `UNINSTALLED` on the devices
-    they were measured on."""
-    base = base_model(model)
-    installed = getattr(base, ATTRIBUTE, None)
-    if installed is not None:
-        return name in installed
-    if name not in UNINSTALLED:
-        return False
-    device = next(base.parameters()).device.type
-    return device in next(a for a in REGISTRY if a.name == name).devices
+        installed.undo.append(cast_once(model, recast=not checkpointing))
+    return installed
 
 
 def describe(names: tuple[str, ...], device_type: str, bf16: bool) -> str:

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import types
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-HOOKED = "_onepass_cast_once"
 
 
 def _autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
@@ -111,10 +111,16 @@ def _recast_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 
 def recast_weights(model: Any) -> Any:
     """Every plain linear layer of `model` keeps its fp32 weight for backward instead of autocast's copy."""
-    for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            module.forward = types.MethodType(_recast_forward, module)
+    _recast_weights(model)
     return model
+
+
+def _recast_weights(model: Any) -> list[Any]:
+    changed = [module for module in model.modules() if type(module) is torch.nn.Linear
+               and "forward" not in module.__dict__]
+    for module in changed:
+        module.forward = types.MethodType(_recast_forward, module)
+    return changed
 
 
 def is_rotary(module: Any) -> bool:
@@ -126,23 +132,35 @@ def is_rotary(module: Any) -> bool:
 
 def share_input_casts(model: Any) -> Any:
     """One `SharedInputCast` on every linear layer of `model`."""
+    _share_input_casts(model)
+    return model
+
+
+def _share_input_casts(model: Any) -> list[Any]:
     shared = SharedInputCast()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.register_forward_pre_hook(shared)
-    return model
+    return [module.register_forward_pre_hook(shared) for module in model.modules()
+            if isinstance(module, torch.nn.Linear)]
 
 
-def cast_once(model: Any, recast: bool = True) -> Any:
+def shares_input_casts(model: Any) -> bool:
+    """Whether the linear layers of `model` share their input casts (`cast_once` is installed)."""
+    return any(isinstance(hook, SharedInputCast) for module in model.modules() if isinstance(module, torch.nn.Linear)
+               for hook in module._forward_pre_hooks.values())
+
+
+def cast_once(model: Any, recast: bool = True) -> Callable[[], None]:
     """Install the shared input casts (and with `recast` the weight recast) on every linear layer, and
-    the rotary hook on every rotary-embedding module of `model` (once)."""
-    if getattr(model, HOOKED, False):
-        return model
-    share_input_casts(model)
-    if recast:
-        recast_weights(model)
-    for module in model.modules():
-        if is_rotary(module):
-            module.register_forward_hook(_rotary_in_compute_dtype)
-    setattr(model, HOOKED, True)
-    return model
+    the rotary hook on every rotary-embedding module of `model` (once); what takes them out again."""
+    if shares_input_casts(model):
+        return lambda: None
+    handles = _share_input_casts(model)
+    recast_modules = _recast_weights(model) if recast else []
+    handles += [module.register_forward_hook(_rotary_in_compute_dtype) for module in model.modules()
+                if is_rotary(module)]
+
+    def undo() -> None:
+        for handle in handles:
+            handle.remove()
+        for module in recast_modules:
+            module.__dict__.pop("forward", None)
+    return undo

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from onepass.train.loss import HeadLoss, OutputTransform
+
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     device = weight.device.type
@@ -161,6 +163,7 @@ class TiedGradient:
     def __init__(self) -> None:
         self.pending = False  # the embedding ran in this forward pass and will take the loss's gradient
         self.gradient: torch.Tensor | None = None
+        self.hook: Any = None
 
     @classmethod
     def install(cls, model: Any) -> TiedGradient | None:
@@ -169,8 +172,14 @@ class TiedGradient:
                 embedding.max_norm is not None or embedding.scale_grad_by_freq or embedding.sparse:
             return None
         tie = cls()
-        embedding.register_forward_hook(tie._route)
+        tie.hook = embedding.register_forward_hook(tie._route)
         return tie
+
+    def remove(self) -> None:
+        """The embedding's own backward again."""
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
 
     def _route(self, module: torch.nn.Embedding, args: tuple[Any, ...], output: torch.Tensor) -> Any:
         self.pending, self.gradient = False, None
@@ -209,3 +218,34 @@ class _TiedEmbedding(torch.autograd.Function):
         if ctx.padding_idx is not None:  # the padding row gets no gradient, as in torch's embedding
             rows = rows.masked_fill((ids == ctx.padding_idx)[:, None], 0)
         return None, gradient.index_add_(0, ids, rows.to(gradient.dtype)), None, None
+
+
+class FusedHeadLoss(HeadLoss):
+    """The head-loss strategy with the fused loss (`FusedLinearNLL`; without gradients, `fused_chunks`)
+    where it covers the output layer: a plain bias-free linear layer (LoRA leaves it plain) and a logit
+    scale. Soft-capping (Gemma-2/3) and a wrapped or biased head take the stock checkpointed path. On
+    the CPU, `workspace` holds its temporaries; `tie` routes a tied embedding's gradient."""
+
+    name = "fused"
+
+    def __init__(self, workspace: LossWorkspace | None = None, tie: TiedGradient | None = None) -> None:
+        self.workspace = workspace
+        self.tie = tie
+
+    @staticmethod
+    def covers(head: Any, transform: OutputTransform) -> bool:
+        return type(head) is torch.nn.Linear and head.bias is None and not transform.softcap
+
+    def nll(self, rows: torch.Tensor, targets: torch.Tensor, head: Any, transform: OutputTransform,
+            chunk_size: int) -> torch.Tensor:
+        if self.covers(head, transform) and not torch.is_grad_enabled():
+            return fused_chunks(rows, head.weight, targets, None, transform.scale, chunk_size, False)[0]
+        return super().nll(rows, targets, head, transform, chunk_size)
+
+    def weighted(self, rows: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, head: Any,
+                 transform: OutputTransform, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (self.covers(head, transform) and torch.is_grad_enabled()):
+            return super().weighted(rows, targets, weights, head, transform, chunk_size)
+        workspace = self.workspace if rows.device.type == "cpu" else None  # a GPU's allocator reuses the blocks
+        return FusedLinearNLL.apply(rows, head.weight, targets, weights.float(), transform.scale, chunk_size,
+                                    workspace, self.tie)

@@ -2,17 +2,19 @@
 grouped bf16 matmuls instead of SDPA. The CPU's bf16 flash kernel costs several times its fp32 one on
 short blocks, and both cost more than the matmuls (bench/attention_blocks.py); longer blocks keep
 flash attention, which keeps no (queries × keys) probabilities. An acceleration (onepass.accel):
-`install` marks the model's modules, and the packed attention asks `applies` per block.
+`install` puts a model on the packed attention with `block` as its block attention (registered with
+transformers under its own name), and `block` asks `applies` per block.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 CPU_MATH_MAX_KEYS = 256
-FLAG = "onepass_grouped_attention"  # on every module of a model: False where the acceleration is off
+SUFFIX = "_grouped"  # the packed attention's name with this block attention: onepass_packed_grouped
 
 
 def runs_in_bf16(*tensors: Any) -> bool:
@@ -21,11 +23,22 @@ def runs_in_bf16(*tensors: Any) -> bool:
         torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
-def applies(module: Any, query: Any, key: Any, value: Any, dropout: float) -> bool:
-    """A short block in bf16 on the CPU, without dropout, in a model that has the acceleration (one onepass
-    did not build has it where these hold)."""
-    return getattr(module, FLAG, True) and query.device.type == "cpu" and key.shape[2] <= CPU_MATH_MAX_KEYS \
-        and dropout == 0.0 and runs_in_bf16(query, key, value)
+def applies(query: Any, key: Any, value: Any, dropout: float) -> bool:
+    """A short block in bf16 on the CPU, without dropout."""
+    return query.device.type == "cpu" and key.shape[2] <= CPU_MATH_MAX_KEYS and dropout == 0.0 \
+        and runs_in_bf16(query, key, value)
+
+
+def block(query: Any, key: Any, value: Any, mask: Any, scaling: float | None, dropout: float) -> Any:
+    """The packed attention's block attention with this acceleration: `attention` where it `applies`,
+    the stock `sdpa_block` elsewhere (`mask` None: causal over as many keys as queries)."""
+    from onepass.train.model import _causal_mask, sdpa_block
+
+    if not applies(query, key, value, dropout):
+        return sdpa_block(query, key, value, mask, scaling, dropout)
+    if mask is None:
+        mask = _causal_mask(query.shape[2], key.shape[2], None, query.device)
+    return attention(query, key, value, mask, scaling)
 
 
 def attention(query: Any, key: Any, value: Any, mask: Any, scaling: float | None) -> Any:
@@ -43,6 +56,18 @@ def attention(query: Any, key: Any, value: Any, mask: Any, scaling: float | None
         return (probabilities @ value.to(torch.bfloat16)).view(n, heads, queries, dim)
 
 
-def mark(model: Any, enabled: bool) -> None:
-    for module in model.modules():
-        setattr(module, FLAG, enabled)
+def install(model: Any) -> Callable[[], None]:
+    """Put a model that runs onepass's packed attention on the variant with `block`; what undoes it."""
+    from onepass.compat import attention_implementation, base_model
+    from onepass.train.model import PACKED_ATTENTION, register_packed_attention
+
+    grouped = register_packed_attention(SUFFIX, block)
+    base = base_model(model)
+    if attention_implementation(base) != PACKED_ATTENTION:  # flash, or one conversation per forward: nothing to do
+        return lambda: None
+    base.set_attn_implementation(grouped)
+
+    def undo() -> None:
+        if attention_implementation(base) == grouped:
+            base.set_attn_implementation(PACKED_ATTENTION)
+    return undo

@@ -26,6 +26,7 @@ stand aside: the compiler chooses what to recompute by itself.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,7 +34,6 @@ import torch.nn.functional as F
 
 from onepass.accel.cast_once import linear_backward
 
-LEAN = "_onepass_lean_activations"
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -140,24 +140,33 @@ def _mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return SwiGLUFunction.apply(self.gate_proj(x), self.up_proj(x), down.weight, down.bias)
 
 
-def lean_activations(model: Any) -> int:
+def installed_modules(model: Any) -> list[Any]:
+    """The modules of `model` that run a lean forward."""
+    return [module for module in model.modules()
+            if getattr(module.__dict__.get("forward"), "__func__", None) in (_norm_forward, _mlp_forward)]
+
+
+def lean_activations(model: Any) -> Callable[[], None]:
     """Install `RMSNormFunction` and `SwiGLUFunction` on the modules of `model` that compute exactly
-    what they replace (once); the number of modules changed."""
-    if getattr(model, LEAN, None) is not None:
-        return getattr(model, LEAN)
+    what they replace (those that have them already are left as they are); what takes them out again."""
     norm_code, mlp_code = _llama_forwards()
-    changed = 0
+    changed = []
     for module in model.modules():
+        if "forward" in module.__dict__:  # a forward of its own already (this one's, or another's): left alone
+            continue
         forward = getattr(type(module), "forward", None)
         if forward is None or not hasattr(forward, "__code__"):
             continue
         if _code(forward) == norm_code and isinstance(getattr(module, "weight", None), torch.Tensor) \
                 and hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(_norm_forward, module)
-            changed += 1
+            changed.append(module)
         elif _code(forward) == mlp_code and _is_silu(getattr(module, "act_fn", None)) \
                 and all(_plain_linear(getattr(module, name, None)) for name in ("gate_proj", "up_proj", "down_proj")):
             module.forward = types.MethodType(_mlp_forward, module)
-            changed += 1
-    setattr(model, LEAN, changed)
-    return changed
+            changed.append(module)
+
+    def undo() -> None:
+        for module in changed:
+            module.__dict__.pop("forward", None)
+    return undo

@@ -7,6 +7,7 @@ is instant. User errors end with one line on stderr and exit status 2; traceback
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    show_logs()
     try:
         status, finished = _run(args, argv)
     except Exception:  # a bug (or --debug): its traceback, then leave the process group
@@ -89,6 +91,29 @@ def tune_cpu_process() -> None:
         return
     allocator.restart_on_mimalloc()
     allocator.cpu_memory_settings()
+
+
+class _Stderr(logging.Handler):
+    """Writes each record's message to the `sys.stderr` of the moment (a test's capture included)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - logging's own way of reporting a broken stream
+            self.handleError(record)
+
+
+def show_logs(level: int = logging.INFO) -> None:
+    """The library's log lines (logger `onepass`) on stderr as plain lines, as the commands print them:
+    the library only logs; the command line decides that they reach the terminal (once per process)."""
+    logger = logging.getLogger("onepass")
+    if not any(isinstance(handler, _Stderr) for handler in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
 
 
 def quiet_transformers() -> None:

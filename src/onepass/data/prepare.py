@@ -22,7 +22,7 @@ from onepass.data.cache import CacheWriter, PreparedData, cache_key, default_cac
 from onepass.data.progress import PrepareProgress
 from onepass.data.chat_template import ChatTemplate
 from onepass.data.formats import FORMATS, detect_format, expected_keys, to_conversation
-from onepass.data.records import check_data_path, read_records
+from onepass.data.records import Rows, check_data_path, read_records
 from onepass.hub import dataset_files
 from onepass.data.render import (cut_point, generation_marks_agree, has_generation_marks, mask_tokens,
                                  render_conversation, tokenize_rendered)
@@ -49,7 +49,7 @@ def iter_conversations(paths: Sequence[str | Path], format_name: str | None, on_
     `progress` is told the bytes of the files read)."""
     if format_name is not None and format_name not in FORMATS:
         raise OnepassError(f"unknown format '{format_name}'. Fix: use one of {', '.join(FORMATS)}.")
-    for path in [file for entry in paths for file in dataset_files(entry)]:  # a Hub id: its train split's files
+    for path in [file for entry in paths for file in files_of(entry)]:  # a Hub id: its train split's files
         file_format, detected_at = format_name, None
         records_in_file, read = 0, 0
         for record in read_records(path):
@@ -91,7 +91,14 @@ def iter_conversations(paths: Sequence[str | Path], format_name: str | None, on_
         stats.formats[str(path)] = file_format or "unknown"
 
 
-def _size(path: Path) -> int:
+def files_of(entry: str | Path | Rows) -> list[Path | Rows]:
+    """The files a data entry stands for: a Hub id's (onepass.hub), a path's own, or records in memory."""
+    return [entry] if isinstance(entry, Rows) else dataset_files(entry)
+
+
+def _size(path: Path | Rows) -> int:
+    if isinstance(path, Rows):
+        return 0
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
@@ -320,10 +327,10 @@ def prepare(paths: Sequence[str | Path], tokenizer: Any, template: ChatTemplate,
     machine's cores; `progress`: a bar on stderr (default: when it is a terminal)."""
     if not paths:
         raise OnepassError("no data files given. Fix: set data.train (a file or a list of files).")
-    paths = [check_data_path(file) for entry in paths for file in dataset_files(entry)]
+    paths = [check_data_path(file) for entry in paths for file in files_of(entry)]
     num_workers = num_workers or default_workers()  # 0 or None: the machine's cores
     cache_path = None
-    if use_cache:
+    if use_cache and not any(isinstance(path, Rows) for path in paths):  # records in memory: nothing to key on
         key = cache_key(paths, tokenizer, template, options, format_name, on_bad_record)
         cache_path = Path(cache_dir or default_cache_dir()) / "prepared" / key
         if is_cached(cache_path):

@@ -11,7 +11,8 @@ import csv
 import dataclasses
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +23,35 @@ JSON_LIST_COLUMNS = ("messages", "conversations", "prompt", "completion", "compl
 SUFFIXES = ".jsonl, .json, .parquet, .csv or a `datasets` directory saved with save_to_disk"
 
 
-def check_data_path(path: str | Path) -> Path:
+@dataclass(frozen=True, eq=False)
+class Rows:
+    """Records held in memory, read in place of a file: a `datasets.Dataset` or `IterableDataset` (read
+    as it streams), or a list of dicts. Errors name them `name`, row by row ("rows, row 3")."""
+
+    rows: Any
+    name: str = "rows"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def check_data_path(path: str | Path | Rows) -> Path | Rows:
     """The path, or the one error for a data path that does not exist."""
+    if isinstance(path, Rows):
+        return path
     path = Path(path)
     if not path.exists():
         raise OnepassError(f"data path not found: {path}. Fix: check the path (relative paths start at {Path.cwd()}).")
     return path
 
 
-def read_records(path: str | Path) -> Iterator[Record]:
-    """Yield every record of one data file (or `datasets` directory), in file order."""
+def read_records(path: str | Path | Rows) -> Iterator[Record]:
+    """Yield every record of one data file (or `datasets` directory, or `Rows` in memory), in order."""
     path = check_data_path(path)
+    if isinstance(path, Rows):
+        for index, row in enumerate(path.rows, start=1):
+            yield _object_or_error(path.name, f"row {index}", dict(row) if isinstance(row, Mapping) else row)
+        return
     if path.is_dir():
         yield from _read_datasets_dir(path)
         return

@@ -8,9 +8,7 @@ token's log-probability given everything before it, so each message's term, the 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +24,7 @@ from onepass.data.types import (ChatConversation, Conversation, Example, RawConv
 from onepass.errors import DataError, OnepassError
 from onepass.train.batch import collate
 from onepass.train.model import device_of, evaluating
+from onepass.train.loss import STOCK_HEAD_LOSS, HeadLoss
 
 
 @dataclass(frozen=True)
@@ -103,16 +102,18 @@ def _message_bodies(conversation: ChatConversation, text: str, offsets: np.ndarr
     return body
 
 
-def token_logprobs(model: Any, examples: list[Example], batch_tokens: int = 4096) -> list[np.ndarray]:
+def token_logprobs(model: Any, examples: list[Example], batch_tokens: int = 4096,
+                   head_loss: HeadLoss = STOCK_HEAD_LOSS) -> list[np.ndarray]:
     """log Pr(token t | tokens < t) for t >= 1 of every (sequence) example, packed into forward passes
     of about `batch_tokens` tokens (each conversation attends only to itself)."""
-    return [values[1:] for values in node_logprobs(model, examples, batch_tokens)]
+    return [values[1:] for values in node_logprobs(model, examples, batch_tokens, head_loss)]
 
 
-def node_logprobs(model: Any, examples: list[Example], batch_tokens: int = 4096) -> list[np.ndarray]:
+def node_logprobs(model: Any, examples: list[Example], batch_tokens: int = 4096,
+                  head_loss: HeadLoss = STOCK_HEAD_LOSS) -> list[np.ndarray]:
     """log Pr(node | its ancestors) for every node of every example (trees or sequences; NaN at a root),
     packed into forward passes of about `batch_tokens` tokens; the output layer sees only the rows that
-    predict a node, in chunks (`loss.nll_at`)."""
+    predict a node, in chunks (`loss.nll_at`, with `head_loss`: the stock one or an acceleration's)."""
     from onepass.train.loss import hidden_states, nll_at
 
     results: list[np.ndarray] = [None] * len(examples)  # type: ignore[list-item]
@@ -127,7 +128,7 @@ def node_logprobs(model: Any, examples: list[Example], batch_tokens: int = 4096)
                                         for start, parent, child in zip(starts, parents, children)])
             nodes = np.concatenate([start + child for start, child in zip(starts, children)])
             nll = nll_at(model, hidden, torch.from_numpy(positions).to(hidden.device),
-                         batch.input_ids[0, torch.from_numpy(nodes).to(hidden.device)])
+                         batch.input_ids[0, torch.from_numpy(nodes).to(hidden.device)], head_loss=head_loss)
             values = (-nll.double()).cpu().numpy()
             for index, start, child in zip(group, starts, children):
                 results[index] = np.full(len(examples[index]), np.nan)
@@ -171,9 +172,9 @@ def summarise(scored: ScoredText, logprobs: np.ndarray, index: int) -> dict[str,
 
 def score_conversations(model: Any, tokenizer: Any, template: ChatTemplate, conversations: list[Conversation],
                         options: RenderOptions = RenderOptions(unstable_history="warn"),
-                        batch_tokens: int = 4096) -> list[dict[str, Any]]:
+                        batch_tokens: int = 4096, head_loss: HeadLoss = STOCK_HEAD_LOSS) -> list[dict[str, Any]]:
     scored = render_for_scoring(conversations, tokenizer, template, options)
-    logprobs = token_logprobs(model, [s.example for s in scored], batch_tokens)
+    logprobs = token_logprobs(model, [s.example for s in scored], batch_tokens, head_loss)
     return [summarise(s, lp, i) for i, (s, lp) in enumerate(zip(scored, logprobs))]
 
 
@@ -201,8 +202,8 @@ def k_pass_turn_logprobs(model: Any, tokenizer: Any, template: ChatTemplate, con
 
 
 def per_turn_token_logprobs(model: Any, tokenizer: Any, template: ChatTemplate, conversations: list[Conversation],
-                            scored: list[ScoredText], options: RenderOptions, batch_tokens: int = 4096
-                            ) -> list[np.ndarray]:
+                            scored: list[ScoredText], options: RenderOptions, batch_tokens: int = 4096,
+                            head_loss: HeadLoss = STOCK_HEAD_LOSS) -> list[np.ndarray]:
     """`token_logprobs` for a model that is not prefix-consistent (`check.PackingCheck`): each token from a
     pass over its turn's own prefix (`turn_prefixes`: up to the end of the first response at or after it),
     the tokens after the last response from the whole conversation. Each response's value then equals
@@ -222,7 +223,7 @@ def per_turn_token_logprobs(model: Any, tokenizer: Any, template: ChatTemplate, 
         cuts.append(ends)
         examples += [dataclasses.replace(whole, input_ids=whole.input_ids[:end], loss_mask=whole.loss_mask[:end],
                                          turn=whole.turn[:end]) for end in ends]
-    values = iter(token_logprobs(model, examples, batch_tokens))
+    values = iter(token_logprobs(model, examples, batch_tokens, head_loss))
     results = []
     for ends in cuts:  # token t's value is at t - 1: take [previous end - 1, end - 1) from the pass to `end`
         result, start = np.empty(ends[-1] - 1), 0
@@ -240,14 +241,6 @@ def turn_logprobs(scored: ScoredText, logprobs: np.ndarray) -> list[float]:
     return [float(logprobs[trained & (turns == k)].sum()) for k in sorted(set(turns[trained].tolist()))]
 
 
-def write_jsonl(rows: list[dict[str, Any]], path: str | Path | None) -> None:
-    text = "".join(json.dumps(row) + "\n" for row in rows)
-    if path is None:
-        print(text, end="")
-    else:
-        Path(path).write_text(text)
-
-
 def candidate_conversations(record: dict[str, Any], source: str, where: str) -> list[Conversation]:
     """One conversation per candidate of a {prompt, completions: [...]} row."""
     completions = record.get("completions")
@@ -263,12 +256,12 @@ def candidate_conversations(record: dict[str, Any], source: str, where: str) -> 
 
 
 def rank_candidates(model: Any, tokenizer: Any, template: ChatTemplate, records: list[Any],
-                    batch_tokens: int = 4096) -> list[dict[str, Any]]:
+                    batch_tokens: int = 4096, head_loss: HeadLoss = STOCK_HEAD_LOSS) -> list[dict[str, Any]]:
     """Score log Pr(completion | prompt) for every candidate and rank by sum and by per-token mean.
     A row's candidates are one tree: the prompt once, each completion a branch, one forward pass."""
     trees = [candidate_tree(candidate_conversations(r.data, r.source, r.where), tokenizer, template)
              for r in records]
-    logprobs = node_logprobs(model, [tree_example(tree) for tree in trees], batch_tokens)
+    logprobs = node_logprobs(model, [tree_example(tree) for tree in trees], batch_tokens, head_loss)
     results = []
     for index, (record, tree, values) in enumerate(zip(records, trees, logprobs)):
         candidates = []
@@ -293,17 +286,25 @@ def candidate_tree(conversations: list[Conversation], tokenizer: Any, template: 
 
 
 def score_file(model: Any, tokenizer: Any, template: ChatTemplate, path: str, loss_on: str = "assistant",
-               format_name: str | None = None, batch_tokens: int = 4096, per_turn: bool = False
-               ) -> tuple[list[dict[str, Any]], list[Conversation]]:
-    """Every conversation of a data file scored from one pass each, with its per-turn values. A
-    conversation whose template rewrites history is one tree: each turn scored in its own
-    inference-time context, in the same pass. `per_turn`: each turn from a pass over its own prefix
-    instead (`per_turn_token_logprobs`), for a model that is not prefix-consistent; each row's `method`
-    says which."""
+               format_name: str | None = None, batch_tokens: int = 4096, per_turn: bool = False,
+               head_loss: HeadLoss = STOCK_HEAD_LOSS) -> tuple[list[dict[str, Any]], list[Conversation]]:
+    """Every conversation of a data file (or of records in memory: `records.Rows`) scored
+    (`score_rows`)."""
     from onepass.data.prepare import load_conversations
     from onepass.data.stats import Stats
 
     conversations = load_conversations([path], format_name, "error", Stats(), [])
+    return score_rows(model, tokenizer, template, conversations, loss_on, batch_tokens, per_turn, head_loss), \
+        conversations
+
+
+def score_rows(model: Any, tokenizer: Any, template: ChatTemplate, conversations: list[Conversation],
+               loss_on: str = "assistant", batch_tokens: int = 4096, per_turn: bool = False,
+               head_loss: HeadLoss = STOCK_HEAD_LOSS) -> list[dict[str, Any]]:
+    """Every conversation scored from one pass each, with its per-turn values. A conversation whose
+    template rewrites history is one tree: each turn scored in its own inference-time context, in the
+    same pass. `per_turn`: each turn from a pass over its own prefix instead (`per_turn_token_logprobs`),
+    for a model that is not prefix-consistent; each row's `method` says which."""
     options = RenderOptions(loss_on=loss_on, unstable_history="tree")
     results = [render_conversation(c, template, options, tokenizer.eos_token) for c in conversations]
     plain = [i for i, r in enumerate(results) if not r.tree]
@@ -311,18 +312,19 @@ def score_file(model: Any, tokenizer: Any, template: ChatTemplate, path: str, lo
     scored = render_for_scoring([conversations[i] for i in plain], tokenizer, template, plain_options)
     if per_turn:
         logprobs = per_turn_token_logprobs(model, tokenizer, template, [conversations[i] for i in plain], scored,
-                                           plain_options, batch_tokens)
+                                           plain_options, batch_tokens, head_loss)
     else:
-        logprobs = token_logprobs(model, [s.example for s in scored], batch_tokens)
+        logprobs = token_logprobs(model, [s.example for s in scored], batch_tokens, head_loss)
     rows: list[dict[str, Any]] = [{} for _ in conversations]
     method = "per-turn prefix" if per_turn else "one pass"
     for i, item, values in zip(plain, scored, logprobs):
         rows[i] = {**summarise(item, values, i), "turn_logprobs": turn_logprobs(item, values), "method": method}
     trees = [i for i, r in enumerate(results) if r.tree]
     built = [_paths_tree(results[i].texts, tokenizer) for i in trees]
-    for i, tree, values in zip(trees, built, node_logprobs(model, [tree_example(t) for t in built], batch_tokens)):
+    for i, tree, values in zip(trees, built, node_logprobs(model, [tree_example(t) for t in built], batch_tokens,
+                                                           head_loss)):
         rows[i] = {**_summarise_tree(conversations[i], tree, values, i), "method": "one pass (tree)"}
-    return rows, conversations
+    return rows
 
 
 def _paths_tree(texts: tuple[RenderedText, ...], tokenizer: Any) -> Tree:

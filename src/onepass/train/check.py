@@ -30,10 +30,10 @@ import torch
 from onepass.data.types import Example
 from onepass.errors import OnepassError
 from onepass.train.batch import collate
-from onepass.train.loss import label_nll
+from onepass.train.loss import STOCK_HEAD_LOSS, HeadLoss, label_nll
 from onepass.compat import attention_implementation, base_model
 from onepass.train.model import (PACKED, SEPARATE, device_of, evaluating, own_attention, packing_of, set_packing,
-                                 use_packed_attention)
+                                 use_packed_attention, use_packing_attention)
 
 # Nats of per-token log-probability by which onepass's path may differ from the model's own forward. The
 # check runs in fp32 (autocast off), where reordered sums differ by ~1e-6 and a leak between packed
@@ -61,6 +61,7 @@ class PackingCheck:
     tokens: int
     seconds: float
     flash: str | None = None  # with flash-attention varlen: how it compared with packed SDPA under bf16
+    attention: str | None = None  # the attention implementation the chosen packing runs (`apply_check`)
 
     @property
     def prefix_consistent(self) -> bool:
@@ -114,32 +115,46 @@ def prefix_difference(model: Any, vocab_size: int) -> float:
     return max(_difference(whole[:len(prefix)], prefix) for prefix in prefixes)
 
 
-def onepass_logprobs(model: Any, examples: list[Example]) -> np.ndarray:
+def onepass_logprobs(model: Any, examples: list[Example], head_loss: HeadLoss = STOCK_HEAD_LOSS) -> np.ndarray:
     """The same log-probabilities through onepass's path (the training loss's), all in one batch."""
     with evaluating(model):
-        nll, _ = label_nll(model, collate(examples).to(device_of(model)))
+        nll, _ = label_nll(model, collate(examples).to(device_of(model)), head_loss=head_loss)
     return -nll.double().cpu().numpy()
 
 
 def check_packing(model: Any, vocab_size: int | None = None, tolerance: float = TOLERANCE,
-                  compare_flash: bool = True) -> PackingCheck:
-    """Compare onepass's path with the model's own forward (fp32, on the model's device), choose the
-    packing that equals it, and put the model in that mode; raise a clear error when neither does. A
-    model on flash-attention varlen (which refuses fp32) is checked on packed SDPA in fp32, and flash
-    is then compared with packed SDPA under bf16: where it fails or differs, packed SDPA runs instead
-    (not with `compare_flash` false: the model is not where it will run, e.g. in CPU memory before FSDP2
-    shards it onto GPUs)."""
-    flash = attention_implementation(base_model(model)) == "flash_attention_2"
-    result = _check_packing(model, vocab_size, tolerance)
-    if flash and result.packing == PACKED:
-        if not compare_flash:
-            return dataclasses.replace(result, flash="flash-attention not compared (checked before sharding)")
-        result = dataclasses.replace(result, flash=check_flash(model, probe_examples(
-            vocab_size or model.get_output_embeddings().weight.shape[0])))
-    return result
+                  compare_flash: bool = True, head_loss: HeadLoss = STOCK_HEAD_LOSS) -> PackingCheck:
+    """Compare onepass's path (with `head_loss`) with the model's own forward (fp32, on the model's
+    device) and choose the packing that equals it; raise a clear error when neither does. A model on
+    flash-attention varlen (which refuses fp32) is checked on packed SDPA in fp32, and flash is then
+    compared with packed SDPA under bf16: where it fails or differs, packed SDPA is chosen instead (not
+    with `compare_flash` false: the model is not where it will run, e.g. in CPU memory before FSDP2
+    shards it onto GPUs). The model is left as it came; `apply_check` puts it in the mode chosen."""
+    base = base_model(model)
+    start = attention_implementation(base)
+    try:
+        result = _check_packing(model, vocab_size, tolerance, head_loss)
+        if start == "flash_attention_2" and result.packing == PACKED:
+            if not compare_flash:
+                result = dataclasses.replace(result, flash="flash-attention not compared (checked before sharding)")
+            else:
+                result = dataclasses.replace(result, flash=check_flash(model, probe_examples(
+                    vocab_size or model.get_output_embeddings().weight.shape[0]), head_loss))
+        return dataclasses.replace(result, attention=attention_implementation(base))
+    finally:
+        if attention_implementation(base) != start:
+            base.set_attn_implementation(start)
 
 
-def check_flash(model: Any, examples: list[Example]) -> str:
+def apply_check(model: Any, packing: str, attention: str | None) -> None:
+    """Put the model in the packing the check chose (`PackingCheck.packing`), on the attention it chose
+    (`PackingCheck.attention`)."""
+    set_packing(model, packing)
+    if packing == PACKED and attention and attention_implementation(base_model(model)) != attention:
+        use_packing_attention(model, attention)
+
+
+def check_flash(model: Any, examples: list[Example], head_loss: HeadLoss = STOCK_HEAD_LOSS) -> str:
     """Flash-attention varlen against onepass's packed SDPA on the probe, both under bf16 autocast (the
     precision flash runs in), within `FLASH_TOLERANCE`; the model is left on flash where they agree and
     on packed SDPA where flash fails or differs. What was found, for the check's line."""
@@ -147,10 +162,10 @@ def check_flash(model: Any, examples: list[Example]) -> str:
     device = device_of(model)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         use_packed_attention(base)
-        expected = onepass_logprobs(model, examples)
+        expected = onepass_logprobs(model, examples, head_loss)
         base.set_attn_implementation("flash_attention_2")
         try:
-            difference = _difference(onepass_logprobs(model, examples), expected)
+            difference = _difference(onepass_logprobs(model, examples, head_loss), expected)
         except torch.OutOfMemoryError:
             raise
         except Exception as error:  # noqa: BLE001 - a flash-attn build that fails here: packed SDPA instead
@@ -163,7 +178,7 @@ def check_flash(model: Any, examples: list[Example]) -> str:
     return f"flash-attention varlen == packed SDPA under bf16, max {difference:.1e}"
 
 
-def _check_packing(model: Any, vocab_size: int | None, tolerance: float) -> PackingCheck:
+def _check_packing(model: Any, vocab_size: int | None, tolerance: float, head_loss: HeadLoss) -> PackingCheck:
     started = time.perf_counter()
     vocab_size = vocab_size or model.get_output_embeddings().weight.shape[0]
     examples = probe_examples(vocab_size)
@@ -179,7 +194,7 @@ def _check_packing(model: Any, vocab_size: int | None, tolerance: float) -> Pack
         packed_difference, packed_error = None, None
         if packing_of(model) == PACKED:
             try:
-                packed_difference = _difference(onepass_logprobs(model, examples), expected)
+                packed_difference = _difference(onepass_logprobs(model, examples, head_loss), expected)
             except torch.OutOfMemoryError:
                 raise
             except Exception as error:  # noqa: BLE001 - a kernel that refuses packed rows: try them apart
@@ -191,7 +206,7 @@ def _check_packing(model: Any, vocab_size: int | None, tolerance: float) -> Pack
         else:
             packed_error = "its attention layers do not take transformers' attention interface"
         try:
-            separate = _difference(onepass_logprobs(model, examples), expected)
+            separate = _difference(onepass_logprobs(model, examples, head_loss), expected)
         except Exception as error:  # noqa: BLE001 - onepass's path fails even on one conversation alone
             raise OnepassError(f"{type(model).__name__}: onepass's forward fails even with each conversation alone "
                                f"({_one_line(error)}; {packed_error or 'packed rows differ'}). Fix: report it with "

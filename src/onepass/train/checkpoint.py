@@ -9,13 +9,13 @@ step reached, and the resolved config.
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import dataclasses
 import json
 import os
 import random
 import shutil
-import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -32,6 +32,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from onepass.errors import OnepassError
 from onepass.train.distributed import Cluster, agree_on_error, broadcast
+
+log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"  # written last; a directory without it is ignored (and cleaned up)
 BEST = "BEST"  # in checkpoints/: the name of the checkpoint with the lowest held-out loss (keep_best)
@@ -265,10 +267,10 @@ class Checkpointer:
             return None
         state = load_checkpoint(checkpoint, model, optimizer, scheduler, self.cluster)
         if state.micro_batches_per_step not in (0, micro_batches_per_step) and self.cluster.is_main:
-            print(f"warning: {checkpoint} was written with {state.micro_batches_per_step} micro-batches per step "
+            log.warning(f"warning: {checkpoint} was written with {state.micro_batches_per_step} micro-batches per step "
                   f"(grad_accum × ranks); this run has {micro_batches_per_step}, so the data order and batch "
                   "size differ from the run that wrote it. To continue it exactly, set grad_accum="
-                  f"{state.micro_batches_per_step / self.cluster.world_size:g}.", file=sys.stderr)
+                  f"{state.micro_batches_per_step / self.cluster.world_size:g}.")
         return dataclasses.replace(state, micro_batches_per_step=micro_batches_per_step)
 
     def save_best(self, state: TrainerState, model: Any, optimizer: Any, scheduler: Any) -> Path:

@@ -15,6 +15,7 @@ Two rules make N ranks equal one process with the same global batch:
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import itertools
 import os
@@ -31,6 +32,8 @@ import torch.distributed as dist
 from onepass.compat import ddp_without_buffer_sync, distributed_store
 from onepass.errors import OnepassError
 from onepass.train.device import default_device
+
+log = logging.getLogger(__name__)
 
 Strategy = Literal["ddp", "fsdp"]
 T = TypeVar("T")
@@ -187,8 +190,8 @@ def main_first(cluster: Cluster, poll_seconds: float = 0.2, notice_seconds: floa
             time.sleep(poll_seconds)
             if time.monotonic() - noticed >= notice_seconds:
                 noticed = time.monotonic()
-                print(f"rank {cluster.rank}: waiting for rank 0 to prepare the data "
-                      f"({(noticed - started) / 60:.0f} min so far)", file=sys.stderr, flush=True)
+                log.info(f"rank {cluster.rank}: waiting for rank 0 to prepare the data "
+                         f"({(noticed - started) / 60:.0f} min so far)")
     try:
         yield
     finally:
@@ -317,4 +320,4 @@ def report_error(message: str, cluster: Cluster) -> None:
         except Exception:  # the store went away with rank 0: better twice than never
             first = True
     if first:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        log.error(f"error: {message}")

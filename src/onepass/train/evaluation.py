@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,8 @@ from onepass.train.distributed import Cluster
 from onepass.train.model import device_of, evaluating, reads_layout
 from onepass.train.plan import packed_micro_batches
 from onepass.train.device import Precision, autocast
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(objective: Any, examples: list[Example], max_seq_len: int, batch_size: int,
@@ -114,5 +116,5 @@ class SampleReplies:
         with self.path.open("a") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in rows)
         for row in rows:
-            print(f"sample at step {step}: {row['prompt'][:60]!r} → {row['reply'][:100]!r}", file=sys.stderr)
+            log.info(f"sample at step {step}: {row['prompt'][:60]!r} → {row['reply'][:100]!r}")
         return rows

@@ -1,8 +1,10 @@
 """The trained model as an ordinary Hugging Face directory: weights (LoRA merged), tokenizer with the
-chat template used for training, and the run's config. Loads with transformers alone."""
+chat template used for training, and the run's config. Loads with transformers alone. Written from the
+objects trained (the caller's tokenizer is left as it is)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -15,7 +17,8 @@ from onepass.data.chat_template import ChatTemplate
 from onepass.train import distributed
 from onepass.train.distributed import Cluster
 from onepass.hub import local_or_hub
-from onepass.train.model import build_model
+from onepass.compat import base_model
+from onepass.train.handle import build_model
 
 
 def export_model(model: Any, tokenizer: Any, template: ChatTemplate, config: TrainConfig, output_dir: Path,
@@ -24,14 +27,16 @@ def export_model(model: Any, tokenizer: Any, template: ChatTemplate, config: Tra
     final = output_dir / "final"
     whole = full_model(model, config, cluster)
     if cluster.is_main:
+        dtype = saved_dtype(whole, config.model)
+        state = whole.state_dict()
         if config.lora.enabled and config.lora.merge_on_export:
-            whole = whole.merge_and_unload()
-        dtype = base_dtype(config.model)
+            whole, state = whole.get_base_model(), merged_state_dict(whole)
         whole.save_pretrained(str(final), state_dict={name: value.to(dtype) if value.is_floating_point() else value
-                                                      for name, value in whole.state_dict().items()})
+                                                      for name, value in state.items()})
         _fix_saved_config(final, dtype)
-        tokenizer.chat_template = template.source
-        tokenizer.save_pretrained(str(final))
+        saved = copy.copy(tokenizer)  # the template trained with, written without changing the caller's tokenizer
+        saved.chat_template = template.source
+        saved.save_pretrained(str(final))
         save_config(config, final / "onepass_config.yaml")
     distributed.barrier(cluster)
     return final
@@ -47,9 +52,45 @@ def full_model(model: Any, config: TrainConfig, cluster: Cluster) -> Any:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not cluster.is_main:
         return None
-    whole = build_model(dataclasses.replace(config, compile=False, gradient_checkpointing=False), torch.device("cpu"))
+    whole = build_model(dataclasses.replace(config, compile=False, gradient_checkpointing=False),
+                        torch.device("cpu")).model
     whole.load_state_dict(full)
     return whole
+
+
+def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The state dict of a LoRA model with its adapters merged into the weights they adapt (peft's own
+    `get_delta_weight`), under the base model's own names, made layer by layer: the LoRA model itself
+    is not changed (a library caller gets it back as trained), and no second copy of the model is made."""
+    base = model.get_base_model()
+    deltas: dict[str, torch.Tensor] = {}
+    for name, module in base.named_modules():
+        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+            for adapter in module.active_adapters:
+                if adapter in getattr(module, "lora_A", {}):
+                    key = f"{name}.base_layer.weight"
+                    delta = module.get_delta_weight(adapter)
+                    deltas[key] = delta if key not in deltas else deltas[key] + delta
+    state = {}
+    for key, value in base.state_dict().items():
+        if ".lora_" in key:
+            continue
+        if key in deltas:
+            value = (value + deltas[key].to(value.dtype)).detach()
+        state[key.replace(".base_layer.", ".")] = value
+    return state
+
+
+def saved_dtype(model: Any, model_dir: str | Path) -> torch.dtype:
+    """The dtype to write: the base model's (`base_dtype`) where it was loaded from a directory, else
+    what the model's config says it was made in (fp32 if nothing)."""
+    if model_dir:
+        return base_dtype(model_dir)
+    config = getattr(base_model(model), "config", None)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def base_dtype(model_dir: str | Path) -> torch.dtype:

@@ -3,8 +3,9 @@
 Only the hidden states of positions with a label go through the output projection, chunk by
 chunk, so the (tokens × vocabulary) logits tensor is never materialised and the loss's peak memory
 does not grow with the number of prompt tokens. The stock path recomputes each chunk in the backward
-pass (activation checkpointing); the fused loss (onepass.accel, accel/fused_loss.py) makes its
-gradients in the forward pass instead.
+pass (activation checkpointing): the stock `HeadLoss`. The fused loss (onepass.accel,
+accel/fused_loss.py) is another head-loss strategy, which makes the gradients in the forward pass; the
+objective and scoring take whichever they are given.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from onepass import accel
-from onepass.accel.fused_loss import LossWorkspace, TiedGradient, FusedLinearNLL, fused_chunks
 from onepass.compat import load_balancing_loss_function
 from onepass.train.batch import IGNORE_INDEX, Batch
 from onepass.errors import OnepassError
@@ -146,12 +145,33 @@ def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, head: Any, transform
     return F.cross_entropy(transform(head(hidden)), targets, reduction="none")
 
 
-def _fusable(model: Any, head: Any, transform: OutputTransform) -> bool:
-    """Whether the fused loss (accelerations: fused-loss) runs: it covers a plain bias-free output layer
-    (LoRA leaves it plain) and a logit scale; soft-capping (Gemma-2/3) and a wrapped or biased head take
-    the stock checkpointed path."""
-    return accel.enabled(model, "fused-loss") and type(head) is torch.nn.Linear and head.bias is None \
-        and not transform.softcap
+class HeadLoss:
+    """How the trained rows' hidden states become their NLL: the stock way, the output layer and
+    cross-entropy over chunks of `chunk_size` rows, each recomputed in the backward pass, so the
+    (rows × vocabulary) logits are never all alive. Accelerations give faster strategies (fused-loss)."""
+
+    name = "stock"
+
+    def nll(self, rows: torch.Tensor, targets: torch.Tensor, head: Any, transform: OutputTransform,
+            chunk_size: int) -> torch.Tensor:
+        """-log Pr(targets[i] | rows[i]) per row (fp32 at least)."""
+        pieces = []
+        for start in range(0, len(targets), chunk_size):
+            args = (rows[start:start + chunk_size], targets[start:start + chunk_size], head, transform)
+            if torch.is_grad_enabled():
+                pieces.append(checkpoint(_chunk_nll, *args, use_reentrant=False))
+            else:
+                pieces.append(_chunk_nll(*args))
+        return torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=torch.float32)
+
+    def weighted(self, rows: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, head: Any,
+                 transform: OutputTransform, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Σ weights · nll (to backpropagate), and the per-row nll."""
+        nll = self.nll(rows, targets, head, transform, chunk_size)
+        return (nll * weights).sum(), nll
+
+
+STOCK_HEAD_LOSS = HeadLoss()
 
 
 def trained_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -163,58 +183,41 @@ def trained_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return positions, batch.labels[0, positions], batch.label_weights[0, positions]
 
 
-def label_nll(model: Any, batch: Batch, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def label_nll(model: Any, batch: Batch, chunk_size: int = 1024, head_loss: HeadLoss = STOCK_HEAD_LOSS
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-label NLL (in label order) and the flat positions they belong to."""
     hidden = hidden_states(model, batch)[0]
     positions, targets, _ = trained_positions(batch)
-    return nll_at(model, hidden, positions, targets, chunk_size), positions
+    return nll_at(model, hidden, positions, targets, chunk_size, head_loss), positions
 
 
 def nll_at(model: Any, hidden: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
-           chunk_size: int = 1024) -> torch.Tensor:
+           chunk_size: int = 1024, head_loss: HeadLoss = STOCK_HEAD_LOSS) -> torch.Tensor:
     """-log Pr(targets[i] | the hidden state at positions[i]): only those rows go through the output
-    layer, `chunk_size` at a time (recomputed in the backward pass), so the (tokens × vocabulary)
-    logits are never materialised. Positions may repeat (a tree node with several children)."""
+    layer (`head_loss`: in chunks, recomputed in the backward pass), so the (tokens × vocabulary) logits
+    are never materialised. Positions may repeat (a tree node with several children)."""
     _, head = backbone_and_head(model)
-    transform = OutputTransform.of(model)
-    selected = hidden[positions]
-    if _fusable(model, head, transform) and not torch.is_grad_enabled():
-        return fused_chunks(selected, head.weight, targets, None, transform.scale, chunk_size, False)[0]
-    pieces = []
-    for start in range(0, len(positions), chunk_size):
-        args = (selected[start:start + chunk_size], targets[start:start + chunk_size], head, transform)
-        if torch.is_grad_enabled():
-            pieces.append(checkpoint(_chunk_nll, *args, use_reentrant=False))
-        else:
-            pieces.append(_chunk_nll(*args))
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    return head_loss.nll(hidden[positions], targets, head, OutputTransform.of(model), chunk_size)
 
 
 def sft_loss(model: Any, batch: Batch, denominator: float, chunk_size: int = 1024,
-             workspace: LossWorkspace | None = None, tie: TiedGradient | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             head_loss: HeadLoss = STOCK_HEAD_LOSS) -> tuple[torch.Tensor, torch.Tensor]:
     """This micro-batch's share of the step loss: sum(weight · nll) / denominator, where the
     denominator is the step's total units (trained tokens, sequences or turns, over every
     micro-batch and rank), so summing gradients over micro-batches is exact.
 
     Returns the loss to backpropagate and the unweighted NLL sum of the trained labels (for logging; a
     tensor, so a caller can sum micro-batches on the device and synchronise once)."""
-    return loss_of_hidden(model, batch, hidden_states(model, batch)[0], denominator, chunk_size, workspace, tie)
+    return loss_of_hidden(model, batch, hidden_states(model, batch)[0], denominator, chunk_size, head_loss)
 
 
 def loss_of_hidden(model: Any, batch: Batch, hidden: torch.Tensor, denominator: float, chunk_size: int = 1024,
-                   workspace: LossWorkspace | None = None, tie: TiedGradient | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   head_loss: HeadLoss = STOCK_HEAD_LOSS) -> tuple[torch.Tensor, torch.Tensor]:
     """`sft_loss` from the trunk's last hidden states (T, d)."""
     positions, targets, weights = trained_positions(batch)
     _, head = backbone_and_head(model)
-    transform = OutputTransform.of(model)
-    if _fusable(model, head, transform) and torch.is_grad_enabled():
-        weighted, nll = FusedLinearNLL.apply(hidden[positions], head.weight, targets, weights.float(),
-                                             transform.scale, chunk_size, workspace, tie)
-    else:
-        nll = nll_at(model, hidden, positions, targets, chunk_size)
-        weighted = (nll * weights).sum()
+    weighted, nll = head_loss.weighted(hidden[positions], targets, weights, head, OutputTransform.of(model),
+                                       chunk_size)
     if positions.numel() == 0 and torch.is_grad_enabled():
         # No trained label here, so the output layer took no part; a zero term keeps it in the graph,
         # because DDP expects a gradient (here exactly zero) for every parameter on every rank.
@@ -226,19 +229,15 @@ def loss_of_hidden(model: Any, batch: Batch, hidden: torch.Tensor, denominator: 
 
 class SFTObjective(torch.nn.Module):
     """The model with the SFT loss as its forward, so DDP and FSDP2 wrap one module whose forward
-    does all the work: their hooks (gradient all-reduce, parameter gathering) run around it. On the
-    CPU it keeps the loss's workspace from one micro-batch to the next (a GPU's caching allocator
-    already reuses those blocks). An output layer tied to the input embedding gets one gradient
-    tensor (`TiedGradient`). A mixture-of-experts model whose config turns router logits on adds its
-    router's auxiliary loss (`RouterLoss`)."""
+    does all the work: their hooks (gradient all-reduce, parameter gathering) run around it. The output
+    layer's loss is `head_loss`'s (the stock one, or an acceleration's). A mixture-of-experts model
+    whose config turns router logits on adds its router's auxiliary loss (`RouterLoss`)."""
 
-    def __init__(self, model: Any, chunk_size: int = 1024):
+    def __init__(self, model: Any, chunk_size: int = 1024, head_loss: HeadLoss = STOCK_HEAD_LOSS):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
-        self.workspace = LossWorkspace() if accel.enabled(model, "loss-workspace") else None
-        self.tie = TiedGradient.install(model) if accel.enabled(model, "tied-gradient") and \
-            accel.enabled(model, "fused-loss") else None
+        self.head_loss = head_loss
         self.router = RouterLoss.of(model)
 
     def forward(self, batch: Batch, denominator: float, router_share: float = 0.0
@@ -248,10 +247,8 @@ class SFTObjective(torch.nn.Module):
         the step (1 / the step's micro-batches over every rank, 0 for a padding pass), so that a step's
         router term is the mean of its micro-batches' (the load-balancing loss is not a sum over tokens, so
         this is what Hugging Face's Trainer does under accumulation, not one big batch's value)."""
-        on_cpu = batch.input_ids.device.type == "cpu"
         hidden, router_logits = trunk_outputs(self.model, batch, self.router is not None)
-        loss, nll = loss_of_hidden(self.model, batch, hidden[0], denominator, self.chunk_size,
-                                   self.workspace if on_cpu else None, self.tie)
+        loss, nll = loss_of_hidden(self.model, batch, hidden[0], denominator, self.chunk_size, self.head_loss)
         if self.router is None:
             return loss, nll, loss.new_zeros(())
         router_loss = self.router(router_logits)

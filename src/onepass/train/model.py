@@ -1,30 +1,28 @@
-"""The model: loading a local Hugging Face causal LM with packed attention, wrapping it for training
-(LoRA, activation checkpointing, compile), and reaching its trunk and output layer."""
+"""The model: loading a Hugging Face causal LM as transformers loads it, onepass's packed attention
+and the packing mode, and reaching the model's trunk and output layer. Preparing a model for
+training or scoring (and undoing it) is handle.py's."""
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import functools
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from onepass import accel
-from onepass.accel import grouped_attention
-from onepass.compat import (attention_implementation, base_model, enable_activation_checkpointing,
-                            own_modules_load_kwargs, sdpa_takes_grouped_heads, supports_sdpa,
+from onepass.compat import (attention_implementation, base_model, own_modules_load_kwargs, sdpa_takes_grouped_heads, supports_sdpa,
                             takes_attention_interface)
 from onepass.errors import OnepassError
 from onepass.hub import local_or_hub
 from onepass.train.batch import LAYOUT_KWARG
-from onepass.train.device import default_device, uses_bf16
+from onepass.train.device import default_device
 from onepass.train.layout import AttentionLayout, TreeBlocks
 
-if TYPE_CHECKING:
-    from onepass.config import TrainConfig
+log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -50,13 +48,40 @@ def check_model_dir(path: str | Path) -> Path:
 # portable path below follows the batch's `AttentionLayout`: conversations of similar length stacked
 # into one SDPA call per bucket, trees path by path, so a packed row never costs a dense
 # (sum L_i)^2 attention and no layer loops over conversations in Python.
-PACKED_ATTENTION = "onepass_packed"
+PACKED_ATTENTION = "onepass_packed"  # registered in transformers' AttentionInterface; variants add a suffix
+
+
+def is_packed_attention(name: str | None) -> bool:
+    """onepass's packed attention, with the stock block attention or another one (`register_packed_attention`)."""
+    return bool(name) and name.startswith(PACKED_ATTENTION)
+
+
+def is_packing_attention(name: str | None) -> bool:
+    """An attention that keeps the conversations of a packed row apart: onepass's, or flash-attention varlen."""
+    return is_packed_attention(name) or name == "flash_attention_2"
+
+
+def sdpa_block(query: Any, key: Any, value: Any, mask: Any, scaling: float | None, dropout: float) -> Any:
+    """The stock block attention: SDPA, causal where `mask` is None (queries == keys), else under the
+    (queries × keys) boolean mask, with grouped key/value heads where SDPA takes them."""
+    import torch.nn.functional as F
+
+    grouped = query.shape[1] != key.shape[1]
+    if grouped and not sdpa_takes_grouped_heads(mask, key, value):  # as the model's own SDPA attention does
+        from transformers.integrations.sdpa_attention import repeat_kv
+
+        key, value = (repeat_kv(t, query.shape[1] // key.shape[1]) for t in (key, value))
+        grouped = False
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                          scale=scaling, enable_gqa=grouped)
 
 
 def packed_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
-                          scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
+                          scaling: float | None = None, dropout: float = 0.0, block: Any = sdpa_block,
+                          **kwargs: Any) -> tuple[Any, None]:
     """Attention within each conversation of a packed row (query/key/value: 1, H, T, D), as the model
-    computes it: causal, with its sliding window and its attention-logit soft-capping."""
+    computes it: causal, with its sliding window and its attention-logit soft-capping. `block`: how one
+    block of conversations attends (`sdpa_block`; an acceleration may register another)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     layout = kwargs.get(LAYOUT_KWARG)
@@ -71,7 +96,7 @@ def packed_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attenti
     if layout is None:  # varlen kwargs from elsewhere: work the layout out here (a device sync)
         layout = AttentionLayout.of(cu_seq_lens.diff().tolist()).to(query.device)
     attend = functools.partial(_attention, module, scaling=scaling, dropout=dropout if module.training else 0.0,
-                               window=kwargs.get("sliding_window"), extras=extras)
+                               window=kwargs.get("sliding_window"), extras=extras, block=block)
     if layout.take is None:  # one sequence: nothing to gather
         return attend(query, key, value).transpose(1, 2).contiguous(), None
     rows = [tensor[0].transpose(0, 1) for tensor in (query, key, value)]  # (T, H, D) views
@@ -97,11 +122,9 @@ def _tree_attention(attend: Any, query: Any, key: Any, value: Any, tree: TreeBlo
 
 
 def _attention(module: Any, query: Any, key: Any, value: Any, scaling: float | None, dropout: float,
-               window: int | None, extras: dict[str, Any]) -> Any:
+               window: int | None, extras: dict[str, Any], block: Any = sdpa_block) -> Any:
     """Causal attention of the last queries over the keys (query i sits at key position i + keys -
     queries: a path's owned nodes over the whole path), within the sliding window if there is one."""
-    import torch.nn.functional as F
-
     queries, keys = query.shape[2], key.shape[2]
     mask = None
     if queries != keys or (window is not None and window < keys) or extras:
@@ -112,17 +135,7 @@ def _attention(module: Any, query: Any, key: Any, value: Any, scaling: float | N
         output, _ = _model_eager(module)(module, query, key, value, additive, dropout=dropout, scaling=scaling,
                                          **extras)
         return output.transpose(1, 2)
-    if grouped_attention.applies(module, query, key, value, dropout):
-        return grouped_attention.attention(query, key, value, mask if mask is not None else
-                                           _causal_mask(queries, keys, None, query.device), scaling)
-    grouped = query.shape[1] != key.shape[1]
-    if grouped and not sdpa_takes_grouped_heads(mask, key, value):  # as the model's own SDPA attention does
-        from transformers.integrations.sdpa_attention import repeat_kv
-
-        key, value = (repeat_kv(t, query.shape[1] // key.shape[1]) for t in (key, value))
-        grouped = False
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
-                                          scale=scaling, enable_gqa=grouped)
+    return block(query, key, value, mask, scaling, dropout)
 
 
 def _causal_mask(queries: int, keys: int, window: int | None, device: Any) -> Any:
@@ -142,10 +155,15 @@ def _model_eager(module: Any) -> Any:
     return function
 
 
-def register_packed_attention() -> None:
+def register_packed_attention(suffix: str = "", block: Any = sdpa_block) -> str:
+    """Register onepass's packed attention with transformers (with `block` attending each block of
+    conversations, under the name PACKED_ATTENTION + suffix); the name."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+    name = PACKED_ATTENTION + suffix
+    function = packed_sdpa_attention if block is sdpa_block else functools.partial(packed_sdpa_attention, block=block)
+    AttentionInterface.register(name, function)
+    return name
 
 
 def choose_attention(device_type: str, compute_dtype: Any = torch.float32, model_class: type | None = None,
@@ -177,11 +195,9 @@ def flash_refusal(device_type: str, compute_dtype: Any, model_class: type | None
 
 
 def describe_attention(attention: str, why_not_flash: str | None = None) -> str:
-    if attention == PACKED_ATTENTION:
+    if is_packed_attention(attention):
         flash = f"; flash-attention not used: {why_not_flash}" if why_not_flash else ""
-        return ("attention: onepass packed SDPA (conversations of similar length share one call per layer; "
-                f"under bf16 on the CPU, blocks of up to {grouped_attention.CPU_MATH_MAX_KEYS} keys as two bf16 matmuls "
-                f"where grouped-attention is installed{flash})")
+        return f"attention: onepass packed SDPA (conversations of similar length share one call per layer{flash})"
     return f"attention: {attention} (varlen: each conversation attends to itself only)"
 
 
@@ -192,46 +208,50 @@ def describe_attention(attention: str, why_not_flash: str | None = None) -> str:
 # linear-attention layer, or ALiBi, would carry one conversation into the next. `separate`: each
 # conversation goes through the model's own forward alone (conversations of one length share a
 # call, so no row is padded), with the model's own attention. `check.check_packing` decides which,
-# on the user's model, at start-up.
+# on the user's model, at start-up. The mode is the model's attention implementation itself (nothing
+# else is kept on the model): an attention that keeps conversations apart means packed rows, any other
+# (a model onepass never prepared included) one conversation per forward.
 PACKED, SEPARATE = "packed", "separate"
 
 
 def packing_of(model: Any) -> str:
-    return getattr(base_model(model), "onepass_packing", PACKED)
+    return PACKED if is_packing_attention(attention_implementation(base_model(model))) else SEPARATE
 
 
 def own_attention_name(model: Any) -> str:
-    """The attention implementation the model runs when onepass does not set one: what it was loaded
-    with (`load_model` records it), else transformers' default for its class (SDPA where it supports it)."""
+    """The attention implementation the model runs when onepass does not set one: the current one where
+    it is the model's own, else transformers' default for its class (SDPA where it supports it). A
+    `ModelHandle` knows what a model came with, and gives it back on `restore()`."""
     base = base_model(model)
-    recorded = getattr(base, "onepass_own_attention", None)
-    if recorded is not None:
-        return recorded
     current = attention_implementation(base)
-    if current not in (PACKED_ATTENTION, "flash_attention_2"):
+    if not is_packing_attention(current):
         return current
     return "sdpa" if supports_sdpa(base) else "eager"
 
 
 def set_packing(model: Any, packing: str) -> None:
     """Put the model in `packing` mode (see PACKED): `separate` runs the model's own attention."""
-    base = base_model(model)
     if packing == SEPARATE:
-        own = own_attention_name(base)
-        base.onepass_own_attention = own
-        if attention_implementation(base) != own:
-            base.set_attn_implementation(own)
-    base.onepass_packing = packing
+        own_attention_of(model, own_attention_name(model))
+    elif packing_of(model) != PACKED:
+        use_packed_attention(model)
+
+
+def own_attention_of(model: Any, name: str) -> None:
+    base = base_model(model)
+    if attention_implementation(base) != name:
+        base.set_attn_implementation(name)
 
 
 @contextlib.contextmanager
-def own_attention(model: Any) -> Iterator[Any]:
+def own_attention(model: Any, own: str | None = None) -> Iterator[Any]:
     """The model with its own attention implementation for the block (generation, its own forward as
-    an oracle): onepass's packed attention knows packed rows, not KV caches, padding masks or
-    windows in a prefill, and transformers builds no mask for an implementation it does not know."""
+    an oracle; `own`: the one it came with, where known): onepass's packed attention knows packed rows,
+    not KV caches, padding masks or windows in a prefill, and transformers builds no mask for an
+    implementation it does not know."""
     base = base_model(model)
     current = attention_implementation(base)
-    own = own_attention_name(base)
+    own = own if own is not None and not is_packing_attention(own) else own_attention_name(base)
     if current == own:
         yield model
         return
@@ -243,13 +263,11 @@ def own_attention(model: Any) -> Iterator[Any]:
 
 
 def load_model(path: str | Path, device: torch.device | str | None = None, dtype: Any = None,
-               compute_dtype: Any = None, weights: bool = True, compute_device: torch.device | None = None) -> Any:
-    """AutoModelForCausalLM from a local directory, on `device` (default: the process's device), with
-    packed attention where its class takes an attention implementation from transformers' interface
-    (else its own attention, one conversation per forward). `compute_dtype`: what attention computes
-    in (bf16 under autocast), which decides whether flash-attention can run; default: the weights'
-    dtype. Without `weights`, the model is built from its config on the meta device (no memory; FSDP
-    ranks that receive their shards from rank 0)."""
+               weights: bool = True) -> Any:
+    """AutoModelForCausalLM from a local directory or Hub id, on `device` (default: the process's
+    device), as transformers loads it (its own attention and modules: onepass prepares it for training
+    or scoring in handle.py). Without `weights`, the model is built from its config on the meta device
+    (no memory; FSDP ranks that receive their shards from rank 0)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = check_model_dir(path)
@@ -263,34 +281,36 @@ def load_model(path: str | Path, device: torch.device | str | None = None, dtype
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **own_modules_load_kwargs())
     except (OSError, ValueError, ImportError) as error:
         raise OnepassError(f"{path}: could not load the model ({error}).") from None
-    attention = choose_attention((compute_device or device).type, compute_dtype or dtype, type(model))
-    try:
-        use_packing_attention(model, attention)
-    except (ValueError, ImportError, RuntimeError):  # a flash-attn that does not load here: packed SDPA instead
-        if attention == PACKED_ATTENTION:
-            raise
-        use_packed_attention(model)
     return model if not weights else model.to(device)
 
 
+def use_fastest_packing(model: Any, compute_device_type: str, compute_dtype: Any) -> str:
+    """Packed rows with flash-attention varlen where `flash_refusal` finds nothing against it (and it
+    loads), else onepass's packed SDPA; a model whose attention layers do not take transformers'
+    interface keeps its own (one conversation per forward). The attention chosen."""
+    attention = choose_attention(compute_device_type, compute_dtype, type(base_model(model)))
+    try:
+        use_packing_attention(model, attention)
+    except (ValueError, ImportError, RuntimeError):  # a flash-attn that does not load here: packed SDPA instead
+        if is_packed_attention(attention):
+            raise
+        use_packed_attention(model)
+    return attention_implementation(base_model(model))
+
+
 def use_packed_attention(model: Any) -> Any:
-    """Switch an already built model (e.g. a tiny one from a config) to packed attention."""
-    register_packed_attention()
-    return use_packing_attention(model, PACKED_ATTENTION)
+    """Switch a model to onepass's packed attention (kept where it already runs a variant of it)."""
+    if is_packed_attention(attention_implementation(base_model(model))):
+        return model
+    return use_packing_attention(model, register_packed_attention())
 
 
 def use_packing_attention(model: Any, attention: str) -> Any:
-    """Packed rows with `attention` (onepass's packed attention or flash-attention varlen), the model's own
-    attention recorded first; a model whose attention layers do not take transformers' interface
-    computes each conversation alone instead."""
+    """Packed rows with `attention` (onepass's packed attention or flash-attention varlen); a model whose
+    attention layers do not take transformers' interface computes each conversation alone instead."""
     base = base_model(model)
-    if getattr(base, "onepass_own_attention", None) is None:
-        base.onepass_own_attention = own_attention_name(base)
-    if not takes_attention_interface(base):
-        set_packing(base, SEPARATE)
-        return model
-    base.set_attn_implementation(attention)
-    base.onepass_packing = PACKED
+    if takes_attention_interface(base):
+        base.set_attn_implementation(attention)
     return model
 
 
@@ -328,53 +348,10 @@ def use_tree_attention(model: Any) -> None:
     """Tree examples need onepass's packed attention (flash-attention varlen knows only sequences)."""
     base = base_model(model)
     refuse_trees(base)
-    if attention_implementation(base) != PACKED_ATTENTION:
-        print("attention: the data has tree examples, so onepass's packed attention runs (SDPA per conversation) "
-              "instead of flash-attention varlen", file=sys.stderr)
+    if not is_packed_attention(attention_implementation(base)):
+        log.info("attention: the data has tree examples, so onepass's packed attention runs (SDPA per conversation) "
+              "instead of flash-attention varlen")
         use_packed_attention(base)
-
-
-def build_model(config: TrainConfig, device: torch.device, announce: bool = False, weights: bool = True,
-                compute_device: torch.device | None = None) -> Any:
-    """The model to train: loaded (see `load_model`; without `weights` on the meta device), its language
-    model alone trainable (`freeze_outside_language_model`), with LoRA adapters, activation
-    checkpointing, the configured accelerations (onepass.accel) and compile."""
-    device, loading_device = compute_device or device, device  # FSDP2's rank 0 loads into CPU memory
-    bf16 = uses_bf16(config.precision, device)
-    compute = torch.bfloat16 if bf16 else torch.float32
-    model = load_model(config.model, loading_device, weights=weights, compute_device=device, compute_dtype=compute)
-    if announce:
-        attention = attention_implementation(model)
-        why = None
-        if device.type == "cuda" and attention == PACKED_ATTENTION:  # flash was refused, or failed to load
-            why = flash_refusal(device.type, compute, type(model)) or "flash-attn failed to load"
-        print(describe_attention(attention, why), file=sys.stderr)
-    frozen = freeze_outside_language_model(model)
-    if frozen and announce:
-        parts = sorted({name.split(".")[1] if name.count(".") > 1 else name.split(".")[0] for name in frozen})
-        print(f"frozen: {len(frozen)} parameters outside the language model ({', '.join(parts)}); text trains the "
-              "language model only", file=sys.stderr)
-    if config.lora.enabled:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                          target_modules=language_model_targets(model, config.lora.targets), task_type="CAUSAL_LM")
-        try:
-            model = get_peft_model(model, lora)
-        except ValueError as error:
-            raise OnepassError(f"lora.targets {config.lora.targets}: {error}") from None
-    if config.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-        if config.lora.enabled:
-            model.enable_input_require_grads()
-    names = accel.install(model, accel.choose(config.accelerations, device.type, bf16, config.gradient_checkpointing),
-                          config.gradient_checkpointing)
-    if announce:
-        print(accel.describe(names, device.type, bf16), file=sys.stderr)
-    if config.compile:
-        backbone_and_head(model)[0].compile()
-    model.train()
-    return model
 
 
 def language_model_parameters(model: Any) -> set[int]:

@@ -4,7 +4,7 @@ the step plan, model and objective, optimizer and schedule, checkpointer and eva
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +30,15 @@ from onepass.train.distributed import Cluster
 from onepass.train.evaluation import EarlyStopping, Evaluator, SampleReplies
 from onepass.train.loss import SFTObjective
 from onepass.train.mixture import Mixture, describe as describe_mixture
-from onepass.train.check import check_packing
-from onepass.compat import attention_implementation, base_model
-from onepass.train.model import (PACKED, PACKED_ATTENTION, build_model, check_model_dir, device_of, set_packing,
-                                 use_packed_attention, use_tree_attention)
+from onepass.train.check import apply_check, check_packing
+from onepass.train.handle import ModelHandle, build_model, prepare_for_training
+from onepass.train.model import PACKED, check_model_dir, device_of, use_tree_attention
 from onepass.train.plan import StepPlan
 from onepass.train.device import describe_precision, uses_bf16
 from onepass.train.step import StepOptions
 from onepass.train.trackers import check_trackers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,8 @@ class Run:
     train_data: PreparedData
     plan: StepPlan
     total_steps: int
-    model: Any
+    handle: ModelHandle  # the model as prepared for training, and how to give it back (`restore`)
+    model: Any  # the model trained: handle.model (the model given or loaded, or its LoRA wrapper)
     objective: torch.nn.Module  # the model with the SFT loss as its forward, wrapped for data parallelism
     optimizer: Any
     scheduler: Any
@@ -69,7 +71,9 @@ class Run:
 def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, train_data: PreparedData | None = None,
               eval_examples: list[Example] | None = None, prepare_data: Callable[..., PreparedData] = prepare) -> Run:
     """Build a run. Cheap checks (model directory, tokenizer, chat template) come before data
-    preparation, and data checks before the model is loaded. Given pieces are used as they are."""
+    preparation, and data checks before the model is loaded. Given pieces are used as they are; a
+    model given is prepared for training as a loaded one is (LoRA, checkpointing, accelerations,
+    compile, as `config` says), and `Run.handle.restore()` gives it back."""
     cluster = distributed.init()  # joins torchrun's process group if there is one (once)
     torch.manual_seed(config.seed)  # the same initial weights (e.g. LoRA adapters) on every rank
     if model is None:
@@ -84,18 +88,21 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
                            "data.eval and eval_every > 0, or set early_stopping.patience: 0 and keep_best: false.")
     mixture = Mixture(train_data.examples, config.data.sources(), train_files) if config.data.weighted() else None
     if mixture is not None and cluster.is_main:
-        print(describe_mixture(mixture.shares()), file=sys.stderr)
+        log.info(describe_mixture(mixture.shares()))
     plan = StepPlan(train_data.examples, config.max_seq_len, config.batch_size, config.grad_accum, config.seed,
                     config.loss_normalization, cluster, mixture)
     total_steps = config.max_steps or plan.total_steps(config.epochs)
-    weights = model is not None or distributed.loads_weights(cluster, config.strategy)
-    model = model if model is not None else build_model(config, distributed.loading_device(cluster, config.strategy),
-                                                        announce=cluster.is_main, weights=weights,
-                                                        compute_device=cluster.device)
-    _check_model(config, cluster, model)
+    if model is None:
+        weights = distributed.loads_weights(cluster, config.strategy)
+        handle = build_model(config, distributed.loading_device(cluster, config.strategy), announce=cluster.is_main,
+                             weights=weights, compute_device=cluster.device)
+    else:
+        handle = prepare_for_training(model.to(cluster.device), config, cluster.device, announce=cluster.is_main)
+    model = handle.model
+    _check_model(config, cluster, handle)
     if has_trees(train_data.examples) or has_trees(eval_examples):
         use_tree_attention(model)
-    objective = SFTObjective(model, config.loss_chunk_size)
+    objective = SFTObjective(model, config.loss_chunk_size, handle.head_loss)
     rank0_state = objective.state_dict() if cluster.is_main and config.strategy == "fsdp" else None
     objective = distributed.parallelize(objective, cluster, config.strategy, config.ddp_find_unused_parameters,
                                         uses_bf16(config.precision, cluster.device))
@@ -113,13 +120,12 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
     if cluster.is_main:
         sharded_bf16 = cluster.is_distributed and config.strategy == "fsdp" and uses_bf16(config.precision,
                                                                                            cluster.device)
-        print(describe_precision(config.precision, cluster.device)
-              + ("; FSDP2 gathers parameters in bf16 and reduces gradients in fp32" if sharded_bf16 else ""),
-              file=sys.stderr)
+        log.info(describe_precision(config.precision, cluster.device)
+                 + ("; FSDP2 gathers parameters in bf16 and reduces gradients in fp32" if sharded_bf16 else ""))
         if cluster.device.type == "cpu":
-            print(allocator.describe(), file=sys.stderr)
-    return Run(config, cluster, tokenizer, template, train_data, plan, total_steps, model, objective, optimizer,
-               scheduler, step_options, checkpointer, evaluator, early_stopping, samples)
+            log.info(allocator.describe())
+    return Run(config, cluster, tokenizer, template, train_data, plan, total_steps, handle, model, objective,
+               optimizer, scheduler, step_options, checkpointer, evaluator, early_stopping, samples)
 
 
 def source_files(sources: list[DataSource]) -> list[list[Path]]:
@@ -127,34 +133,34 @@ def source_files(sources: list[DataSource]) -> list[list[Path]]:
     return [dataset_files(s.path, s.split, s.subset, s.revision) for s in sources]
 
 
-def _check_model(config: TrainConfig, cluster: Cluster, model: Any) -> None:
+def _check_model(config: TrainConfig, cluster: Cluster, handle: ModelHandle) -> None:
     """The start-up proof (`check.check_packing`) on rank 0, which holds the weights under every strategy;
     every rank then takes the packing it chose, or stops with its error."""
     if not config.check_model:
         if cluster.is_main:
-            print("checked: no (check_model: false): onepass's path is not compared with the model's own forward",
-                  file=sys.stderr)
+            log.info("checked: no (check_model: false): onepass's path is not compared with the model's own forward")
         return
+    model = handle.model
     outcome: tuple[str | None, str, str | None] = (PACKED, "", None)
     if cluster.is_main:
         try:
             # FSDP2's rank 0 checks the model in CPU memory, before sharding it onto the GPUs: flash is not run there
-            result = check_packing(model, compare_flash=device_of(model).type == cluster.device.type)
+            result = check_packing(model, compare_flash=device_of(model).type == cluster.device.type,
+                                   head_loss=handle.head_loss)
+            handle.check = result
             message = result.describe()
             if not result.prefix_consistent:
                 message += ("\nnote: training follows the model's own forward on whole sequences, as every trainer "
                             "does; scores per turn need one pass per turn on this model (onepass score does that)")
-            outcome = (result.packing, message, attention_implementation(base_model(model)))
+            outcome = (result.packing, message, result.attention)
         except OnepassError as error:
             outcome = (None, str(error), None)
     packing, message, attention = distributed.broadcast(outcome, cluster)
     if packing is None:
         raise OnepassError(message)
-    set_packing(model, packing)
-    if attention == PACKED_ATTENTION and packing == PACKED:  # the check put rank 0 on packed SDPA: every rank
-        use_packed_attention(model)
+    apply_check(model, packing, attention)  # every rank takes rank 0's choice
     if cluster.is_main:
-        print(message, file=sys.stderr)
+        log.info(message)
 
 
 def _prepare_data(config: TrainConfig, cluster: Cluster, tokenizer: Any, template: ChatTemplate,
@@ -187,11 +193,11 @@ def _report_data(config: TrainConfig, cluster: Cluster, train_data: PreparedData
                  ) -> None:
     """Say what became of every record, and stop when a split prepared into nothing."""
     if cluster.is_main:
-        print(summary_line("train data", train_data.stats), file=sys.stderr)
+        log.info(summary_line("train data", train_data.stats))
         if eval_data is not None:
-            print(summary_line("eval data", eval_data.stats), file=sys.stderr)
+            log.info(summary_line("eval data", eval_data.stats))
         if train_data.rejects or (eval_data is not None and eval_data.rejects):
-            print(f"skipped records and their reasons: {config.output_dir}/rejects*.jsonl", file=sys.stderr)
+            log.info(f"skipped records and their reasons: {config.output_dir}/rejects*.jsonl")
     if not len(train_data.examples):
         raise nothing_left("training", train_data.stats, config.max_seq_len)
     if eval_data is not None and not len(eval_data.examples):

@@ -35,6 +35,7 @@ class TrainResult:
     eval_before: dict[str, float] | None = None
     eval_after: dict[str, float] | None = None
     stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when a signal ended the run early, or "early stopping"
+    model: Any = None  # the model trained (onepass.train gives it back here)
 
 
 class Trainer:

@@ -1,0 +1,163 @@
+"""A model as onepass prepares it, for training or for scoring, and the way back: `ModelHandle`.
+
+Preparing chooses the attention (packed rows on onepass's packed SDPA or flash-attention varlen, where
+the model's attention layers take transformers' interface), installs the accelerations asked for
+(onepass.accel) and, for training, applies the rest in one order: freeze → LoRA → checkpointing →
+accelerations → compile (data parallelism wraps the objective afterwards, in run.py). Everything
+onepass changed is held by the handle, not on the model: the attention the model came with, the
+accelerations' hooks and replaced forwards, the frozen parameters. `restore()` gives the model back as
+it came, with its own attention and modules (LoRA adapters, once trained, stay: they are the result).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from onepass import accel
+from onepass.compat import attention_implementation, base_model, enable_activation_checkpointing
+from onepass.errors import OnepassError
+from onepass.train.device import uses_bf16
+from onepass.train.model import (backbone_and_head, describe_attention, device_of, flash_refusal,
+                                 freeze_outside_language_model, is_packed_attention, language_model_targets,
+                                 load_model, own_attention_of, packing_of, use_fastest_packing)
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from onepass.config import TrainConfig
+    from onepass.train.check import PackingCheck
+
+
+@dataclass
+class ModelHandle:
+    """A model prepared by onepass: `model` is what to train or score (the model given, or its LoRA
+    wrapper), `head_loss` the output layer's loss the objective and scoring take, `check` the start-up
+    proof where it ran. `restore()` undoes the preparation."""
+
+    model: Any
+    original_attention: str
+    accelerations: accel.Installed
+    check: PackingCheck | None = None
+    undo: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def head_loss(self) -> Any:
+        return self.accelerations.head_loss
+
+    @property
+    def packing(self) -> str:
+        return packing_of(self.model)
+
+    def restore(self) -> Any:
+        """The model with its own attention, modules and trainable parameters again; returns `model`."""
+        self.accelerations.restore()
+        while self.undo:
+            self.undo.pop()()
+        own_attention_of(self.model, self.original_attention)
+        return self.model
+
+    def __enter__(self) -> ModelHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+
+def prepare_model(model: Any, accelerations: str | list[str] = "auto", bf16: bool = False,
+                  checkpointing: bool = False) -> ModelHandle:
+    """`model` on packed attention where it can be (flash-attention varlen on CUDA under bf16 where
+    usable), with the accelerations `accelerations` names for its device and precision: what `score`
+    and `check` run, and the first part of training's preparation."""
+    base = base_model(model)
+    original = attention_implementation(base)
+    device = device_of(model)
+    compute = torch.bfloat16 if bf16 else next(base.parameters()).dtype
+    use_fastest_packing(model, device.type, compute)
+    try:
+        installed = accel.install(model, accel.choose(accelerations, device.type, bf16, checkpointing), checkpointing)
+    except BaseException:
+        own_attention_of(model, original)
+        raise
+    return ModelHandle(model, original, installed)
+
+
+def check_model(handle: ModelHandle, compare_flash: bool = True) -> ModelHandle:
+    """The start-up proof on the handle's model (`check.check_packing`, with its head loss), kept on the
+    handle; a model the check refuses is restored before the error."""
+    from onepass.train.check import apply_check, check_packing
+
+    try:
+        handle.check = check_packing(handle.model, compare_flash=compare_flash, head_loss=handle.head_loss)
+    except BaseException:
+        handle.restore()
+        raise
+    apply_check(handle.model, handle.check.packing, handle.check.attention)
+    return handle
+
+
+def prepare_for_training(model: Any, config: TrainConfig, device: torch.device, announce: bool = False
+                         ) -> ModelHandle:
+    """The model to train, prepared in one order: packed attention, the language model alone trainable
+    (`freeze_outside_language_model`), LoRA adapters, activation checkpointing, the configured
+    accelerations, compile. Works the same on a model onepass loaded and on one given to it."""
+    bf16 = uses_bf16(config.precision, device)
+    base = base_model(model)
+    original = attention_implementation(base)
+    attention = use_fastest_packing(model, device.type, torch.bfloat16 if bf16 else torch.float32)
+    if announce:
+        why = None
+        if device.type == "cuda" and is_packed_attention(attention):  # flash was refused, or failed to load
+            why = flash_refusal(device.type, torch.bfloat16 if bf16 else torch.float32, type(base)) or \
+                "flash-attn failed to load"
+        log.info(describe_attention(attention, why))
+    undo: list[Callable[[], None]] = []
+    frozen = freeze_outside_language_model(model)
+    if frozen:
+        parameters = dict(model.named_parameters())
+        undo.append(lambda: [parameters[name].requires_grad_(True) for name in frozen])
+        if announce:
+            parts = sorted({name.split(".")[1] if name.count(".") > 1 else name.split(".")[0] for name in frozen})
+            log.info(f"frozen: {len(frozen)} parameters outside the language model ({', '.join(parts)}); text trains "
+                  "the language model only")
+    if config.lora.enabled:
+        model = _with_lora(model, config)
+    if config.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+        undo.append(base.gradient_checkpointing_disable)
+        if config.lora.enabled:
+            model.enable_input_require_grads()
+    installed = accel.install(model, accel.choose(config.accelerations, device.type, bf16,
+                                                  config.gradient_checkpointing), config.gradient_checkpointing)
+    if announce:
+        log.info(accel.describe(installed.names, device.type, bf16))
+    if config.compile:
+        trunk = backbone_and_head(model)[0]
+        trunk.compile()
+        undo.append(lambda: setattr(trunk, "_compiled_call_impl", None))
+    model.train()
+    return ModelHandle(model, original, installed, undo=undo)
+
+
+def _with_lora(model: Any, config: TrainConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                      target_modules=language_model_targets(model, config.lora.targets), task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:
+        raise OnepassError(f"lora.targets {config.lora.targets}: {error}") from None
+
+
+def build_model(config: TrainConfig, device: torch.device, announce: bool = False, weights: bool = True,
+                compute_device: torch.device | None = None) -> ModelHandle:
+    """The model of `config.model` loaded (see `load_model`; without `weights` on the meta device) and
+    prepared for training (`prepare_for_training`)."""
+    compute_device = compute_device or device  # FSDP2's rank 0 loads into CPU memory, computes on the GPU
+    model = load_model(config.model, device, weights=weights)
+    return prepare_for_training(model, config, compute_device, announce)
