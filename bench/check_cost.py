@@ -18,14 +18,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="bench/results/check_cost.json")
     args = parser.parse_args()
+    from onepass import api
     from onepass.demo.smollm2 import smollm2
-    from onepass.train.check import check_packing
     from onepass.train.model import load_model
 
     started = time.perf_counter()
     model = load_model(smollm2(), "cpu")
     load_seconds = time.perf_counter() - started
-    runs = [check_packing(model).to_json() for _ in range(args.repeats)]
+    runs = [api.check(model).to_json() for _ in range(args.repeats)]  # as `onepass check` runs it
     result = {"model": "SmolLM2-135M-Instruct", "machine": platform.processor() or platform.machine(),
               "load_seconds": load_seconds, "check_seconds": [run["seconds"] for run in runs],
               "packing": runs[-1]["packing"], "max_difference_nats": runs[-1]["max_difference"],

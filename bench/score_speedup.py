@@ -25,7 +25,7 @@ def main() -> None:
 
     from onepass.data.chat_template import load_chat_template
     from onepass.data.formats import detect_format, to_conversation
-    from onepass.train.model import use_packed_attention
+    from onepass.train.attention import use_packed_attention
     from onepass.data.types import Record
     from onepass.data.types import RenderOptions
     from onepass.score.scoring import k_pass_turn_logprobs, render_for_scoring, token_logprobs, turn_logprobs

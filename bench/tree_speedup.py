@@ -72,7 +72,7 @@ def main() -> None:
     import torch
 
     from onepass.demo.tiny import build_model, build_tokenizer
-    from onepass.train.model import use_packed_attention
+    from onepass.train.attention import use_packed_attention
 
     torch.set_num_threads(1)
     results = {"reasoning": {}, "ranking": {}}

@@ -84,7 +84,7 @@ def equivalence_of(name: str, model, examples, device: str) -> list[tuple[str, b
     from onepass.train.batch import collate
     from onepass.train.check import check_packing
     from onepass.train.loss import label_nll, sft_loss
-    from onepass.train.model import PACKED_ATTENTION, choose_attention, use_packed_attention
+    from onepass.train.attention import PACKED_ATTENTION, choose_attention, use_packed_attention
 
     attentions = {PACKED_ATTENTION, choose_attention(device, torch.bfloat16, type(model))}
     results = []
@@ -130,7 +130,7 @@ def tree_equivalence(name: str, model, device: str) -> tuple[str, bool, str]:
 
     from onepass.data.tree import TokenPath, merge_paths, tree_example
     from onepass.score.scoring import node_logprobs, token_logprobs
-    from onepass.train.model import use_packed_attention
+    from onepass.train.attention import use_packed_attention
 
     rng = np.random.default_rng(1)
     prompt = rng.integers(3, 500, 40)

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from onepass.demo.tiny import build_model
 from onepass.accel.lean_activations import SavedBytes
 from onepass.accel.cast_once import SharedInputCast, cast_once, is_rotary, recast_weights, share_input_casts
-from onepass.train.model import use_packed_attention
+from onepass.train.attention import use_packed_attention
 
 HIDDEN = 64
 

@@ -11,7 +11,7 @@ from onepass.demo.tiny import build_model
 from onepass.accel.lean_activations import (RMSNormFunction, SavedBytes, SwiGLUFunction, installed_modules,
                                             lean_activations)
 from onepass.accel.cast_once import cast_once
-from onepass.train.model import use_packed_attention
+from onepass.train.attention import use_packed_attention
 
 HIDDEN, INTERMEDIATE, LAYERS = 64, 160, 2
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).parents[2]
 
 # Appended to each page's code: what the library promises about the user's model after it returns
 AFTERWARDS = """
-from onepass.train.model import is_packing_attention
+from onepass.train.attention import is_packing_attention
 
 assert not is_packing_attention(model.config._attn_implementation), model.config._attn_implementation
 assert model.config._attn_implementation == ORIGINAL_ATTENTION

@@ -120,7 +120,8 @@ def test_the_start_up_check_proves_the_real_model_exact_with_packed_rows_and_gre
 
     from onepass.score.chat import reply
     from onepass.train.check import check_packing
-    from onepass.train.model import PACKED, load_model
+    from onepass.train.model import load_model
+    from onepass.train.attention import PACKED
 
     model = load_model(model_dir, "cpu")
     result = check_packing(model)

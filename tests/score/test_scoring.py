@@ -9,7 +9,7 @@ from onepass.data.chat_template import load_chat_template
 from onepass.train.batch import collate
 from onepass.data.formats import detect_format, to_conversation
 from onepass.train.loss import sft_loss
-from onepass.train.model import use_packed_attention
+from onepass.train.attention import use_packed_attention
 from onepass.data.types import Record
 from onepass.data.types import RenderOptions
 from onepass.score.scoring import (k_pass_turn_logprobs, render_for_scoring, score_conversations, summarise,
@@ -136,7 +136,7 @@ def test_a_model_that_computes_each_conversation_alone_refuses_tree_scoring_with
     from onepass.data.types import Record as Row
     from onepass.errors import OnepassError
     from onepass.score.scoring import rank_candidates
-    from onepass.train.model import SEPARATE, set_packing
+    from onepass.train.attention import SEPARATE, set_packing
 
     separate = build_model(None, vocab_size=len(tokenizer), seed=1).eval()
     set_packing(separate, SEPARATE)

@@ -14,7 +14,7 @@ from onepass.data.types import Example
 from onepass.score.scoring import token_logprobs
 from onepass.train.batch import collate
 from onepass.train.loss import label_nll
-from onepass.train.model import use_packed_attention
+from onepass.train.attention import use_packed_attention
 
 VOCAB = 128
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

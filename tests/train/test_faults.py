@@ -107,7 +107,8 @@ def test_training_reports_what_became_of_every_record(assets, tmp_path, capsys):
 # --- Numerical faults ---------------------------------------------------------------------------
 
 class PoisonedObjective(torch.nn.Module):
-    """The trainer's objective, with a NaN loss on request (as a bad batch or an overflow would give)."""
+    """The trainer's objective, with a NaN loss on request (as a bad batch or an overflow would give):
+    `poison` true, or a function that says so at each call."""
 
     def __init__(self, objective):
         super().__init__()
@@ -116,7 +117,8 @@ class PoisonedObjective(torch.nn.Module):
 
     def forward(self, batch, denominator, router_share=0.0):
         loss, nll, router_loss = self.objective(batch, denominator, router_share)
-        return (loss * float("nan"), nll, router_loss) if self.poison else (loss, nll, router_loss)
+        poisoned = self.poison() if callable(self.poison) else self.poison
+        return (loss * float("nan"), nll, router_loss) if poisoned else (loss, nll, router_loss)
 
 
 def snapshot(run):
@@ -158,12 +160,8 @@ def test_skip_step_leaves_weights_and_optimizer_state_unchanged_and_is_counted(a
 
 def test_a_skipped_step_shows_in_the_metrics_and_training_goes_on(assets, tmp_path):
     run = poisoned_run(make_config(assets, tmp_path / "out", on_nonfinite="skip_step", max_steps=5))
-
-    def step_with_fault(objective, *args, **kwargs):
-        objective.poison = trainer.state.step == 2  # the third step
-        return train_step(objective, *args, **kwargs)
-
-    trainer = Trainer(run, step=step_with_fault)
+    trainer = Trainer(run)
+    run.objective.poison = lambda: trainer.state.step == 2  # the third step
     result = trainer.fit()
     rows = [r for r in result.metrics if "loss" in r]
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1]

@@ -14,7 +14,7 @@ from onepass.data.types import Example
 from onepass.demo.tiny import build_model
 from onepass.train.batch import collate
 from onepass.train.loss import label_nll
-from onepass.train.model import use_packed_attention
+from onepass.train.attention import use_packed_attention
 
 
 def conversations(vocab: int = 100) -> list[Example]:
@@ -78,7 +78,7 @@ def test_the_start_up_check_compares_flash_with_packed_sdpa_and_keeps_flash_wher
 def test_the_start_up_check_falls_back_to_packed_sdpa_where_flash_lets_conversations_leak(fake_flash):
     from onepass.compat import attention_implementation
     from onepass.train.check import apply_check, check_packing
-    from onepass.train.model import PACKED_ATTENTION
+    from onepass.train.attention import PACKED_ATTENTION
 
     fake_flash.leak = True
     model = use_fake_flash(use_packed_attention(build_model(None, vocab_size=100)))
@@ -92,7 +92,7 @@ def test_the_start_up_check_falls_back_to_packed_sdpa_where_flash_lets_conversat
 
 def test_a_training_step_on_flash_copies_no_attention_layout_to_the_device(fake_flash, monkeypatch):
     """flash-attention varlen takes cu_seq_lens: the packed SDPA's layout is not moved for it."""
-    from onepass.train.layout import AttentionLayout
+    from onepass.train.attention import AttentionLayout
     from onepass.train.loss import SFTObjective
     from onepass.train.step import StepOptions, train_step
 

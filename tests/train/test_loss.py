@@ -14,7 +14,8 @@ from onepass.data.types import Example
 from onepass.train.batch import collate
 from onepass.accel.fused_loss import LossWorkspace, FusedLinearNLL, fused_chunks
 from onepass.train.loss import SFTObjective, sft_loss
-from onepass.train.model import backbone_and_head, own_attention, use_packed_attention
+from onepass.train.model import backbone_and_head
+from onepass.train.attention import own_attention, use_packed_attention
 
 
 def reference(hidden, weight, targets, coefficients, scale):
@@ -224,7 +225,7 @@ def test_the_loss_finds_its_trained_positions_on_the_host_not_by_a_device_sync(m
     from onepass.demo.tiny import build_model
     from onepass.train.batch import IGNORE_INDEX, collate, padding_batch
     from onepass.train.loss import sft_loss
-    from onepass.train.model import use_packed_attention
+    from onepass.train.attention import use_packed_attention
 
     rng = np.random.default_rng(0)
     examples = [Example(rng.integers(3, 100, n).astype(np.int32), (rng.random(n) < 0.5).astype(np.int8),

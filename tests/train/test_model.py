@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from onepass.demo.tiny import build_model
-from onepass.train.model import PACKED_ATTENTION, choose_attention, evaluating
+from onepass.train.model import evaluating
+from onepass.train.attention import PACKED_ATTENTION, choose_attention
 
 from conftest import make_config, trained
 
@@ -42,7 +43,7 @@ def test_flash_attention_only_for_model_classes_that_support_it_without_a_hub_ke
     import zoo_configs
     from transformers import AutoModelForCausalLM
 
-    from onepass.train.model import flash_refusal
+    from onepass.train.attention import flash_refusal
 
     chosen = {}
     for name in ("llama", "qwen3", "gpt_oss", "mllama", "gemma3", "mamba"):

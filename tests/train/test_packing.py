@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from onepass.train.batch import collate
-from onepass.train.layout import AttentionLayout
-from onepass.train.loss import hidden_states, sft_loss
-from onepass.train.model import use_packed_attention
+from onepass.train.attention import AttentionLayout
+from onepass.train.forward import hidden_states
+from onepass.train.loss import sft_loss
+from onepass.train.attention import use_packed_attention
 from onepass.train.plan import pack
 from onepass.data.types import Example
 from onepass.demo.tiny import build_model
@@ -175,7 +176,7 @@ def test_short_blocks_under_bf16_autocast_attend_as_grouped_bf16_matmuls_equal_t
     from onepass.accel import grouped_attention
     from onepass.accel.grouped_attention import CPU_MATH_MAX_KEYS
     from onepass.accel.grouped_attention import attention as grouped
-    from onepass.train.model import _attention
+    from onepass.train.attention import _attention
 
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 4, queries, 16), torch.randn(3, 2, 20, 16), torch.randn(3, 2, 20, 16)
@@ -196,7 +197,7 @@ def test_blocks_longer_than_the_matmul_limit_attend_with_sdpa(monkeypatch):
     import torch.nn.functional as F
 
     from onepass.accel import grouped_attention
-    from onepass.train import model
+    from onepass.train import attention as model
 
     monkeypatch.setattr(grouped_attention, "CPU_MATH_MAX_KEYS", 10)
     torch.manual_seed(0)
@@ -212,7 +213,7 @@ def test_no_sdpa_call_passes_both_a_mask_and_grouped_heads(monkeypatch):
     as transformers' own SDPA attention does (trees and sliding windows pass masks)."""
     import torch.nn.functional as F
 
-    from onepass.train import model as model_module
+    from onepass.train import attention as model_module
 
     calls = []
     sdpa = F.scaled_dot_product_attention

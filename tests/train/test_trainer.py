@@ -11,7 +11,7 @@ import torch
 from onepass.train.batch import collate
 from onepass.config import load_config
 from onepass.train.loss import sft_loss
-from onepass.train.model import use_packed_attention
+from onepass.train.attention import use_packed_attention
 from onepass.data.types import Example
 from onepass.demo.tiny import build_model, random_conversations
 from onepass.train.plan import plan_epoch
@@ -176,22 +176,19 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement_and
 
 def test_keep_best_keeps_and_exports_the_checkpoint_with_the_lowest_held_out_loss(run_assets, tmp_path):
     from onepass.train.checkpoint import best_checkpoint
-    from onepass.train.step import train_step
 
     config = make_config(run_assets, tmp_path / "out", "max_steps=8", "eval_every=2", "keep_best=true",
                          "save_every=1", "keep_last=1", "lr=3e-3")
     run = build_run(config)
-    trainer = None
 
-    def step_that_breaks_the_model_after_step_4(*args, **kwargs):
-        result = train_step(*args, **kwargs)
-        if trainer.state.step + 1 > 4:  # from step 5 on, the weights get worse
+    def break_the_model_after_step_4(optimizer, args, kwargs):  # after each optimizer step: from step 5 on,
+        if trainer.state.step + 1 > 4:                          # the weights get worse
             with torch.no_grad():
                 for parameter in run.model.parameters():
                     parameter.add_(torch.randn_like(parameter) * 0.05)
-        return result
 
-    trainer = Trainer(run, step=step_that_breaks_the_model_after_step_4)
+    run.optimizer.register_step_post_hook(break_the_model_after_step_4)
+    trainer = Trainer(run)
     result = trainer.fit()
     evals = {r["step"]: r["eval_loss"] for r in result.metrics if "eval_loss" in r and r["step"] in (2, 4, 6)}
     assert trainer.state.best_step == 4 and evals[4] < evals[6]

@@ -12,8 +12,9 @@ from onepass.data.tree import TokenPath, merge_paths, tree_example
 from onepass.data.types import Example
 from onepass.demo.tiny import build_model
 from onepass.train.batch import collate
-from onepass.train.loss import hidden_states, sft_loss
-from onepass.train.model import use_packed_attention
+from onepass.train.forward import hidden_states
+from onepass.train.loss import sft_loss
+from onepass.train.attention import use_packed_attention
 
 VOCAB = 100
 

@@ -21,7 +21,7 @@ from onepass.train.batch import collate
 from onepass.train.check import own_forward_logprobs
 from onepass.train.handle import check_model, prepare_model
 from onepass.train.loss import sft_loss
-from onepass.train.model import PACKED, SEPARATE, own_attention, packing_of
+from onepass.train.attention import PACKED, SEPARATE, own_attention, packing_of
 
 # The refusals, by kind (the README lists them). A new refusal, or a refused model that becomes exact, is a
 # change this test makes visible.

@@ -32,7 +32,7 @@ def applies(query: Any, key: Any, value: Any, dropout: float) -> bool:
 def block(query: Any, key: Any, value: Any, mask: Any, scaling: float | None, dropout: float) -> Any:
     """The packed attention's block attention with this acceleration: `attention` where it `applies`,
     the stock `sdpa_block` elsewhere (`mask` None: causal over as many keys as queries)."""
-    from onepass.train.model import _causal_mask, sdpa_block
+    from onepass.train.attention import _causal_mask, sdpa_block
 
     if not applies(query, key, value, dropout):
         return sdpa_block(query, key, value, mask, scaling, dropout)
@@ -59,7 +59,7 @@ def attention(query: Any, key: Any, value: Any, mask: Any, scaling: float | None
 def install(model: Any) -> Callable[[], None]:
     """Put a model that runs onepass's packed attention on the variant with `block`; what undoes it."""
     from onepass.compat import attention_implementation, base_model
-    from onepass.train.model import PACKED_ATTENTION, register_packed_attention
+    from onepass.train.attention import PACKED_ATTENTION, register_packed_attention
 
     grouped = register_packed_attention(SUFFIX, block)
     base = base_model(model)

@@ -99,7 +99,7 @@ def _replies_and_scores(run: Any) -> dict[str, Any]:
                for p in HELD_OUT_PROMPTS]
     conversations = [to_conversation(Record("held-out", f"record {i + 1}", r), "messages")
                      for i, r in enumerate(_held_out())]
-    rows = score_conversations(model, run.tokenizer, run.template, conversations)
+    rows = score_conversations(model, run.tokenizer, run.template, conversations, head_loss=run.handle.head_loss)
     return {"replies": replies, "logprob_response": [round(r["logprob_response"], 2) for r in rows]}
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from onepass.train.model import device_of, evaluating, own_attention
+from onepass.train.model import device_of, evaluating
+from onepass.train.attention import own_attention
 
 
 def stop_token_ids(tokenizer: Any, template: Any) -> list[int]:

@@ -114,7 +114,8 @@ def node_logprobs(model: Any, examples: list[Example], batch_tokens: int = 4096,
     """log Pr(node | its ancestors) for every node of every example (trees or sequences; NaN at a root),
     packed into forward passes of about `batch_tokens` tokens; the output layer sees only the rows that
     predict a node, in chunks (`loss.nll_at`, with `head_loss`: the stock one or an acceleration's)."""
-    from onepass.train.loss import hidden_states, nll_at
+    from onepass.train.forward import hidden_states
+    from onepass.train.loss import nll_at
 
     results: list[np.ndarray] = [None] * len(examples)  # type: ignore[list-item]
     with evaluating(model):

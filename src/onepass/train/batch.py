@@ -20,7 +20,7 @@ import torch
 
 from onepass.data.tree import depths, trained_children
 from onepass.data.types import Example
-from onepass.train.layout import AttentionLayout, TreeBlocks
+from onepass.train.attention import LAYOUT_KWARG, AttentionLayout, TreeBlocks
 
 IGNORE_INDEX = -100
 Normalization = Literal["token", "sequence", "turn"]
@@ -67,7 +67,6 @@ class Batch:
                 "max_length_q": self.max_length, "max_length_k": self.max_length, LAYOUT_KWARG: self.layout}
 
 
-LAYOUT_KWARG = "onepass_layout"  # passed through the model's forward to the packed attention
 
 
 def shift_labels(input_ids: np.ndarray, loss_mask: np.ndarray, parent: np.ndarray | None = None) -> np.ndarray:

@@ -31,9 +31,10 @@ from onepass.data.types import Example
 from onepass.errors import OnepassError
 from onepass.train.batch import collate
 from onepass.train.loss import STOCK_HEAD_LOSS, HeadLoss, label_nll
-from onepass.compat import attention_implementation, base_model
-from onepass.train.model import (PACKED, SEPARATE, device_of, evaluating, own_attention, packing_of, set_packing,
-                                 use_packed_attention, use_packing_attention)
+from onepass.compat import attention_implementation, base_model, takes_attention_interface
+from onepass.train.model import device_of, evaluating
+from onepass.train.attention import (PACKED, SEPARATE, own_attention, packing_of, set_packing, use_packed_attention,
+                                     use_packing_attention)
 
 # Nats of per-token log-probability by which onepass's path may differ from the model's own forward. The
 # check runs in fp32 (autocast off), where reordered sums differ by ~1e-6 and a leak between packed
@@ -133,6 +134,8 @@ def check_packing(model: Any, vocab_size: int | None = None, tolerance: float = 
     base = base_model(model)
     start = attention_implementation(base)
     try:
+        if packing_of(model) != PACKED and takes_attention_interface(base):  # a model on its own attention: try
+            use_packed_attention(model)                                       # packed rows first
         result = _check_packing(model, vocab_size, tolerance, head_loss)
         if start == "flash_attention_2" and result.packing == PACKED:
             if not compare_flash:

@@ -17,7 +17,8 @@ from onepass.train import distributed
 from onepass.train.batch import collate, padding_batch
 from onepass.train.checkpoint import TrainerState
 from onepass.train.distributed import Cluster
-from onepass.train.model import device_of, evaluating, reads_layout
+from onepass.train.model import device_of, evaluating
+from onepass.train.attention import reads_layout
 from onepass.train.plan import packed_micro_batches
 from onepass.train.device import Precision, autocast
 

@@ -22,9 +22,10 @@ from onepass import accel
 from onepass.compat import attention_implementation, base_model, enable_activation_checkpointing
 from onepass.errors import OnepassError
 from onepass.train.device import uses_bf16
-from onepass.train.model import (backbone_and_head, describe_attention, device_of, flash_refusal,
-                                 freeze_outside_language_model, is_packed_attention, language_model_targets,
-                                 load_model, own_attention_of, packing_of, use_fastest_packing)
+from onepass.train.model import (backbone_and_head, device_of, freeze_outside_language_model, language_model_targets,
+                                 load_model)
+from onepass.train.attention import (describe_attention, flash_refusal, is_packed_attention, own_attention_of,
+                                     packing_of, use_fastest_packing)
 
 log = logging.getLogger(__name__)
 

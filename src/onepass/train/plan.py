@@ -7,7 +7,7 @@ step N only needs N, every run with the same seed sees the same data, and under 
 takes its share of each step: N ranks make the same updates as one process with the same global batch.
 
 A row is just a list of example indices: the conversations in it stay whole, keep their own
-position ids and never attend to each other (see `batch.collate` and `model.packed_sdpa_attention`).
+position ids and never attend to each other (see `batch.collate` and `attention.packed_sdpa_attention`).
 """
 
 from __future__ import annotations

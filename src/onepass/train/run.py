@@ -32,7 +32,8 @@ from onepass.train.loss import SFTObjective
 from onepass.train.mixture import Mixture, describe as describe_mixture
 from onepass.train.check import apply_check, check_packing
 from onepass.train.handle import ModelHandle, build_model, prepare_for_training
-from onepass.train.model import PACKED, check_model_dir, device_of, use_tree_attention
+from onepass.train.model import check_model_dir, device_of
+from onepass.train.attention import PACKED, use_tree_attention
 from onepass.train.plan import StepPlan
 from onepass.train.device import describe_precision, uses_bf16
 from onepass.train.step import StepOptions

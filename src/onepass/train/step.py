@@ -13,7 +13,8 @@ from onepass.train import distributed
 from onepass.train.batch import Batch
 from onepass.train.device import Precision, autocast
 from onepass.train.distributed import Cluster
-from onepass.train.model import device_of, reads_layout
+from onepass.train.model import device_of
+from onepass.train.attention import reads_layout
 
 OnNonfinite = Literal["error", "skip_step"]
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,11 +39,11 @@ class TrainResult:
 
 class Trainer:
     """Trains a `Run` to its end (or to `stop_at` steps), then evaluates and exports; stopped early,
-    it leaves a checkpoint to resume from. `step` is the optimizer-step function (injectable)."""
+    it leaves a checkpoint to resume from. `fit` is the loop, top to bottom; the pieces it calls decide
+    their own timing (the evaluator when to evaluate, the checkpointer when to save, the log when to write)."""
 
-    def __init__(self, run: Run, step: Callable[..., StepResult] = train_step):
+    def __init__(self, run: Run):
         self.run = run
-        self.step = step
         self.state = TrainerState(step=0, micro_batches_per_step=run.plan.micro_batches_per_step)
 
     def fit(self, stop_at: int | None = None) -> TrainResult:
@@ -53,14 +52,34 @@ class Trainer:
             run.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(run.config, run.output_dir / "config.yaml")
         resumed = self._resume()
-        resume_step = self.state.step if resumed else 0
+        start = self.state.step if resumed else 0
         trackers = Trackers(run.config.report_to, run.output_dir, to_dict(run.config), run.config.run_name,
-                            resume_step, enabled=main)
-        log = MetricsLog(run.output_dir, resume_step, trackers, enabled=main, log_every=run.config.log_every)
+                            start, enabled=main)
+        log = MetricsLog(run.output_dir, start, trackers, enabled=main, log_every=run.config.log_every)
+        end = min(stop_at, run.total_steps) if stop_at is not None else run.total_steps
+        stopped_by = None
         try:  # the trackers get their last rows and are closed, whatever ends the run
             eval_before = None if resumed else self._evaluate(log)
-            end = min(stop_at, run.total_steps) if stop_at is not None else run.total_steps
-            stopped_by = self._loop(end, log)
+            with progress_bar(run.config.progress and main) as progress, StopOnSignal() as stop:
+                task = progress.add_task("train", total=run.total_steps, completed=self.state.step,
+                                         loss=float("nan"), tokens_per_sec=0.0, trained_tokens_per_sec=0.0)
+                while self.state.step < end and stopped_by is None:
+                    micro_batches = run.plan.step_batches(self.state.step)
+                    lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler steps inside it)
+                    started = time.perf_counter()
+                    result = train_step(run.objective, run.optimizer, run.scheduler, micro_batches,
+                                        run.step_options, run.cluster)
+                    row = self._advance(result, lr, time.perf_counter() - started)
+                    if run.evaluator.should_evaluate(self.state.step, run.total_steps):
+                        row.update(self._evaluate_and_keep_best(log))
+                    if log.should_log(row):
+                        log.write(row)
+                    progress.update(task, completed=self.state.step, loss=row["loss"],
+                                    tokens_per_sec=row["tokens_per_sec"],
+                                    trained_tokens_per_sec=row["trained_tokens_per_sec"])
+                    if run.checkpointer.should_save(self.state.step):
+                        self._save()
+                    stopped_by = self._stop_reason(stop)  # the same answer on every rank
             eval_after = final_dir = None
             if self.state.step < run.total_steps and stopped_by != EARLY_STOPPING:  # leave a checkpoint to resume
                 self._save()
@@ -74,33 +93,8 @@ class Trainer:
             log.close()
         return TrainResult(self.state.step, final_dir, log.rows(), eval_before, eval_after, stopped_by)
 
-    def _loop(self, end: int, log: MetricsLog) -> str | None:
-        """Steps until `end` or a stop signal (on any rank); returns what stopped it early, if anything."""
-        run = self.run
-        with progress_bar(run.config.progress and run.cluster.is_main) as progress, StopOnSignal() as stop:
-            task = progress.add_task("train", total=run.total_steps, completed=self.state.step, loss=float("nan"),
-                                     tokens_per_sec=0.0, trained_tokens_per_sec=0.0)
-            while self.state.step < end:
-                row = self._one_step(log)
-                progress.update(task, completed=self.state.step, loss=row["loss"],
-                                tokens_per_sec=row["tokens_per_sec"],
-                                trained_tokens_per_sec=row["trained_tokens_per_sec"])
-                if run.early_stopping.should_stop(self.state):  # the same decision on every rank
-                    return EARLY_STOPPING
-                # every rank stops after the same step, even if the signal reached only some of them
-                if distributed.all_reduce_sum([stop.received is not None], run.cluster)[0]:
-                    break
-        if stop.received is not None:
-            return stop.received.name
-        return "a signal on another rank" if self.state.step < end else None
-
-    def _one_step(self, log: MetricsLog) -> dict[str, Any]:
-        run = self.run
-        lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler steps inside it)
-        started = time.perf_counter()
-        result = self.step(run.objective, run.optimizer, run.scheduler, run.plan.step_batches(self.state.step),
-                           run.step_options, run.cluster)
-        seconds = time.perf_counter() - started
+    def _advance(self, result: StepResult, lr: float, seconds: float) -> dict[str, Any]:
+        """The state after a step, and the step's metrics row."""
         self.state = dataclasses.replace(self.state, step=self.state.step + 1,
                                          skipped_steps=self.state.skipped_steps + result.skipped)
         row = {"step": self.state.step, "loss": result.loss, "lr": lr,
@@ -109,18 +103,27 @@ class Trainer:
                "skipped_steps": self.state.skipped_steps}
         if result.router_loss is not None:
             row["router_loss"] = result.router_loss  # apart from `loss`, which is the NLL term alone
-        if run.evaluator.should_evaluate(self.state.step, run.total_steps):
-            row.update(run.evaluator.evaluate(run.objective))
-            log.samples(self.state.step, run.samples.write(self.state.step, run.model, run.tokenizer, run.template))
-            self.state, improved = run.early_stopping.update(self.state, row["eval_loss"])
-            if improved and run.config.keep_best:
-                run.checkpointer.save_best(self.state, distributed.unwrap(run.objective), run.optimizer,
-                                           run.scheduler)
-        if log.should_log(row):
-            log.write(row)
-        if run.checkpointer.should_save(self.state.step):
-            self._save()
         return row
+
+    def _evaluate_and_keep_best(self, log: MetricsLog) -> dict[str, float]:
+        """One decision from one held-out evaluation: its losses (and sample replies), whether it is the
+        best so far (early stopping counts the others), and with keep_best the best checkpoint kept."""
+        run = self.run
+        results = run.evaluator.evaluate(run.objective)
+        log.samples(self.state.step, run.samples.write(self.state.step, run.model, run.tokenizer, run.template))
+        self.state, improved = run.early_stopping.update(self.state, results["eval_loss"])
+        if improved and run.config.keep_best:
+            run.checkpointer.save_best(self.state, distributed.unwrap(run.objective), run.optimizer, run.scheduler)
+        return results
+
+    def _stop_reason(self, stop: StopOnSignal) -> str | None:
+        """Why the loop ends after this step, decided alike on every rank: early stopping, or a stop
+        signal that reached any rank."""
+        if self.run.early_stopping.should_stop(self.state):
+            return EARLY_STOPPING
+        if distributed.all_reduce_sum([stop.received is not None], self.run.cluster)[0]:
+            return stop.received.name if stop.received is not None else "a signal on another rank"
+        return None
 
     def _best_or_last(self, last: dict[str, float], log: MetricsLog) -> dict[str, float]:
         """With keep_best, the weights of the best held-out evaluation, unless the last is at least as good."""
