@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/score_speedup.json")
     args = parser.parse_args()
 
+    from onepass import accel
     from onepass.data.chat_template import load_chat_template
     from onepass.data.formats import detect_format, to_conversation
     from onepass.train.attention import use_packed_attention
@@ -38,6 +39,7 @@ def main() -> None:
     model = use_packed_attention(build_model(None, vocab_size=len(tokenizer), hidden_size=256, num_layers=4,
                                              num_heads=8, num_kv_heads=4, intermediate_size=704,
                                              max_position_embeddings=8192)).eval()
+    head_loss = accel.install(model, accel.choose("auto", "cpu", False, False)).head_loss  # as onepass score runs
     template = load_chat_template(tokenizer, "chatml")
     conversations = [to_conversation(Record("bench", str(i), r), detect_format(r)) for i, r in enumerate(records)]
     options = RenderOptions(unstable_history="warn")
@@ -45,7 +47,7 @@ def main() -> None:
 
     start = time.perf_counter()
     scored = render_for_scoring(conversations, tokenizer, template, options)
-    logprobs = token_logprobs(model, [s.example for s in scored], batch_tokens=4096)
+    logprobs = token_logprobs(model, [s.example for s in scored], batch_tokens=4096, head_loss=head_loss)
     one_pass = [turn_logprobs(s, lp) for s, lp in zip(scored, logprobs)]
     one_seconds = time.perf_counter() - start
 

@@ -50,7 +50,7 @@ def examples_for(records: list[dict], tokenizer, policy: str) -> list:
     return examples
 
 
-def seconds_per_pass(model, examples, backward: bool, repeats: int = 3) -> float:
+def seconds_per_pass(model, examples, backward: bool, repeats: int = 3, head_loss=None) -> float:
     import torch
 
     from onepass.train.batch import collate
@@ -61,7 +61,8 @@ def seconds_per_pass(model, examples, backward: bool, repeats: int = 3) -> float
     for _ in range(repeats + 1):
         start = time.perf_counter()
         with torch.set_grad_enabled(backward):
-            loss, _ = sft_loss(model, batch, max(batch.units, 1.0))
+            loss, _ = sft_loss(model, batch, max(batch.units, 1.0),
+                               **({} if head_loss is None else {"head_loss": head_loss}))
             if backward:
                 loss.backward()
         times.append(time.perf_counter() - start)
@@ -71,6 +72,7 @@ def seconds_per_pass(model, examples, backward: bool, repeats: int = 3) -> float
 def main() -> None:
     import torch
 
+    from onepass import accel
     from onepass.demo.tiny import build_model, build_tokenizer
     from onepass.train.attention import use_packed_attention
 
@@ -79,13 +81,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temp:
         tokenizer = build_tokenizer(Path(temp), vocab_size=1024)
         model = use_packed_attention(build_model(None, vocab_size=len(tokenizer), **MODEL))
+        head_loss = accel.install(model, accel.choose("auto", "cpu", False, False)).head_loss  # as a run installs
         for turns in (2, 4, 8):
             records = reasoning_conversations(turns)
             row = {}
             for policy in ("tree", "split", "warn"):
                 examples = examples_for(records, tokenizer, policy)
                 row[policy] = {"examples": len(examples), "tokens": sum(len(e) for e in examples),
-                               "seconds": seconds_per_pass(model, examples, backward=True)}
+                               "seconds": seconds_per_pass(model, examples, backward=True, head_loss=head_loss)}
             row["tree_vs_split_tokens"] = row["split"]["tokens"] / row["tree"]["tokens"]
             row["tree_vs_split_time"] = row["split"]["seconds"] / row["tree"]["seconds"]
             results["reasoning"][f"K={turns}"] = row

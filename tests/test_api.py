@@ -107,3 +107,23 @@ def test_importing_onepass_loads_no_torch():
 
     code = "import sys, onepass; onepass.TrainOptions; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("why", ["a LoRA target it does not have", "a model the check refuses"])
+def test_a_run_that_fails_before_it_starts_gives_the_model_back_as_it_came(tokenizer, tmp_path, why):
+    import zoo_configs
+
+    if why == "a model the check refuses":
+        model, values = zoo_configs.build("hyperclovax"), {}
+    else:
+        model, values = build_model(None, vocab_size=len(tokenizer)), {
+            "lora": onepass.LoraOptions(enabled=True, targets=["no_such_proj"])}
+    model.eval()
+    original = model.config._attn_implementation
+    with pytest.raises(onepass.OnepassError):
+        onepass.fit(model, random_conversations(16, seed=4, max_turns=2), options(tmp_path, **values),
+                    tokenizer=tokenizer)
+    assert model.config._attn_implementation == original and not onepass_attributes(model)
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+    for module in model.modules():
+        assert "forward" not in vars(module) and not module._forward_hooks and not module._forward_pre_hooks

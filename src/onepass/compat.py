@@ -208,6 +208,14 @@ def enable_activation_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def disable_activation_checkpointing(model: Any) -> None:
+    """Activation checkpointing off (transformers >= 5.20 renamed the method)."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
 # oneDNN (the CPU's bf16 matmuls) and ideep keep a compiled kernel for every matrix shape they meet,
 # up to 1,024 of each, at about half a MB apiece. Packed rows change length every step, so a long bf16
 # run fills both caches: SmolLM2-135M's resident memory grew by ~12 MB a step until they were full

@@ -99,14 +99,16 @@ def test_a_few_steps_lower_held_out_loss_and_the_export_loads_and_chats(model_di
 
 def test_one_pass_scores_equal_one_pass_per_turn_on_the_real_model(model_dir, tokenizer):
     from onepass.score.scoring import k_pass_turn_logprobs, render_for_scoring, token_logprobs, turn_logprobs
+    from onepass.train.handle import prepare_model
     from onepass.train.model import load_model
 
-    model = load_model(model_dir, "cpu")
+    handle = prepare_model(load_model(model_dir, "cpu"))  # packed rows, as onepass scores
+    model = handle.model
     template = load_chat_template(tokenizer)
     conversation = to_conversation(Record("d.jsonl", "line 1", CONVERSATION), "messages")
     options = RenderOptions(unstable_history="warn")
     [scored] = render_for_scoring([conversation], tokenizer, template, options)
-    [values] = token_logprobs(model, [scored.example])
+    [values] = token_logprobs(model, [scored.example], head_loss=handle.head_loss)
     one_pass = turn_logprobs(scored, values)
     k_pass = k_pass_turn_logprobs(model, tokenizer, template, conversation, options)
     assert len(one_pass) == 2
@@ -124,7 +126,8 @@ def test_the_start_up_check_proves_the_real_model_exact_with_packed_rows_and_gre
     from onepass.train.attention import PACKED
 
     model = load_model(model_dir, "cpu")
-    result = check_packing(model)
+    result = check_packing(model)  # tries packed rows on the model as loaded, and leaves it as it came
+    assert model.config._attn_implementation == "sdpa"
     assert result.packing == PACKED and result.max_difference < 1e-4  # measured: 4.5e-6 nats (bench/check_cost.py)
     assert result.prefix_consistent
     template = load_chat_template(tokenizer)

@@ -305,10 +305,12 @@ def own_attention_name(model: Any) -> str:
     return "sdpa" if supports_sdpa(base) else "eager"
 
 
-def set_packing(model: Any, packing: str) -> None:
-    """Put the model in `packing` mode (see PACKED): `separate` runs the model's own attention."""
+def set_packing(model: Any, packing: str, own: str | None = None) -> None:
+    """Put the model in `packing` mode (see PACKED): `separate` runs the model's own attention (`own`:
+    the one it came with, where known)."""
     if packing == SEPARATE:
-        own_attention_of(model, own_attention_name(model))
+        own_attention_of(model, own if own is not None and not is_packing_attention(own) else
+                         own_attention_name(model))
     elif packing_of(model) != PACKED:
         use_packed_attention(model)
 
@@ -364,6 +366,8 @@ def use_packing_attention(model: Any, attention: str) -> Any:
     attention layers do not take transformers' interface computes each conversation alone instead."""
     base = base_model(model)
     if takes_attention_interface(base):
+        if attention == PACKED_ATTENTION:  # registered in this process before use (every rank of a run)
+            register_packed_attention()
         base.set_attn_implementation(attention)
     return model
 
@@ -391,11 +395,14 @@ def half_precision_for_flash(model: Any) -> Any:
 def refuse_trees(model: Any) -> None:
     """Tree examples attend along their paths, which only packed attention computes: a model that
     computes each conversation alone refuses them."""
-    if packing_of(model) == SEPARATE:
-        raise OnepassError("the examples are trees (a chat template that rewrites past turns, or N completions of "
-                           "one prompt), and this model computes each conversation alone, so it cannot attend along "
-                           "a tree. Fix: data.unstable_history: split (train), or score one turn or completion per "
-                           "row.")
+    if packing_of(model) != SEPARATE:
+        return
+    unprepared = (" (or it was not prepared: onepass.rank and onepass.logprobs prepare it, as "
+                  "train.handle.prepare_model does)") if takes_attention_interface(base_model(model)) else ""
+    raise OnepassError("the examples are trees (a chat template that rewrites past turns, or N completions of "
+                       f"one prompt), and this model computes each conversation alone{unprepared}, so it cannot "
+                       "attend along a tree. Fix: data.unstable_history: split (train), or score one turn or "
+                       "completion per row.")
 
 
 def use_tree_attention(model: Any) -> None:

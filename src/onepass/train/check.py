@@ -95,11 +95,12 @@ def probe_examples(vocab_size: int, seed: int = 0) -> list[Example]:
             for n in LENGTHS]
 
 
-def own_forward_logprobs(model: Any, examples: list[Example]) -> np.ndarray:
-    """log Pr(token t | tokens < t), t >= 1, from the model's own forward on each conversation alone."""
+def own_forward_logprobs(model: Any, examples: list[Example], own: str | None = None) -> np.ndarray:
+    """log Pr(token t | tokens < t), t >= 1, from the model's own forward (with its own attention, `own`
+    where known) on each conversation alone."""
     device = device_of(model)
     values = []
-    with own_attention(model), evaluating(model):
+    with own_attention(model, own), evaluating(model):
         for example in examples:
             ids = torch.from_numpy(example.input_ids.astype(np.int64))[None].to(device)
             logits = model(input_ids=ids, use_cache=False).logits[0, :-1].double()
@@ -107,12 +108,12 @@ def own_forward_logprobs(model: Any, examples: list[Example]) -> np.ndarray:
     return np.concatenate(values)
 
 
-def prefix_difference(model: Any, vocab_size: int) -> float:
+def prefix_difference(model: Any, vocab_size: int, own: str | None = None) -> float:
     """The largest difference, over the probe's first tokens, between the model's own log-probabilities
     on the whole probe and on a prefix of it alone (0 up to float rounding for a causal model)."""
     ids = np.random.default_rng(1).integers(0, vocab_size, PREFIX_PROBE_LENGTH).astype(np.int32)
     sequences = [Example(ids[:n], np.ones(n, np.int8), np.zeros(n, np.int32)) for n in (len(ids), *PREFIX_CUTS)]
-    whole, *prefixes = (own_forward_logprobs(model, [sequence]) for sequence in sequences)
+    whole, *prefixes = (own_forward_logprobs(model, [sequence], own) for sequence in sequences)
     return max(_difference(whole[:len(prefix)], prefix) for prefix in prefixes)
 
 
@@ -124,19 +125,22 @@ def onepass_logprobs(model: Any, examples: list[Example], head_loss: HeadLoss = 
 
 
 def check_packing(model: Any, vocab_size: int | None = None, tolerance: float = TOLERANCE,
-                  compare_flash: bool = True, head_loss: HeadLoss = STOCK_HEAD_LOSS) -> PackingCheck:
+                  compare_flash: bool = True, head_loss: HeadLoss = STOCK_HEAD_LOSS,
+                  own: str | None = None) -> PackingCheck:
     """Compare onepass's path (with `head_loss`) with the model's own forward (fp32, on the model's
     device) and choose the packing that equals it; raise a clear error when neither does. A model on
     flash-attention varlen (which refuses fp32) is checked on packed SDPA in fp32, and flash is then
     compared with packed SDPA under bf16: where it fails or differs, packed SDPA is chosen instead (not
     with `compare_flash` false: the model is not where it will run, e.g. in CPU memory before FSDP2
-    shards it onto GPUs). The model is left as it came; `apply_check` puts it in the mode chosen."""
+    shards it onto GPUs). `own`: the attention the model came with (its own forward's, the oracle's;
+    default: the current one, or transformers' default for its class). The model is left as it came;
+    `apply_check` puts it in the mode chosen."""
     base = base_model(model)
     start = attention_implementation(base)
     try:
         if packing_of(model) != PACKED and takes_attention_interface(base):  # a model on its own attention: try
             use_packed_attention(model)                                       # packed rows first
-        result = _check_packing(model, vocab_size, tolerance, head_loss)
+        result = _check_packing(model, vocab_size, tolerance, head_loss, own)
         if start == "flash_attention_2" and result.packing == PACKED:
             if not compare_flash:
                 result = dataclasses.replace(result, flash="flash-attention not compared (checked before sharding)")
@@ -152,7 +156,7 @@ def check_packing(model: Any, vocab_size: int | None = None, tolerance: float = 
 def apply_check(model: Any, packing: str, attention: str | None) -> None:
     """Put the model in the packing the check chose (`PackingCheck.packing`), on the attention it chose
     (`PackingCheck.attention`)."""
-    set_packing(model, packing)
+    set_packing(model, packing, own=attention if packing == SEPARATE else None)
     if packing == PACKED and attention and attention_implementation(base_model(model)) != attention:
         use_packing_attention(model, attention)
 
@@ -181,19 +185,20 @@ def check_flash(model: Any, examples: list[Example], head_loss: HeadLoss = STOCK
     return f"flash-attention varlen == packed SDPA under bf16, max {difference:.1e}"
 
 
-def _check_packing(model: Any, vocab_size: int | None, tolerance: float, head_loss: HeadLoss) -> PackingCheck:
+def _check_packing(model: Any, vocab_size: int | None, tolerance: float, head_loss: HeadLoss,
+                   own: str | None) -> PackingCheck:
     started = time.perf_counter()
     vocab_size = vocab_size or model.get_output_embeddings().weight.shape[0]
     examples = probe_examples(vocab_size)
     device = device_of(model)
     with torch.autocast(device.type, enabled=False), exact_matmuls(), packed_attention_for_the_check(model):
         try:
-            expected = own_forward_logprobs(model, examples)
+            expected = own_forward_logprobs(model, examples, own)
         except Exception as error:  # noqa: BLE001 - the oracle itself fails: nothing to prove against
             raise OnepassError(f"{type(model).__name__}: the model's own forward fails on a short conversation "
                                f"({_one_line(error)}), so onepass cannot check it. Fix: check that transformers "
                                "runs this model, or report it.") from None
-        prefix = prefix_difference(model, vocab_size)
+        prefix = prefix_difference(model, vocab_size, own)
         packed_difference, packed_error = None, None
         if packing_of(model) == PACKED:
             try:
@@ -205,7 +210,7 @@ def _check_packing(model: Any, vocab_size: int | None, tolerance: float, head_lo
             if packed_difference is not None and packed_difference <= tolerance:
                 return PackingCheck(PACKED, packed_difference, packed_difference, None, prefix,
                                     expected.size + len(examples), time.perf_counter() - started)
-            set_packing(model, SEPARATE)
+            set_packing(model, SEPARATE, own)
         else:
             packed_error = "its attention layers do not take transformers' attention interface"
         try:

@@ -61,24 +61,39 @@ def full_model(model: Any, config: TrainConfig, cluster: Cluster) -> Any:
 def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
     """The state dict of a LoRA model with its adapters merged into the weights they adapt (peft's own
     `get_delta_weight`), under the base model's own names, made layer by layer: the LoRA model itself
-    is not changed (a library caller gets it back as trained), and no second copy of the model is made."""
+    is not changed (a library caller gets it back as trained), and no second copy of the model is made.
+    A weight shared by two names (an output layer tied to the embedding) gets its delta under both. What
+    onepass's config never makes but a model given to it may carry (modules to save, DoRA, LoRA biases,
+    adapters already merged) is merged by peft itself, on a copy."""
     base = model.get_base_model()
-    deltas: dict[str, torch.Tensor] = {}
-    for name, module in base.named_modules():
-        if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
-            for adapter in module.active_adapters:
-                if adapter in getattr(module, "lora_A", {}):
-                    key = f"{name}.base_layer.weight"
-                    delta = module.get_delta_weight(adapter)
-                    deltas[key] = delta if key not in deltas else deltas[key] + delta
+    if _needs_peft_merge(base):
+        return copy.deepcopy(model).merge_and_unload().state_dict()
+    deltas: dict[int, torch.Tensor] = {}  # id of the adapted weight -> the sum of its adapters' deltas
+    for module in base.modules():
+        if not (hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")):
+            continue
+        adapters = set(getattr(module, "lora_A", {})) | set(getattr(module, "lora_embedding_A", {}))
+        for adapter in module.active_adapters:
+            if adapter in adapters:
+                key, delta = id(module.base_layer.weight), module.get_delta_weight(adapter)
+                deltas[key] = delta if key not in deltas else deltas[key] + delta
     state = {}
-    for key, value in base.state_dict().items():
+    for key, value in base.state_dict(keep_vars=True).items():
         if ".lora_" in key:
             continue
-        if key in deltas:
-            value = (value + deltas[key].to(value.dtype)).detach()
-        state[key.replace(".base_layer.", ".")] = value
+        delta = deltas.get(id(value))
+        value = value.detach()
+        state[key.replace(".base_layer.", ".")] = value if delta is None else value + delta.to(value.dtype)
     return state
+
+
+def _needs_peft_merge(model: Any) -> bool:
+    for module in model.modules():
+        if type(module).__name__ == "ModulesToSaveWrapper" or getattr(module, "merged", False):
+            return True
+        if any(getattr(module, "use_dora", {}).values()) or any(getattr(module, "lora_bias", {}).values()):
+            return True
+    return False
 
 
 def saved_dtype(model: Any, model_dir: str | Path) -> torch.dtype:

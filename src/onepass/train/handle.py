@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from onepass import accel
-from onepass.compat import attention_implementation, base_model, enable_activation_checkpointing
+from onepass.compat import (attention_implementation, base_model, disable_activation_checkpointing,
+                            enable_activation_checkpointing)
 from onepass.errors import OnepassError
 from onepass.train.device import uses_bf16
+from onepass.train.loss import STOCK_HEAD_LOSS
 from onepass.train.model import (backbone_and_head, device_of, freeze_outside_language_model, language_model_targets,
                                  load_model)
 from onepass.train.attention import (describe_attention, flash_refusal, is_packed_attention, own_attention_of,
@@ -93,7 +95,8 @@ def check_model(handle: ModelHandle, compare_flash: bool = True) -> ModelHandle:
     from onepass.train.check import apply_check, check_packing
 
     try:
-        handle.check = check_packing(handle.model, compare_flash=compare_flash, head_loss=handle.head_loss)
+        handle.check = check_packing(handle.model, compare_flash=compare_flash, head_loss=handle.head_loss,
+                                     own=handle.original_attention)
     except BaseException:
         handle.restore()
         raise
@@ -105,43 +108,68 @@ def prepare_for_training(model: Any, config: TrainConfig, device: torch.device, 
                          ) -> ModelHandle:
     """The model to train, prepared in one order: packed attention, the language model alone trainable
     (`freeze_outside_language_model`), LoRA adapters, activation checkpointing, the configured
-    accelerations, compile. Works the same on a model onepass loaded and on one given to it."""
+    accelerations, compile. Works the same on a model onepass loaded and on one given to it; where a
+    step fails, what the steps before it did is undone before the error."""
     bf16 = uses_bf16(config.precision, device)
     base = base_model(model)
-    original = attention_implementation(base)
-    attention = use_fastest_packing(model, device.type, torch.bfloat16 if bf16 else torch.float32)
-    if announce:
-        why = None
-        if device.type == "cuda" and is_packed_attention(attention):  # flash was refused, or failed to load
-            why = flash_refusal(device.type, torch.bfloat16 if bf16 else torch.float32, type(base)) or \
-                "flash-attn failed to load"
-        log.info(describe_attention(attention, why))
-    undo: list[Callable[[], None]] = []
-    frozen = freeze_outside_language_model(model)
-    if frozen:
-        parameters = dict(model.named_parameters())
-        undo.append(lambda: [parameters[name].requires_grad_(True) for name in frozen])
+    handle = ModelHandle(model, attention_implementation(base), accel.Installed((), STOCK_HEAD_LOSS))
+    was_training = model.training
+    handle.undo.append(lambda: model.train(was_training))
+    try:
+        attention = use_fastest_packing(model, device.type, torch.bfloat16 if bf16 else torch.float32)
         if announce:
-            parts = sorted({name.split(".")[1] if name.count(".") > 1 else name.split(".")[0] for name in frozen})
-            log.info(f"frozen: {len(frozen)} parameters outside the language model ({', '.join(parts)}); text trains "
-                  "the language model only")
-    if config.lora.enabled:
-        model = _with_lora(model, config)
-    if config.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-        undo.append(base.gradient_checkpointing_disable)
+            why = None
+            if device.type == "cuda" and is_packed_attention(attention):  # flash was refused, or failed to load
+                why = flash_refusal(device.type, torch.bfloat16 if bf16 else torch.float32, type(base)) or \
+                    "flash-attn failed to load"
+            log.info(describe_attention(attention, why))
+        _freeze_outside_language_model(handle, announce)
         if config.lora.enabled:
-            model.enable_input_require_grads()
-    installed = accel.install(model, accel.choose(config.accelerations, device.type, bf16,
-                                                  config.gradient_checkpointing), config.gradient_checkpointing)
+            handle.model = _with_lora(model, config)
+        if config.gradient_checkpointing:
+            handle.undo.append(with_activation_checkpointing(handle.model, input_grads=config.lora.enabled))
+        handle.accelerations = accel.install(handle.model, accel.choose(
+            config.accelerations, device.type, bf16, config.gradient_checkpointing), config.gradient_checkpointing)
+        if announce:
+            log.info(accel.describe(handle.accelerations.names, device.type, bf16))
+        if config.compile:
+            trunk = backbone_and_head(handle.model)[0]
+            trunk.compile()
+            handle.undo.append(lambda: setattr(trunk, "_compiled_call_impl", None))
+        handle.model.train()
+    except BaseException:
+        handle.restore()
+        raise
+    return handle
+
+
+def _freeze_outside_language_model(handle: ModelHandle, announce: bool) -> None:
+    frozen = freeze_outside_language_model(handle.model)
+    if not frozen:
+        return
+    parameters = dict(handle.model.named_parameters())
+    handle.undo.append(lambda: [parameters[name].requires_grad_(True) for name in frozen])
     if announce:
-        log.info(accel.describe(installed.names, device.type, bf16))
-    if config.compile:
-        trunk = backbone_and_head(model)[0]
-        trunk.compile()
-        undo.append(lambda: setattr(trunk, "_compiled_call_impl", None))
-    model.train()
-    return ModelHandle(model, original, installed, undo=undo)
+        parts = sorted({name.split(".")[1] if name.count(".") > 1 else name.split(".")[0] for name in frozen})
+        log.info(f"frozen: {len(frozen)} parameters outside the language model ({', '.join(parts)}); text trains "
+                 "the language model only")
+
+
+def with_activation_checkpointing(model: Any, input_grads: bool = False) -> Callable[[], None]:
+    """Activation checkpointing on (with `input_grads`, the input embeddings' outputs requiring gradients,
+    as LoRA over a frozen model needs); what turns it off again, the hooks transformers added included."""
+    embeddings = base_model(model).get_input_embeddings()
+    before = set(embeddings._forward_hooks) if embeddings is not None else set()
+    enable_activation_checkpointing(model)
+    if input_grads:
+        model.enable_input_require_grads()
+
+    def undo() -> None:
+        disable_activation_checkpointing(model)
+        if embeddings is not None:
+            for key in set(embeddings._forward_hooks) - before:
+                embeddings._forward_hooks.pop(key, None)
+    return undo
 
 
 def _with_lora(model: Any, config: TrainConfig) -> Any:

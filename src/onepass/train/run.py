@@ -98,35 +98,43 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
         handle = build_model(config, distributed.loading_device(cluster, config.strategy), announce=cluster.is_main,
                              weights=weights, compute_device=cluster.device)
     else:
+        if cluster.is_distributed and config.strategy == "fsdp":
+            raise OnepassError("strategy: fsdp with a model passed in: each rank would hold the whole model, and "
+                               "the export rebuilds it from the model directory. Fix: give options.model (the "
+                               "model's directory) and no model object, or use strategy: ddp.")
         handle = prepare_for_training(model.to(cluster.device), config, cluster.device, announce=cluster.is_main)
-    model = handle.model
-    _check_model(config, cluster, handle)
-    if has_trees(train_data.examples) or has_trees(eval_examples):
-        use_tree_attention(model)
-    objective = SFTObjective(model, config.loss_chunk_size, handle.head_loss)
-    rank0_state = objective.state_dict() if cluster.is_main and config.strategy == "fsdp" else None
-    objective = distributed.parallelize(objective, cluster, config.strategy, config.ddp_find_unused_parameters,
-                                        uses_bf16(config.precision, cluster.device))
-    if cluster.is_distributed and config.strategy == "fsdp":
-        distributed.receive_weights(objective, rank0_state, cluster)
-        del rank0_state  # the whole model's weights: only the shards stay
-    optimizer, scheduler = build_optimizer(distributed.unwrap(objective), config, total_steps)
-    checkpointer = Checkpointer(config.output_dir, config.save_every, config.keep_last,
-                                yaml.safe_dump(to_dict(config), sort_keys=False), cluster)
-    evaluator = Evaluator(eval_examples, config.max_seq_len, config.batch_size, config.eval_every, config.precision,
-                          cluster)
-    early_stopping = EarlyStopping(config.early_stopping.patience, config.early_stopping.min_delta)
-    samples = _sample_replies(config, cluster)
-    step_options = StepOptions(config.precision, config.max_grad_norm, config.on_nonfinite)
-    if cluster.is_main:
-        sharded_bf16 = cluster.is_distributed and config.strategy == "fsdp" and uses_bf16(config.precision,
-                                                                                           cluster.device)
-        log.info(describe_precision(config.precision, cluster.device)
-                 + ("; FSDP2 gathers parameters in bf16 and reduces gradients in fp32" if sharded_bf16 else ""))
-        if cluster.device.type == "cpu":
-            log.info(allocator.describe())
-    return Run(config, cluster, tokenizer, template, train_data, plan, total_steps, handle, model, objective,
-               optimizer, scheduler, step_options, checkpointer, evaluator, early_stopping, samples)
+    try:  # a model given back as it came where what follows fails (the check refuses it, ...)
+        model = handle.model
+        _check_model(config, cluster, handle)
+        if has_trees(train_data.examples) or has_trees(eval_examples):
+            use_tree_attention(model)
+        objective = SFTObjective(model, config.loss_chunk_size, handle.head_loss)
+        rank0_state = objective.state_dict() if cluster.is_main and config.strategy == "fsdp" else None
+        objective = distributed.parallelize(objective, cluster, config.strategy, config.ddp_find_unused_parameters,
+                                            uses_bf16(config.precision, cluster.device))
+        if cluster.is_distributed and config.strategy == "fsdp":
+            distributed.receive_weights(objective, rank0_state, cluster)
+            del rank0_state  # the whole model's weights: only the shards stay
+        optimizer, scheduler = build_optimizer(distributed.unwrap(objective), config, total_steps)
+        checkpointer = Checkpointer(config.output_dir, config.save_every, config.keep_last,
+                                    yaml.safe_dump(to_dict(config), sort_keys=False), cluster)
+        evaluator = Evaluator(eval_examples, config.max_seq_len, config.batch_size, config.eval_every, config.precision,
+                              cluster)
+        early_stopping = EarlyStopping(config.early_stopping.patience, config.early_stopping.min_delta)
+        samples = _sample_replies(config, cluster)
+        step_options = StepOptions(config.precision, config.max_grad_norm, config.on_nonfinite)
+        if cluster.is_main:
+            sharded_bf16 = cluster.is_distributed and config.strategy == "fsdp" and uses_bf16(config.precision,
+                                                                                               cluster.device)
+            log.info(describe_precision(config.precision, cluster.device)
+                     + ("; FSDP2 gathers parameters in bf16 and reduces gradients in fp32" if sharded_bf16 else ""))
+            if cluster.device.type == "cpu":
+                log.info(allocator.describe())
+        return Run(config, cluster, tokenizer, template, train_data, plan, total_steps, handle, model, objective,
+                   optimizer, scheduler, step_options, checkpointer, evaluator, early_stopping, samples)
+    except BaseException:
+        handle.restore()
+        raise
 
 
 def source_files(sources: list[DataSource]) -> list[list[Path]]:
@@ -147,7 +155,7 @@ def _check_model(config: TrainConfig, cluster: Cluster, handle: ModelHandle) -> 
         try:
             # FSDP2's rank 0 checks the model in CPU memory, before sharding it onto the GPUs: flash is not run there
             result = check_packing(model, compare_flash=device_of(model).type == cluster.device.type,
-                                   head_loss=handle.head_loss)
+                                   head_loss=handle.head_loss, own=handle.original_attention)
             handle.check = result
             message = result.describe()
             if not result.prefix_consistent:
