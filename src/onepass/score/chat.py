@@ -1,6 +1,6 @@
 """`onepass chat`: talk to a model in the terminal with its own chat template.
 
-History is kept across turns. Generation runs the model's own attention (`model.own_attention`), so
+History is kept across turns. Generation runs the model's own attention (`attention.own_attention`), so
 its replies are the model's own `generate`'s, and stops at the tokens the trainer treats as the end
 of a response: EOS, generation_config.json's stop tokens and the template's end-of-turn text.
 """
@@ -33,23 +33,25 @@ def stop_token_ids(tokenizer: Any, template: Any) -> list[int]:
 
 
 def reply(model: Any, tokenizer: Any, template: Any, messages: list[dict[str, str]], max_new_tokens: int = 256,
-          temperature: float = 0.0, top_p: float = 1.0, streamer: Any = None) -> str:
+          temperature: float = 0.0, top_p: float = 1.0, streamer: Any = None, own: str | None = None) -> str:
     """The model's reply to `messages` (greedy when temperature is 0), cut at the end of its turn. A
-    `streamer` (transformers' `TextStreamer`) is handed the tokens as they are generated."""
+    `streamer` (transformers' `TextStreamer`) is handed the tokens as they are generated; `own`: the
+    attention the model came with, where known."""
     prompt = template.render(messages, add_generation_prompt=True)
     ids = torch.tensor([tokenizer.backend_tokenizer.encode(prompt, add_special_tokens=False).ids],
                        device=device_of(model))
-    new = generate(model, ids, stop_token_ids(tokenizer, template), max_new_tokens, temperature, top_p, streamer)
+    new = generate(model, ids, stop_token_ids(tokenizer, template), max_new_tokens, temperature, top_p, streamer,
+                   own)
     return tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
 def generate(model: Any, ids: torch.Tensor, stops: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, streamer: Any = None) -> list[int]:
+             top_p: float = 1.0, streamer: Any = None, own: str | None = None) -> list[int]:
     """The new tokens the model generates after `ids` (1, T), through its own attention, up to (not
     including) the first stop token."""
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    with own_attention(model), evaluating(model):
+    with own_attention(model, own), evaluating(model):
         output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                 eos_token_id=stops or None, pad_token_id=stops[0] if stops else 0, streamer=streamer,
                                 **sampling)

@@ -94,12 +94,13 @@ class SampleReplies:
     person sees behaviour change, not only loss. Written by rank 0 (with its full copy of the model)."""
 
     def __init__(self, conversations: list[Any], output_dir: Path, max_new_tokens: int = 64,
-                 enabled: bool = True, options: Any = None):
+                 enabled: bool = True, options: Any = None, own_attention: str | None = None):
         self.prompts = [(dataclasses.replace(c, messages=c.messages[:c.assistant_indices[-1]]),
                          c.messages[c.assistant_indices[-1]].content)
                         for c in conversations if getattr(c, "assistant_indices", None)]
         self.path, self.max_new_tokens, self.enabled = output_dir / "samples.jsonl", max_new_tokens, enabled
         self.options = options  # the run's RenderOptions (drop_tools, ...): prompts render as training did
+        self.own_attention = own_attention  # the attention the model came with: replies generate with it
 
     def write(self, step: int, model: Any, tokenizer: Any, template: Any) -> list[dict[str, Any]]:
         from onepass.data.render import as_the_template_sees_it
@@ -112,7 +113,8 @@ class SampleReplies:
         for conversation, reference in self.prompts:  # each with its own tools and template kwargs
             own_template, prompt, _ = as_the_template_sees_it(conversation, template, self.options or RenderOptions())
             rows.append({"step": step, "prompt": prompt[-1]["content"], "reply": reply(
-                model, tokenizer, own_template, prompt, max_new_tokens=self.max_new_tokens), "reference": reference})
+                model, tokenizer, own_template, prompt, max_new_tokens=self.max_new_tokens, own=self.own_attention),
+                "reference": reference})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in rows)

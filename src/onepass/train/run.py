@@ -121,7 +121,7 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
         evaluator = Evaluator(eval_examples, config.max_seq_len, config.batch_size, config.eval_every, config.precision,
                               cluster)
         early_stopping = EarlyStopping(config.early_stopping.patience, config.early_stopping.min_delta)
-        samples = _sample_replies(config, cluster)
+        samples = _sample_replies(config, cluster, handle.original_attention)
         step_options = StepOptions(config.precision, config.max_grad_norm, config.on_nonfinite)
         if cluster.is_main:
             sharded_bf16 = cluster.is_distributed and config.strategy == "fsdp" and uses_bf16(config.precision,
@@ -213,7 +213,7 @@ def _report_data(config: TrainConfig, cluster: Cluster, train_data: PreparedData
         raise nothing_left("eval", eval_data.stats, config.max_seq_len)
 
 
-def _sample_replies(config: TrainConfig, cluster: Cluster) -> SampleReplies:
+def _sample_replies(config: TrainConfig, cluster: Cluster, own_attention: str | None = None) -> SampleReplies:
     """The held-out prompts whose replies are shown at each evaluation (rank 0 only)."""
     if not config.eval_samples:
         return SampleReplies([], Path(config.output_dir), enabled=False)
@@ -227,7 +227,7 @@ def _sample_replies(config: TrainConfig, cluster: Cluster) -> SampleReplies:
     conversations = load_conversations(files, config.data.format, "skip", Stats(), [],
                                        limit=config.eval_samples) if cluster.is_main else []
     return SampleReplies(conversations, Path(config.output_dir), enabled=cluster.is_main,
-                         options=config.render_options())
+                         options=config.render_options(), own_attention=own_attention)
 
 
 def build_optimizer(model: Any, config: TrainConfig, total_steps: int) -> tuple[Any, Any]:
