@@ -137,18 +137,19 @@ def _render_chat(conversation: ChatConversation, template: ChatTemplate, options
         stable = full.startswith(context) and full.startswith(as_last.rstrip())
         turns.insert(0, TurnRender(turn_index, message_index, context, as_last, span, stable))
         message = conversation.messages[message_index]
-        if message.tool_calls and message.content.strip() and find_rendered(as_last, message.content, 0)[0] < 0:
-            dropped += (f"template '{template.name}' drops the words beside a tool call: the call is trained as "
-                        "rendered",)
+        words = f"template '{template.name}' drops the words beside a tool call: the call is trained as rendered"
+        if message.tool_calls and message.content.strip() and words not in dropped and \
+                find_rendered(as_last, message.content, 0)[0] < 0:
+            dropped += (words,)  # once per conversation: the account counts conversations
 
-    unshown = _unshown_reasoning(conversation, turns) if any(m.extra for m in conversation.messages) else None
-    if unshown is not None:
+    unshown = _unshown_reasoning(conversation, turns) if any(m.extra for m in conversation.messages) else []
+    if unshown:
         if not options.drop_reasoning:
-            raise DataError(conversation.source, conversation.where, unshown,
+            raise DataError(conversation.source, conversation.where, unshown[0][1],
                             f"chat template '{template.name}' does not show this message's reasoning, so it would be "
                             "dropped", "use a template that renders reasoning (--chat-template FILE.jinja), or set "
                             "data.drop_reasoning: true to train without it", code="template_cannot_render")
-        result = _render_chat(_without_reasoning(conversation), template, options)
+        result = _render_chat(_without_reasoning(conversation, {index for index, _ in unshown}), template, options)
         note = f"reasoning dropped (data.drop_reasoning): template '{template.name}' does not show it"
         return dataclasses.replace(result, notes=result.notes + (note,))
     notes = _template_notes(template) + dropped
@@ -210,22 +211,25 @@ def tools_block(conversation: ChatConversation, template: ChatTemplate,
     return (with_tools, start, end) if end > start else None
 
 
-def _unshown_reasoning(conversation: ChatConversation, turns: list[TurnRender]) -> str | None:
-    """The field of the first assistant message whose reasoning its own turn's render (the turn as the
-    last message, what the model writes at inference) does not show (`messages[3].thinking`), or None."""
+def _unshown_reasoning(conversation: ChatConversation, turns: list[TurnRender]) -> list[tuple[int, str]]:
+    """The assistant messages whose reasoning their own turn's render (the turn as the last message, what
+    the model writes at inference) does not show: (index, field) each, e.g. (3, `messages[3].thinking`)."""
+    unshown = []
     for turn in turns:
         message = conversation.messages[turn.message_index]
         key = next((k for k in REASONING_KEYS if isinstance(message.extra.get(k), str)), None)
         if key is not None and message.extra[key].strip() and find_rendered(turn.as_last, message.extra[key],
                                                                               0)[0] < 0:
-            return f"messages[{turn.message_index}].{key}"
-    return None
+            unshown.append((turn.message_index, f"messages[{turn.message_index}].{key}"))
+    return unshown
 
 
-def _without_reasoning(conversation: ChatConversation) -> ChatConversation:
+def _without_reasoning(conversation: ChatConversation, indices: set[int]) -> ChatConversation:
+    """The conversation without the reasoning of the messages at `indices` (what the template cannot show);
+    the rest keep theirs."""
     return dataclasses.replace(conversation, messages=tuple(
         dataclasses.replace(m, extra={k: v for k, v in m.extra.items() if k not in REASONING_KEYS})
-        for m in conversation.messages))
+        if i in indices else m for i, m in enumerate(conversation.messages)))
 
 
 def has_generation_marks(template: ChatTemplate) -> bool:

@@ -194,11 +194,13 @@ def _check_packing(model: Any, vocab_size: int | None, tolerance: float, head_lo
     with torch.autocast(device.type, enabled=False), exact_matmuls(), packed_attention_for_the_check(model):
         try:
             expected = own_forward_logprobs(model, examples, own)
+            prefix = prefix_difference(model, vocab_size, own)
+        except torch.OutOfMemoryError:
+            raise
         except Exception as error:  # noqa: BLE001 - the oracle itself fails: nothing to prove against
             raise OnepassError(f"{type(model).__name__}: the model's own forward fails on a short conversation "
                                f"({_one_line(error)}), so onepass cannot check it. Fix: check that transformers "
                                "runs this model, or report it.") from None
-        prefix = prefix_difference(model, vocab_size, own)
         packed_difference, packed_error = None, None
         if packing_of(model) == PACKED:
             try:
