@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from onepass.config import DataConfig, LoraConfig, TrainConfig
+from onepass.config import DataConfig, LoraConfig, TrainConfig, check_cross_fields
 from onepass.data.cache import PreparedData
 from onepass.data.records import Rows
 from onepass.errors import OnepassError
@@ -82,6 +82,7 @@ def fit(model: Any, data: Any, options: TrainOptions | None = None, *, tokenizer
 
     options = dataclasses.replace(options) if options is not None else TrainOptions()
     check_setting(options.accelerations)
+    check_cross_fields(options, held_out=eval_data is not None or bool(options.data.eval))
     if tokenizer is None:
         if not (options.tokenizer or options.model):
             raise OnepassError("train needs the tokenizer (the export saves it with the model). Fix: pass "

@@ -258,6 +258,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     from onepass.accel import check_setting  # no torch: the registry's names only
 
     check_setting(config.accelerations)
+    check_cross_fields(config, held_out=bool(config.data.eval))
     if not config.model:
         raise ConfigError("config key 'model' is required: a local Hugging Face model directory.")
     if not config.data.train:
@@ -275,6 +276,17 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     if config.tokenizer:
         config.tokenizer = resolve(config.tokenizer)
     return config
+
+
+def check_cross_fields(config: TrainConfig, held_out: bool) -> None:
+    """The rules between keys, one error each: when the config loads (`held_out`: data.eval is given) and
+    again when a run is built (`held_out`: held-out examples exist, from data.eval or given from Python)."""
+    if (config.early_stopping.patience or config.keep_best) and not (held_out and config.eval_every):
+        raise ConfigError("early_stopping and keep_best compare held-out losses during training. Fix: give "
+                          "data.eval and eval_every > 0, or set early_stopping.patience: 0 and keep_best: false.")
+    if config.eval_samples and not config.data.eval:
+        raise ConfigError("eval_samples shows replies to held-out prompts. Fix: give data.eval, or set "
+                          "eval_samples: 0.")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -198,12 +198,16 @@ def test_keep_best_keeps_and_exports_the_checkpoint_with_the_lowest_held_out_los
     assert result.eval_after["eval_loss"] == pytest.approx(evals[4], rel=1e-6)  # the exported model is the best
 
 
-def test_early_stopping_without_held_out_data_is_a_config_error(run_assets, tmp_path):
-    from onepass.errors import OnepassError
+def test_early_stopping_without_held_out_data_is_a_config_error_when_the_config_loads(run_assets, tmp_path):
+    from onepass.errors import ConfigError
 
-    config = make_config(run_assets, tmp_path / "out", "max_steps=4", "keep_best=true")  # eval_every is 0
-    with pytest.raises(OnepassError, match="early_stopping and keep_best.*eval_every"):
-        build_run(config)
+    with pytest.raises(ConfigError, match="early_stopping and keep_best.*eval_every"):
+        make_config(run_assets, tmp_path / "out", "max_steps=4", "keep_best=true")  # eval_every is 0
+    config = make_config(run_assets, tmp_path / "out", "max_steps=4", "keep_best=true", "eval_every=2")
+    with pytest.raises(ConfigError, match="early_stopping and keep_best"):  # held-out data that prepares to none
+        build_run(config, eval_examples=[])
+    with pytest.raises(ConfigError, match="eval_samples shows replies"):
+        make_config(run_assets, tmp_path / "out", "eval_samples=2", "data.eval=[]")
 
 
 def test_eval_samples_writes_greedy_replies_to_held_out_prompts_at_each_evaluation(run_assets, tmp_path):

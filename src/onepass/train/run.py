@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from onepass import allocator
-from onepass.config import DataSource, TrainConfig, to_dict
+from onepass.config import DataSource, TrainConfig, check_cross_fields, to_dict
 from onepass.data.cache import PreparedData
 from onepass.data.chat_template import ChatTemplate, load_chat_template
 from onepass.data.prepare import load_conversations, prepare
@@ -84,9 +84,7 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
     template = load_chat_template(tokenizer, config.data.chat_template, config.data.chat_template_kwargs)
     train_data, eval_examples, train_files = _prepare_data(config, cluster, tokenizer, template, train_data,
                                                            eval_examples, prepare_data)
-    if (config.early_stopping.patience or config.keep_best) and not (eval_examples and config.eval_every):
-        raise OnepassError("early_stopping and keep_best compare held-out losses during training. Fix: give "
-                           "data.eval and eval_every > 0, or set early_stopping.patience: 0 and keep_best: false.")
+    check_cross_fields(config, held_out=bool(eval_examples))
     mixture = Mixture(train_data.examples, config.data.sources(), train_files) if config.data.weighted() else None
     if mixture is not None and cluster.is_main:
         log.info(describe_mixture(mixture.shares()))
@@ -217,9 +215,6 @@ def _sample_replies(config: TrainConfig, cluster: Cluster, own_attention: str | 
     """The held-out prompts whose replies are shown at each evaluation (rank 0 only)."""
     if not config.eval_samples:
         return SampleReplies([], Path(config.output_dir), enabled=False)
-    if not config.data.eval:
-        raise OnepassError("eval_samples shows replies to held-out prompts. Fix: give data.eval, or set "
-                           "eval_samples: 0.")
     if cluster.is_distributed and config.strategy == "fsdp":
         raise OnepassError("eval_samples needs the whole model on rank 0, which strategy: fsdp shards. Fix: use "
                            "strategy: ddp, or set eval_samples: 0.")
