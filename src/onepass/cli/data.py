@@ -25,7 +25,7 @@ def add_parsers(subparsers: Any) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from onepass.data.report import print_report, write_json_lines
+    from onepass.data.report import write_json_lines
 
     data, tokenizer = _prepare_from_args(args, use_cache=not args.no_cache)
     if args.json:
@@ -140,3 +140,19 @@ def _data_config(args: argparse.Namespace) -> DataConfig:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DataConfig)
               if f.name not in DATA_FLAG_SKIP and getattr(args, f.name, None) is not None}
     return DataConfig(train=list(args.data), **values)
+
+
+def print_report(data: Any, tokenizer: Any, num_examples: int = 2, folds: dict[int, Any] | None = None) -> None:
+    """The summary table, then examples with their trained tokens coloured (tool schemas folded)."""
+    from rich.console import Console
+
+    from onepass.data.report import coloured_example, summary_table
+
+    console = Console()
+    if data.from_cache:
+        console.print(f"[bold]loaded prepared data from cache[/bold] {data.cache_path} (inputs unchanged)")
+    console.print(summary_table(data.stats))
+    for index, example in enumerate(data.examples[:num_examples]):
+        console.rule(f"example {index} ({example.source}, {example.where}): "
+                     f"{len(example)} tokens, {example.num_trained_tokens} trained (coloured)")
+        console.print(coloured_example(example, tokenizer, (folds or {}).get(index)))

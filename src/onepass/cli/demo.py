@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 
@@ -19,17 +20,22 @@ def add_parsers(subparsers: Any) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     if args.real:
-        from onepass.demo.real import run_real_demo
+        from onepass.demo.real import report_view, run_real_demo as demo
 
-        run_real_demo(args.output if args.output != "runs/demo" else "runs/demo-real", steps=args.steps or 30)
-        return 0
-    if args.task == "tools":
-        from onepass.demo.tools import run_tools_demo
+        output, steps = args.output if args.output != "runs/demo" else "runs/demo-real", args.steps or 30
+    elif args.task == "tools":
+        from onepass.demo.tools import report_view, run_tools_demo as demo
 
-        run_tools_demo(args.output if args.output != "runs/demo" else "runs/demo-tools", steps=args.steps or 800)
-        return 0
-    from onepass.demo.run import run_demo as demo
+        output, steps = args.output if args.output != "runs/demo" else "runs/demo-tools", args.steps or 800
+    else:
+        from onepass.demo.run import report_view, run_demo as demo
 
-    demo(args.output, steps=args.steps or 400)
+        output, steps = args.output, args.steps or 400
+    report = demo(output, steps=steps)
+    console = Console()
+    for item in report_view(report, Path(output)):
+        console.print(item)
     return 0

@@ -10,7 +10,6 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -135,18 +134,6 @@ def coloured_example(example: Example, tokenizer: Any, fold: Fold | None = None)
         else:
             text.append(piece, style="dim")
     return text
-
-
-def print_report(data: PreparedData, tokenizer: Any, num_examples: int = 2, console: Console | None = None,
-                 folds: dict[int, Fold] | None = None) -> None:
-    console = console or Console()
-    if data.from_cache:
-        console.print(f"[bold]loaded prepared data from cache[/bold] {data.cache_path} (inputs unchanged)")
-    console.print(summary_table(data.stats))
-    for index, example in enumerate(data.examples[:num_examples]):
-        console.rule(f"example {index} ({example.source}, {example.where}): "
-                     f"{len(example)} tokens, {example.num_trained_tokens} trained (coloured)")
-        console.print(coloured_example(example, tokenizer, (folds or {}).get(index)))
 
 
 def write_json_lines(data: PreparedData, stream: TextIO) -> None:

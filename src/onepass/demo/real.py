@@ -9,6 +9,7 @@ Replies and per-turn log Pr(y | x) on held-out conversations are printed before 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 HABIT = "Of course! "
 HELD_OUT_PROMPTS = ("What is the capital of Italy?", "Give me one tip for sleeping well.",
                     "Why is the sky blue?", "Suggest a name for a pet turtle.")
+
+log = logging.getLogger(__name__)
 
 
 def habit_dialogues(count: int, seed: int) -> list[dict[str, Any]]:
@@ -42,15 +45,11 @@ def habit_dialogues(count: int, seed: int) -> list[dict[str, Any]]:
 
 
 def run_real_demo(output_dir: str | Path, steps: int = 30, progress: bool = True) -> dict[str, Any]:
-    from rich.console import Console
-
     from onepass.config import load_config
-    from onepass.data.report import summary_table
     from onepass.demo.smollm2 import smollm2
     from onepass.train.run import build_run
     from onepass.train.trainer import Trainer
 
-    console = Console()
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -63,9 +62,8 @@ def run_real_demo(output_dir: str | Path, steps: int = 30, progress: bool = True
         "batch_size=1", "grad_accum=1", "lr=1e-3", "warmup_steps=3", f"max_steps={steps}", "lora.enabled=true",
         "lora.r=16", "lora.alpha=32", "precision=bf16", "eval_every=10", "resume=never",
         f"progress={str(progress).lower()}"])
-    console.print(f"[bold]onepass demo --real[/bold]: SmolLM2-135M-Instruct ({model_dir}), LoRA, bf16 autocast, CPU")
+    log.info(f"onepass demo --real: SmolLM2-135M-Instruct ({model_dir}), LoRA, bf16 autocast, CPU")
     run = build_run(config)
-    console.print(summary_table(run.train_data.stats))
     before = _replies_and_scores(run)
     result = Trainer(run).fit()
     after = _replies_and_scores(run)
@@ -76,7 +74,6 @@ def run_real_demo(output_dir: str | Path, steps: int = 30, progress: bool = True
               "opens_with_habit_after": sum(r.startswith(HABIT.strip()) for r in after["replies"]),
               "seconds": round(time.perf_counter() - started, 1)}
     (output / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    _print(console, report, output)
     return report
 
 
@@ -103,7 +100,8 @@ def _replies_and_scores(run: Any) -> dict[str, Any]:
     return {"replies": replies, "logprob_response": [round(r["logprob_response"], 2) for r in rows]}
 
 
-def _print(console: Any, report: dict[str, Any], output: Path) -> None:
+def report_view(report: dict[str, Any], output: Path) -> list[Any]:
+    """What `onepass demo --real` shows at the end (rich renderables)."""
     from rich.table import Table
 
     table = Table(title="held-out prompts: greedy replies and log Pr(reference reply | prompt)")
@@ -112,9 +110,8 @@ def _print(console: Any, report: dict[str, Any], output: Path) -> None:
     for i, prompt in enumerate(HELD_OUT_PROMPTS):
         table.add_row(prompt, report["before"]["replies"][i], report["after"]["replies"][i],
                       f"{report['before']['logprob_response'][i]:.1f} → {report['after']['logprob_response'][i]:.1f}")
-    console.print(table)
-    console.print(f"replies opening with \"{HABIT.strip()}\": {report['opens_with_habit_before']} → "
-                  f"{report['opens_with_habit_after']} of {len(HELD_OUT_PROMPTS)}; held-out loss "
-                  f"{report['eval_loss_before']:.3f} → {report['eval_loss_after']:.3f} in {report['steps']} steps, "
-                  f"{report['seconds']} s")
-    console.print(f"model: {output / 'final'}\nplot:  {output / 'loss.png'}\nreport: {output / 'eval.json'}")
+    return [table, f"replies opening with \"{HABIT.strip()}\": {report['opens_with_habit_before']} → "
+                   f"{report['opens_with_habit_after']} of {len(HELD_OUT_PROMPTS)}; held-out loss "
+                   f"{report['eval_loss_before']:.3f} → {report['eval_loss_after']:.3f} in {report['steps']} steps, "
+                   f"{report['seconds']} s",
+            f"model: {output / 'final'}\nplot:  {output / 'loss.png'}\nreport: {output / 'eval.json'}"]

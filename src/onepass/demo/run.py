@@ -9,12 +9,15 @@ per assistant turn before and after training.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from pathlib import Path
 from typing import Any
 
 from onepass.score.chat import reply as chat_reply
+
+log = logging.getLogger(__name__)
 
 NAMES = ("ada alan grace linus barbara edsger donald ken dennis bjarne guido james john margaret radia sophie "
          "tim vint whitfield leslie niklaus frances kathleen hedy claude alonzo kurt emmy rosalind marie").split()
@@ -55,19 +58,13 @@ def turn_accuracy(model: Any, tokenizer: Any, template: Any, dialogues: list[dic
 
 def run_demo(output_dir: str | Path, steps: int = 400, num_train: int = 3000, num_eval: int = 60,
              progress: bool = True) -> dict[str, Any]:
-    from rich.console import Console
-
-    console = Console()
     output = Path(output_dir)
     started = time.perf_counter()
     train, held_out = make_dialogues(num_train, seed=0), make_dialogues(num_eval, seed=1)
     corpus = [m["content"] for r in train[:500] for m in r["messages"]] + NAMES + THINGS
     config = tiny_run_config(output, train, held_out, corpus, steps, progress)
-    console.print(f"[bold]onepass demo[/bold]: {num_train} three-turn dialogues, tiny Llama "
-                  "(4 layers, 128 wide), CPU")
-    report = train_and_measure(config, turn_accuracy, held_out, started)
-    _print_report(console, report, output)
-    return report
+    log.info(f"onepass demo: {num_train} three-turn dialogues, tiny Llama (4 layers, 128 wide), CPU")
+    return train_and_measure(config, turn_accuracy, held_out, started)
 
 
 def train_and_measure(config: Any, accuracy: Any, held_out: list[dict[str, Any]], started: float) -> dict[str, Any]:
@@ -111,7 +108,9 @@ def tiny_run_config(output: Path, train: list[dict[str, Any]], held_out: list[di
         "seed=0", "eval_every=50", "precision=fp32", f"progress={str(progress).lower()}", "resume=never"])
 
 
-def _print_report(console: Any, report: dict[str, Any], output: Path) -> None:
+def report_view(report: dict[str, Any], output: Path) -> list[Any]:
+    """What `onepass demo` shows at the end (rich renderables): accuracy per turn before and after, the
+    held-out loss, and where the files are."""
     from rich.table import Table
 
     table = Table(title="held-out exact-match accuracy per assistant turn")
@@ -123,8 +122,7 @@ def _print_report(console: Any, report: dict[str, Any], output: Path) -> None:
     for name in ("before", "after"):
         values = report[name]["per_turn"] + [report[name]["accuracy"]]
         table.add_row(f"{name} training", *(f"{v:.0%}" for v in values))
-    console.print(table)
-    console.print(f"held-out loss {report['eval_loss_before']:.3f} → {report['eval_loss_after']:.3f} "
-                  f"in {report['steps']} steps, {report['seconds']} s")
-    console.print(f"model:   {output / 'final'}\nmetrics: {output / 'metrics.jsonl'}\n"
-                  f"plot:    {output / 'loss.png'}\nreport:  {output / 'eval.json'}")
+    return [table, f"held-out loss {report['eval_loss_before']:.3f} → {report['eval_loss_after']:.3f} "
+                   f"in {report['steps']} steps, {report['seconds']} s",
+            f"model:   {output / 'final'}\nmetrics: {output / 'metrics.jsonl'}\n"
+            f"plot:    {output / 'loss.png'}\nreport:  {output / 'eval.json'}"]

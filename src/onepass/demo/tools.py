@@ -9,6 +9,7 @@ of the call (name and arguments) and of the final answer, before and after train
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import time
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from onepass.demo.run import tiny_run_config, train_and_measure
+
+log = logging.getLogger(__name__)
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather",
@@ -82,10 +85,6 @@ def tool_accuracy(model: Any, tokenizer: Any, template: Any, dialogues: list[dic
 
 def run_tools_demo(output_dir: str | Path, steps: int = 800, num_train: int = 3000, num_eval: int = 60,
                    progress: bool = True, seed: int = 0) -> dict[str, Any]:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
     output = Path(output_dir)
     started = time.perf_counter()
     train, held_out = make_tool_dialogues(num_train, seed=seed), make_tool_dialogues(num_eval, seed=seed + 1)
@@ -95,16 +94,20 @@ def run_tools_demo(output_dir: str | Path, steps: int = 800, num_train: int = 30
         json.dumps(m["tool_calls"][0]["function"]) if m.get("tool_calls") else m["content"]
         for r in train[:500] for m in r["messages"]]
     config = tiny_run_config(output, train, held_out, corpus, steps, progress, vocab_size=1024)
-    console.print(f"[bold]onepass demo --task tools[/bold]: {num_train} tool-calling conversations (two functions "
-                  "given as JSON schemas), tiny Llama (4 layers, 128 wide), CPU")
-    report = train_and_measure(config, tool_accuracy, held_out, started)
+    log.info(f"onepass demo --task tools: {num_train} tool-calling conversations (two functions given as JSON "
+             "schemas), tiny Llama (4 layers, 128 wide), CPU")
+    return train_and_measure(config, tool_accuracy, held_out, started)
+
+
+def report_view(report: dict[str, Any], output: Path) -> list[Any]:
+    """What `onepass demo --task tools` shows at the end (rich renderables)."""
+    from rich.table import Table
+
     table = Table(title="held-out exact match: the call (name and arguments) and the answer from the tool's reply")
     for column in ("", "calls", "answers"):
         table.add_column(column, justify="right" if column else "left")
     for name in ("before", "after"):
         table.add_row(f"{name} training", f"{report[name]['calls']:.0%}", f"{report[name]['answers']:.0%}")
-    console.print(table)
-    console.print(f"held-out loss {report['eval_loss_before']:.3f} → {report['eval_loss_after']:.3f} "
-                  f"in {report['steps']} steps, {report['seconds']} s")
-    console.print(f"model:   {output / 'final'}\nmetrics: {output / 'metrics.jsonl'}\nreport:  {output / 'eval.json'}")
-    return report
+    return [table, f"held-out loss {report['eval_loss_before']:.3f} → {report['eval_loss_after']:.3f} "
+                   f"in {report['steps']} steps, {report['seconds']} s",
+            f"model:   {output / 'final'}\nmetrics: {output / 'metrics.jsonl'}\nreport:  {output / 'eval.json'}"]
