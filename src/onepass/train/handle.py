@@ -74,8 +74,8 @@ class ModelHandle:
 def prepare_model(model: Any, accelerations: str | list[str] = "auto", bf16: bool = False,
                   checkpointing: bool = False) -> ModelHandle:
     """`model` on packed attention where it can be (flash-attention varlen on CUDA under bf16 where
-    usable), with the accelerations `accelerations` names for its device and precision: what `score`
-    and `check` run, and the first part of training's preparation."""
+    usable), with the accelerations `accelerations` names for its device and precision: what
+    `onepass.logprobs`, `rank` and `check` run (training's is `prepare_for_training`)."""
     base = base_model(model)
     original = attention_implementation(base)
     device = device_of(model)
