@@ -37,9 +37,7 @@ LoraOptions = LoraConfig
 def data_entries(data: Any) -> list[str | Path | Rows]:
     """What `prepare` reads for `data`: a path or Hub id, a list of them, a `datasets.Dataset` or
     `IterableDataset`, or a list of records (dicts)."""
-    if isinstance(data, (str, Path)):
-        return [data]
-    if isinstance(data, Rows):
+    if isinstance(data, (str, Path, Rows)):
         return [data]
     if isinstance(data, Sequence) and data and all(isinstance(item, (str, Path)) for item in data):
         return list(data)
@@ -69,7 +67,7 @@ def prepare(data: Any, tokenizer: Any, options: DataOptions | None = None, *, ma
 
 
 def fit(model: Any, data: Any, options: TrainOptions | None = None, *, tokenizer: Any = None,
-          eval_data: Any = None) -> Any:
+        eval_data: Any = None) -> Any:
     """Train `model` (a loaded transformers causal LM) on `data` (`prepare`'s result, or what `prepare`
     takes) with `options`, as `onepass train` does: LoRA, checkpointing, accelerations and compile as the
     options say, the start-up check, evaluation on `eval_data`, checkpoints and the export to
@@ -103,8 +101,8 @@ def fit(model: Any, data: Any, options: TrainOptions | None = None, *, tokenizer
 
 
 def logprobs(model: Any, tokenizer: Any, conversations: Any, *, chat_template: str | None = None,
-          loss_on: str = "assistant", accelerations: str | list[str] = "auto", check: bool = True,
-          one_pass: bool = False, batch_tokens: int = 4096, format: str | None = None) -> list[dict[str, Any]]:
+             loss_on: str = "assistant", accelerations: str | list[str] = "auto", check: bool = True,
+             one_pass: bool = False, batch_tokens: int = 4096, format: str | None = None) -> list[dict[str, Any]]:
     """log Pr(response | context) of every message of every conversation (a Dataset, a list of records or
     data files), from one forward pass each, as `onepass score` gives them: one dict per conversation
     (`logprob_response`, `turn_logprobs`, per-message values, `method`). With `check`, the start-up check
@@ -117,15 +115,13 @@ def logprobs(model: Any, tokenizer: Any, conversations: Any, *, chat_template: s
 
     template = load_chat_template(tokenizer, chat_template)
     records = load_conversations(data_entries(conversations), format, "error", Stats(), [])
-    with _prepared(model, accelerations, check) as handle:
+    with _prepared(model, accelerations, check, announce=True) as handle:
         per_turn = check and not handle.check.prefix_consistent and not one_pass
-        if check:
-            log.info(handle.check.describe())
-            if not handle.check.prefix_consistent:
-                log.info("scoring: " + ("each turn from its own prefix, one pass per turn (exact by construction; "
-                                        "--one-pass for one pass per conversation)" if per_turn else
-                                        "one pass per conversation (--one-pass): per-turn values no K-pass "
-                                        "evaluation reproduces on this model"))
+        if check and not handle.check.prefix_consistent:
+            log.info("scoring: " + ("each turn from its own prefix, one pass per turn (exact by construction; "
+                                    "--one-pass for one pass per conversation)" if per_turn else
+                                    "one pass per conversation (--one-pass): per-turn values no K-pass "
+                                    "evaluation reproduces on this model"))
         return score_rows(handle.model, tokenizer, template, records, loss_on, batch_tokens, per_turn,
                           handle.head_loss)
 
@@ -145,9 +141,7 @@ def rank(model: Any, tokenizer: Any, rows: Any, *, chat_template: str | None = N
     bad = next((record for record in records if record.error is not None), None)
     if bad is not None:
         raise bad.error
-    with _prepared(model, accelerations, check) as handle:
-        if check:
-            log.info(handle.check.describe())
+    with _prepared(model, accelerations, check, announce=True) as handle:
         return rank_candidates(handle.model, tokenizer, template, records, batch_tokens, handle.head_loss)
 
 
@@ -159,12 +153,16 @@ def check(model: Any, *, accelerations: str | list[str] = "auto") -> Any:
         return handle.check
 
 
-def _prepared(model: Any, accelerations: str | list[str], check: bool) -> Any:
-    """The model prepared for scoring in fp32 (`handle.prepare_model`), checked where asked; the handle
-    restores it when the `with` block ends."""
+def _prepared(model: Any, accelerations: str | list[str], check: bool, announce: bool = False) -> Any:
+    """The model prepared for scoring in fp32 (`handle.prepare_model`), checked where asked (with
+    `announce`, the check's line logged); the handle restores it when the `with` block ends."""
     from onepass.accel import check_setting
     from onepass.train.handle import check_model, prepare_model
 
     check_setting(accelerations)
     handle = prepare_model(model, accelerations)
-    return check_model(handle) if check else handle
+    if check:
+        check_model(handle)
+        if announce:
+            log.info(handle.check.describe())
+    return handle

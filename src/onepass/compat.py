@@ -119,7 +119,7 @@ def chat_control_tokens(tokenizer: Any, source: str) -> tuple[str, ...]:
 def mark_control_tokens(value: Any, control_tokens: tuple[str, ...]) -> Any:
     """A message, tool schema or template kwarg with the control tokens in its strings wrapped in
     transformers' private markers, as `apply_chat_template(..., sanitize_control_tokens=True)` marks them
-    before rendering (`encode_marked_text` encodes what they wrap as text)."""
+    before rendering (`encode_marked_chat` encodes what they wrap as text)."""
     utils = _chat_template_utils()
     control_re, _ = utils._get_control_token_patterns(tuple(control_tokens))
     return utils.mark_control_tokens(value, control_re)

@@ -6,7 +6,7 @@ forward, the output layer in checkpointed chunks), a list installs those named. 
 installed.
 
 The stock core knows none of them: the objective takes a head-loss strategy (`loss.HeadLoss`), the
-packed attention a block-attention function (`model.sdpa_block`), and the model's own modules run
+packed attention a block-attention function (`attention.sdpa_block`), and the model's own modules run
 their own forwards. `install` puts the faster ones in place, all here, and returns what it did as an
 `Installed`, whose `restore()` takes them out again; nothing is recorded on the model.
 """

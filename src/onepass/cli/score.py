@@ -48,7 +48,7 @@ def run_score(args: argparse.Namespace) -> int:
     from onepass.train.model import load_model
 
     tokenizer = load_tokenizer(args.model)
-    load_chat_template(tokenizer, args.chat_template)  # a bad template fails before the model loads
+    template = load_chat_template(tokenizer, args.chat_template)  # a bad template fails before the model loads
     model = load_model(args.model)
     first = next(iter(read_records(files_of(args.data)[0])), None)
     options = dict(chat_template=args.chat_template, accelerations=args.accelerations, check=args.check_model,
@@ -60,7 +60,6 @@ def run_score(args: argparse.Namespace) -> int:
                      **options)
     write_jsonl(rows, args.out)
     if args.check:
-        template = load_chat_template(tokenizer, args.chat_template)
         conversations = load_conversations([args.data], args.format, "error", Stats(), [])
         worst = largest_k_pass_difference(model, tokenizer, template, conversations[:args.check],
                                           rows[:args.check], args.loss_on)

@@ -71,18 +71,16 @@ class ModelHandle:
         self.restore()
 
 
-def prepare_model(model: Any, accelerations: str | list[str] = "auto", bf16: bool = False,
-                  checkpointing: bool = False) -> ModelHandle:
-    """`model` on packed attention where it can be (flash-attention varlen on CUDA under bf16 where
-    usable), with the accelerations `accelerations` names for its device and precision: what
+def prepare_model(model: Any, accelerations: str | list[str] = "auto") -> ModelHandle:
+    """`model` on packed attention where it can be (flash-attention varlen on CUDA where usable), with the
+    accelerations `accelerations` names for its device outside autocast (no bf16-only ones): what
     `onepass.logprobs`, `rank` and `check` run (training's is `prepare_for_training`)."""
     base = base_model(model)
     original = attention_implementation(base)
     device = device_of(model)
-    compute = torch.bfloat16 if bf16 else next(base.parameters()).dtype
-    use_fastest_packing(model, device.type, compute)
+    use_fastest_packing(model, device.type, next(base.parameters()).dtype)
     try:
-        installed = accel.install(model, accel.choose(accelerations, device.type, bf16, checkpointing), checkpointing)
+        installed = accel.install(model, accel.choose(accelerations, device.type, bf16=False, checkpointing=False))
     except BaseException:
         own_attention_of(model, original)
         raise

@@ -30,8 +30,8 @@ from onepass.train.distributed import Cluster
 from onepass.train.evaluation import EarlyStopping, Evaluator, SampleReplies
 from onepass.train.loss import SFTObjective
 from onepass.train.mixture import Mixture, describe as describe_mixture
-from onepass.train.check import apply_check, check_packing
-from onepass.train.handle import ModelHandle, build_model, prepare_for_training
+from onepass.train.check import apply_check
+from onepass.train.handle import ModelHandle, build_model, check_model, prepare_for_training
 from onepass.train.model import check_model_dir, device_of
 from onepass.train.attention import PACKED, use_tree_attention
 from onepass.train.plan import StepPlan
@@ -53,8 +53,7 @@ class Run:
     train_data: PreparedData
     plan: StepPlan
     total_steps: int
-    handle: ModelHandle  # the model as prepared for training, and how to give it back (`restore`)
-    model: Any  # the model trained: handle.model (the model given or loaded, or its LoRA wrapper)
+    handle: ModelHandle  # the model as prepared for training (`model`), and how to give it back (`restore`)
     objective: torch.nn.Module  # the model with the SFT loss as its forward, wrapped for data parallelism
     optimizer: Any
     scheduler: Any
@@ -63,6 +62,11 @@ class Run:
     evaluator: Evaluator
     early_stopping: EarlyStopping
     samples: SampleReplies
+
+    @property
+    def model(self) -> Any:
+        """The model trained: the model given or loaded, or its LoRA wrapper."""
+        return self.handle.model
 
     @property
     def output_dir(self) -> Path:
@@ -128,7 +132,7 @@ def build_run(config: TrainConfig, *, model: Any = None, tokenizer: Any = None, 
                      + ("; FSDP2 gathers parameters in bf16 and reduces gradients in fp32" if sharded_bf16 else ""))
             if cluster.device.type == "cpu":
                 log.info(allocator.describe())
-        return Run(config, cluster, tokenizer, template, train_data, plan, total_steps, handle, model, objective,
+        return Run(config, cluster, tokenizer, template, train_data, plan, total_steps, handle, objective,
                    optimizer, scheduler, step_options, checkpointer, evaluator, early_stopping, samples)
     except BaseException:
         handle.restore()
@@ -141,7 +145,7 @@ def source_files(sources: list[DataSource]) -> list[list[Path]]:
 
 
 def _check_model(config: TrainConfig, cluster: Cluster, handle: ModelHandle) -> None:
-    """The start-up proof (`check.check_packing`) on rank 0, which holds the weights under every strategy;
+    """The start-up proof (`handle.check_model`) on rank 0, which holds the weights under every strategy;
     every rank then takes the packing it chose, or stops with its error."""
     if not config.check_model:
         if cluster.is_main:
@@ -152,9 +156,7 @@ def _check_model(config: TrainConfig, cluster: Cluster, handle: ModelHandle) -> 
     if cluster.is_main:
         try:
             # FSDP2's rank 0 checks the model in CPU memory, before sharding it onto the GPUs: flash is not run there
-            result = check_packing(model, compare_flash=device_of(model).type == cluster.device.type,
-                                   head_loss=handle.head_loss, own=handle.original_attention)
-            handle.check = result
+            result = check_model(handle, compare_flash=device_of(model).type == cluster.device.type).check
             message = result.describe()
             if not result.prefix_consistent:
                 message += ("\nnote: training follows the model's own forward on whole sequences, as every trainer "
