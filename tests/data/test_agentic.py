@@ -157,3 +157,22 @@ def test_a_sharegpt_call_keeps_its_reasoning():
                                 {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}]}
     conversation = to_conversation(Record("d.jsonl", "line 1", record), "sharegpt")
     assert conversation.messages[1].extra == {"reasoning_content": "I should call it."}
+
+
+def test_a_template_that_drops_the_words_beside_calls_is_counted_once_per_conversation(tokenizer, tmp_path):
+    """Llama-3.1 renders a call but not the words beside it: trained as rendered, and the account counts
+    conversations (two such turns in one conversation are one)."""
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    record = {"tools": [WEATHER], "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [call]},
+        {"role": "tool", "content": "sunny"},
+        {"role": "user", "content": "And again?"},
+        {"role": "assistant", "content": "Checking once more.", "tool_calls": [call]},
+        {"role": "tool", "content": "still sunny"},
+        {"role": "assistant", "content": "Still sunny."}]}
+    path = write_jsonl(tmp_path / "d.jsonl", [record, record])
+    llama31 = template(tokenizer, (Path(trl.__file__).parent / "chat_templates" / "llama3_1.jinja").read_text())
+    data = prepare([path], tokenizer, llama31, RenderOptions(), use_cache=False)
+    notes = {note: count for note, count in data.stats.template_notes.items() if "drops the words" in note}
+    assert list(notes.values()) == [2]  # two conversations, each with two such turns
